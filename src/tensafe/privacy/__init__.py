@@ -1,0 +1,68 @@
+"""Differential-privacy accounting for TenSafe's DP-SGD engine.
+
+Public surface (everything that affects privacy takes keyword-only arguments):
+
+* :func:`compute_epsilon`, :func:`epsilon_report` and :func:`calibrate_noise` for one-shot
+  questions ("what ε does this spend?", "how much noise for this ε?").
+* :class:`PrivacyBudget`, the per-run stateful budget the trainer consults every step.
+* :class:`DpCertificate`, the versioned ``dp_certificate.json`` a run produces.
+* Immutable spending records (:class:`DpSgdEvent`, :class:`UnsupportedEvent`) and the
+  accountant registry (:func:`create_accountant`, :func:`available_accountants`,
+  :func:`register_accountant`) for heterogeneous histories.
+* :func:`validate_delta` and the error tree rooted at :class:`PrivacyError`.
+
+The accountants (``rdp``, ``moments``, ``pld``, ``prv``) delegate all analysis to
+``dp_accounting`` and ``prv_accountant``; see ``docs/privacy.md``. This package never
+imports torch.
+"""
+
+from __future__ import annotations
+
+from tensafe.privacy._validation import validate_delta
+from tensafe.privacy.accountants import (
+    DEFAULT_ACCOUNTANT,
+    Accountant,
+    EpsilonReport,
+    available_accountants,
+    create_accountant,
+    register_accountant,
+)
+from tensafe.privacy.budget import PrivacyBudget
+from tensafe.privacy.calibration import calibrate_noise, compute_epsilon, epsilon_report
+from tensafe.privacy.certificate import CERTIFICATE_FILENAME, CERTIFICATE_SCHEMA, DpCertificate
+from tensafe.privacy.errors import (
+    BudgetExceededError,
+    CertificateError,
+    PrivacyConfigError,
+    PrivacyError,
+    UnreachableBudgetError,
+    UnsupportedEventError,
+)
+from tensafe.privacy.events import DpEvent, DpSgdEvent, SamplingMethod, UnsupportedEvent
+
+__all__ = [
+    "CERTIFICATE_FILENAME",
+    "CERTIFICATE_SCHEMA",
+    "DEFAULT_ACCOUNTANT",
+    "Accountant",
+    "BudgetExceededError",
+    "CertificateError",
+    "DpCertificate",
+    "DpEvent",
+    "DpSgdEvent",
+    "EpsilonReport",
+    "PrivacyBudget",
+    "PrivacyConfigError",
+    "PrivacyError",
+    "SamplingMethod",
+    "UnreachableBudgetError",
+    "UnsupportedEvent",
+    "UnsupportedEventError",
+    "available_accountants",
+    "calibrate_noise",
+    "compute_epsilon",
+    "create_accountant",
+    "epsilon_report",
+    "register_accountant",
+    "validate_delta",
+]

@@ -1,0 +1,105 @@
+"""Programmatic Alembic: the migrations ship inside the package, no alembic.ini needed."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from alembic.util import CommandError
+from sqlalchemy import Connection
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+
+from tensafe.db._engine import create_engine_from_url, safe_url
+from tensafe.db.errors import DatabaseError
+
+__all__ = ["SCRIPT_LOCATION", "alembic_config", "current_revision", "head_revision", "upgrade"]
+
+#: Alembic's "package:path" form, resolved wherever the package is installed.
+SCRIPT_LOCATION = "tensafe.db:migrations"
+
+
+def alembic_config(connection: Connection | None = None) -> Config:
+    """Build an Alembic configuration in code.
+
+    Args:
+        connection: When given, ``env.py`` runs the migrations on this connection
+            (inside the caller's transaction) instead of opening its own.
+
+    Returns:
+        A configuration whose ``script_location`` is the packaged migrations folder.
+    """
+    config = Config()
+    config.set_main_option("script_location", SCRIPT_LOCATION)
+    if connection is not None:
+        config.attributes["connection"] = connection
+    return config
+
+
+def head_revision() -> str:
+    """Return the newest revision id shipped with this version of TenSafe."""
+    heads = ScriptDirectory.from_config(alembic_config()).get_heads()
+    if len(heads) != 1:
+        raise DatabaseError(f"the packaged migrations have {len(heads)} heads; expected exactly one")
+    return heads[0]
+
+
+@contextmanager
+def _transaction(url: str) -> Iterator[Connection]:
+    engine = create_engine_from_url(url)
+    try:
+        with engine.begin() as connection:
+            yield connection
+    except SQLAlchemyError as exc:
+        raise DatabaseError(f"database error on {safe_url(url)}: {_short(exc)}") from exc
+    finally:
+        engine.dispose()
+
+
+def _short(exc: SQLAlchemyError) -> str:
+    orig = getattr(exc, "orig", None)
+    text = str(orig if orig is not None else exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def upgrade(url: str, revision: str = "head") -> str | None:
+    """Migrate the database at ``url`` to ``revision`` (default: the newest) in one transaction.
+
+    Args:
+        url: The database URL.
+        revision: Target revision id, or ``"head"``.
+
+    Returns:
+        The revision the database is at afterwards.
+
+    Raises:
+        DatabaseError: The database cannot be reached or a migration failed (nothing is
+            half-applied: the whole upgrade is one transaction on both backends).
+    """
+    try:
+        with _transaction(url) as connection:
+            command.upgrade(alembic_config(connection), revision)
+            return MigrationContext.configure(connection).get_current_revision()
+    except CommandError as exc:
+        raise DatabaseError(f"cannot migrate {safe_url(url)} to {revision!r}: {exc}") from exc
+
+
+def current_revision(url: str) -> str | None:
+    """Return the revision the database at ``url`` is at, or None when it was never migrated.
+
+    A SQLite URL naming a file that does not exist gives None without creating the file.
+    """
+    try:
+        parsed = make_url(url)
+    except (ArgumentError, ValueError):
+        parsed = None
+    if parsed is not None and parsed.get_backend_name() == "sqlite":
+        if parsed.database not in (None, "", ":memory:") and not Path(parsed.database).exists():
+            return None
+    with _transaction(url) as connection:
+        return MigrationContext.configure(connection).get_current_revision()

@@ -1,0 +1,1 @@
+"""Alembic migrations of the TenSafe database (hand-written; see docs/database.md)."""

@@ -1,0 +1,45 @@
+"""Key custody (layer 3): a deployment KEK held by a provider, per-tenant DEKs under it.
+
+* :class:`KekProvider` is the interface; :class:`LocalKekProvider` (development),
+  :class:`VaultTransitKekProvider` (Vault/OpenBao Transit) and :class:`Pkcs11KekProvider`
+  (an HSM through PKCS#11) implement it.
+* :class:`KeyManager` creates, wraps, rotates and shreds tenant DEKs (stored wrapped in
+  the ``tenant_deks`` table), keeps the sealed deployment signing key, and serves DEKs
+  to :class:`tensafe.storage.EncryptedArtifactStore`.
+
+Configuration, rotation, providers and the threat model: ``docs/security/keys.md``.
+"""
+
+from __future__ import annotations
+
+from tensafe.keys._config import KeySettings, check_passphrase, open_provider
+from tensafe.keys._local import LocalKekProvider
+from tensafe.keys._manager import DekInfo, KekRotation, KeyManager
+from tensafe.keys._pkcs11 import Pkcs11KekProvider
+from tensafe.keys._provider import KekProvider
+from tensafe.keys._vault import VaultTransitKekProvider
+from tensafe.keys.errors import (
+    KeyConfigurationError,
+    KeyManagementError,
+    KeyNotFoundError,
+    ProviderError,
+    TenantShreddedError,
+)
+
+__all__ = [
+    "DekInfo",
+    "KekProvider",
+    "KekRotation",
+    "KeyConfigurationError",
+    "KeyManagementError",
+    "KeyManager",
+    "KeyNotFoundError",
+    "KeySettings",
+    "LocalKekProvider",
+    "Pkcs11KekProvider",
+    "ProviderError",
+    "TenantShreddedError",
+    "VaultTransitKekProvider",
+    "check_passphrase",
+    "open_provider",
+]

@@ -1,0 +1,230 @@
+"""The ``vault`` KEK provider: HashiCorp Vault / OpenBao Transit.
+
+The KEK is a named Transit key (type ``aes256-gcm96``, not exportable) that never
+leaves Vault. Wrapping a DEK is Transit ``encrypt`` of the DEK (Transit's own versioned
+AES-256-GCM envelope, ``vault:v<N>:<base64>``); AES-256-KWP is not used here because
+the KEK is not available outside Vault. Rotation is Transit ``rotate``; re-wrapping is
+Transit ``rewrap``, so re-wrapped DEKs never leave Vault in plaintext.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+from typing import Any, ClassVar
+from urllib.parse import urlsplit
+
+from tensafe.keys._provider import KekProvider
+from tensafe.keys.errors import KeyConfigurationError, KeyNotFoundError, ProviderError
+
+__all__ = ["VaultTransitKekProvider", "is_loopback_host"]
+
+_CIPHERTEXT = re.compile(r"vault:v([1-9][0-9]{0,9}):[A-Za-z0-9+/=]+")
+
+
+def is_loopback_host(host: str | None) -> bool:
+    """Whether ``host`` names the local machine (``localhost``, 127.0.0.0/8 or ``::1``)."""
+    if not host:
+        return False
+    if host == "localhost" or host == "::1":
+        return True
+    parts = host.split(".")
+    return len(parts) == 4 and parts[0] == "127" and all(p.isdigit() and int(p) < 256 for p in parts)
+
+
+class VaultTransitKekProvider(KekProvider):
+    """KEK held in Vault/OpenBao Transit; wraps DEKs with Transit encrypt."""
+
+    name: ClassVar[str] = "vault"
+
+    def __init__(
+        self,
+        address: str,
+        *,
+        token: str,
+        mount: str = "transit",
+        key_name: str = "tensafe-kek",
+        ca_cert: str | None = None,
+        namespace: str | None = None,
+        create: bool = False,
+        timeout_s: float = 10.0,
+    ) -> None:
+        """Connect to Transit and check the key.
+
+        Args:
+            address: Vault address, ``https://host:8200`` (``http`` only for loopback).
+            token: Vault token with encrypt/decrypt/rewrap/rotate/read on the key.
+            mount: Mount path of the Transit engine.
+            key_name: Name of the Transit key used as KEK.
+            ca_cert: CA bundle to verify Vault's TLS certificate.
+            namespace: Vault Enterprise / OpenBao namespace.
+            create: Create the key (``aes256-gcm96``, not exportable) if it is missing.
+            timeout_s: HTTP timeout per request.
+
+        Raises:
+            KeyConfigurationError: Bad address or token, or the key is missing and
+                ``create`` is false.
+            ProviderError: Vault could not be reached.
+        """
+        import hvac
+
+        parts = urlsplit(address)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise KeyConfigurationError("the Vault address must look like https://vault.example:8200")
+        if not token:
+            raise KeyConfigurationError("no Vault token: set TS_VAULT_TOKEN (or VAULT_TOKEN)")
+        self._address = address.rstrip("/")
+        self._mount = mount
+        self._key = key_name
+        self._client = hvac.Client(
+            url=self._address,
+            token=token,
+            verify=ca_cert if ca_cert else True,
+            namespace=namespace,
+            timeout=timeout_s,
+        )
+        info = self._read_key(missing_ok=create)
+        if info is None:
+            self._call(
+                lambda: self._client.secrets.transit.create_key(
+                    name=self._key, key_type="aes256-gcm96", exportable=False, mount_point=self._mount
+                )
+            )
+            info = self._read_key(missing_ok=False)
+        assert info is not None
+        if info.get("type") != "aes256-gcm96":
+            raise KeyConfigurationError(
+                f"the Transit key {self._key!r} has type {info.get('type')!r}; TenSafe needs aes256-gcm96"
+            )
+        self._info = info
+
+    def _call(self, fn: Any) -> Any:
+        import hvac.exceptions
+
+        try:
+            return fn()
+        except hvac.exceptions.Forbidden:
+            raise ProviderError(
+                f"Vault denied access to transit key {self._key!r} at {self._address} "
+                "(check the token's policy)"
+            ) from None
+        except hvac.exceptions.InvalidPath:
+            raise KeyNotFoundError(
+                f"Vault has no transit key {self._key!r} under mount {self._mount!r}"
+            ) from None
+        except hvac.exceptions.VaultError as exc:
+            # Vault's error texts name the failing check but never echo secrets.
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise ProviderError(f"Vault transit request failed at {self._address}: {first[:200]}") from None
+        except OSError as exc:  # requests' ConnectionError derives from OSError
+            raise ProviderError(f"cannot reach Vault at {self._address}: {type(exc).__name__}") from None
+
+    def _read_key(self, *, missing_ok: bool) -> dict[str, Any] | None:
+        try:
+            response = self._call(
+                lambda: self._client.secrets.transit.read_key(name=self._key, mount_point=self._mount)
+            )
+        except KeyNotFoundError:
+            if missing_ok:
+                return None
+            raise KeyConfigurationError(
+                f"Vault has no transit key {self._key!r} under mount {self._mount!r}; "
+                "run 'tensafe keys init' (or create it: bao write -f transit/keys/NAME type=aes256-gcm96)"
+            ) from None
+        return dict(response["data"])
+
+    @property
+    def exportable(self) -> bool:
+        """Whether Vault would let anyone export the KEK (refused in production)."""
+        return bool(self._info.get("exportable")) or bool(self._info.get("allow_plaintext_backup"))
+
+    @property
+    def current_version(self) -> int:
+        """See :attr:`KekProvider.current_version`."""
+        return int(self._info["latest_version"])
+
+    def wrap(self, dek: bytes) -> tuple[int, bytes]:
+        """See :meth:`KekProvider.wrap` (Transit encrypt)."""
+        response = self._call(
+            lambda: self._client.secrets.transit.encrypt_data(
+                name=self._key, plaintext=base64.b64encode(dek).decode("ascii"), mount_point=self._mount
+            )
+        )
+        version, blob = self._parse(response["data"]["ciphertext"])
+        if version > self.current_version:  # rotated by another process meanwhile
+            self._info["latest_version"] = version
+        return version, blob
+
+    @staticmethod
+    def _parse(ciphertext: str) -> tuple[int, bytes]:
+        match = _CIPHERTEXT.fullmatch(ciphertext)
+        if match is None:
+            raise ProviderError("Vault returned a ciphertext in an unexpected format")
+        return int(match.group(1)), ciphertext.encode("ascii")
+
+    def _check_blob(self, kek_version: int, blob: bytes) -> str:
+        try:
+            text = blob.decode("ascii")
+        except UnicodeDecodeError:
+            raise ProviderError("a stored Vault-wrapped key is malformed") from None
+        match = _CIPHERTEXT.fullmatch(text)
+        if match is None or int(match.group(1)) != kek_version:
+            raise ProviderError("a stored Vault-wrapped key is malformed or does not match its KEK version")
+        return text
+
+    def unwrap(self, kek_version: int, blob: bytes) -> bytes:
+        """See :meth:`KekProvider.unwrap` (Transit decrypt)."""
+        text = self._check_blob(kek_version, blob)
+        response = self._call(
+            lambda: self._client.secrets.transit.decrypt_data(
+                name=self._key, ciphertext=text, mount_point=self._mount
+            )
+        )
+        try:
+            return base64.b64decode(response["data"]["plaintext"], validate=True)
+        except (KeyError, TypeError, binascii.Error):
+            raise ProviderError("Vault returned a malformed plaintext") from None
+
+    def rewrap(self, kek_version: int, blob: bytes) -> tuple[int, bytes]:
+        """See :meth:`KekProvider.rewrap` (Transit rewrap: the DEK never leaves Vault)."""
+        text = self._check_blob(kek_version, blob)
+        response = self._call(
+            lambda: self._client.secrets.transit.rewrap_data(
+                name=self._key, ciphertext=text, mount_point=self._mount
+            )
+        )
+        return self._parse(response["data"]["ciphertext"])
+
+    def rotate(self) -> int:
+        """See :meth:`KekProvider.rotate` (Transit rotate)."""
+        self._call(lambda: self._client.secrets.transit.rotate_key(name=self._key, mount_point=self._mount))
+        info = self._read_key(missing_ok=False)
+        assert info is not None
+        self._info = info
+        return self.current_version
+
+    def refresh(self) -> None:
+        """Re-read the key's metadata (another process may have rotated it)."""
+        info = self._read_key(missing_ok=False)
+        assert info is not None
+        self._info = info
+
+    def describe(self) -> dict[str, object]:
+        """See :meth:`KekProvider.describe` (never the token)."""
+        return {
+            "provider": self.name,
+            "address": self._address,
+            "mount": self._mount,
+            "key": self._key,
+            "current_version": self.current_version,
+            "min_decryption_version": int(self._info.get("min_decryption_version", 1)),
+            "exportable": self.exportable,
+            "wrap": "Vault Transit encrypt (AES-256-GCM96)",
+        }
+
+    def close(self) -> None:
+        """Close the HTTP session."""
+        adapter = getattr(self._client, "adapter", None)
+        if adapter is not None and hasattr(adapter, "close"):
+            adapter.close()

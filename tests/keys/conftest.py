@@ -1,0 +1,86 @@
+"""Fixtures for key-management tests: real providers, a migrated database, tenants."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session
+
+from tensafe.crypto.kdf import Argon2idParams
+from tensafe.db import create_engine_from_url, ensure_tenant
+from tensafe.keys import KekProvider, LocalKekProvider, Pkcs11KekProvider, VaultTransitKekProvider
+
+PASSPHRASE = b"correct horse battery staple 4711"
+PROVIDERS = ["local", "vault", "pkcs11"]
+
+
+@pytest.fixture
+def local_provider(tmp_path: Path) -> Iterator[LocalKekProvider]:
+    provider = LocalKekProvider.create(
+        tmp_path / "keys" / "kek.json", passphrase=PASSPHRASE, params=Argon2idParams.minimum()
+    )
+    yield provider
+    provider.close()
+
+
+@pytest.fixture
+def vault_provider(openbao, openbao_transit_key: str) -> Iterator[VaultTransitKekProvider]:
+    provider = VaultTransitKekProvider(
+        openbao.address, token=openbao.token, key_name=openbao_transit_key, create=True
+    )
+    yield provider
+    provider.close()
+
+
+@pytest.fixture
+def pkcs11_provider(softhsm_token) -> Iterator[Pkcs11KekProvider]:
+    provider = Pkcs11KekProvider(
+        softhsm_token.library, token_label=softhsm_token.label, pin=softhsm_token.user_pin, create=True
+    )
+    yield provider
+    provider.close()
+
+
+@pytest.fixture(params=PROVIDERS)
+def provider(request: pytest.FixtureRequest) -> KekProvider:
+    """Each KEK provider, backed by its real service (file, OpenBao, SoftHSM2)."""
+    value: KekProvider = request.getfixturevalue(f"{request.param}_provider")
+    return value
+
+
+@pytest.fixture
+def reopen(request: pytest.FixtureRequest, tmp_path: Path) -> Callable[[KekProvider], KekProvider]:
+    """Open a second, independent instance of the same provider (as a restarted process would)."""
+
+    def _reopen(p: KekProvider) -> KekProvider:
+        if isinstance(p, LocalKekProvider):
+            return LocalKekProvider.open(p.path, passphrase=PASSPHRASE)
+        if isinstance(p, VaultTransitKekProvider):
+            server = request.getfixturevalue("openbao")
+            return VaultTransitKekProvider(server.address, token=server.token, key_name=p.describe()["key"])  # type: ignore[arg-type]
+        token = request.getfixturevalue("softhsm_token")
+        return Pkcs11KekProvider(token.library, token_label=token.label, pin=token.user_pin)
+
+    return _reopen
+
+
+@pytest.fixture
+def engine(migrated_database_url: str) -> Iterator[Engine]:
+    eng = create_engine_from_url(migrated_database_url)
+    yield eng
+    eng.dispose()
+
+
+@pytest.fixture
+def make_tenant(engine: Engine) -> Callable[[], str]:
+    def _make() -> str:
+        tenant_id = "t-" + secrets.token_hex(4)
+        with Session(engine) as session, session.begin():
+            ensure_tenant(session, tenant_id)
+        return tenant_id
+
+    return _make

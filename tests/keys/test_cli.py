@@ -1,0 +1,86 @@
+"""``tensafe keys`` end to end in a development data dir."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pytest
+from sqlalchemy.orm import Session
+
+from tensafe.cli.main import main
+from tensafe.db import create_engine_from_url, ensure_tenant
+from tensafe.keys import KeyManager
+from tensafe.storage import EncryptedArtifactStore, LocalFilesystemBackend
+
+
+@pytest.fixture
+def dev_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    for name in (
+        "TS_ENVIRONMENT",
+        "TS_KEK_PROVIDER",
+        "TS_KEY_MASTER",
+        "TS_LOCAL_KEK_FILE",
+        "TS_ARTIFACT_DIR",
+    ):
+        monkeypatch.delenv(name, raising=False)
+    env = {"TS_DATA_DIR": str(tmp_path / "data"), "DATABASE_URL": f"sqlite:///{tmp_path / 'cli.db'}"}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    return env
+
+
+def test_keys_lifecycle(dev_env: dict[str, str], capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["keys", "init"]) == 0
+    out = capsys.readouterr().out
+    assert "KEK provider: local (current version 1)" in out and "deployment signing key:" in out
+    key_id = out.split("deployment signing key: ")[1].split()[0]
+
+    engine = create_engine_from_url(dev_env["DATABASE_URL"])
+    with Session(engine) as session, session.begin():
+        ensure_tenant(session, "acme")
+    manager = KeyManager.from_environment()
+    store = EncryptedArtifactStore(
+        LocalFilesystemBackend(Path(dev_env["TS_DATA_DIR"]) / "artifacts"), manager
+    )
+    store.put("acme", "m1", io.BytesIO(b"first"), kind="adapter")
+
+    assert main(["keys", "rotate-dek", "--tenant", "acme"]) == 0
+    assert "DEK version 2" in capsys.readouterr().out
+    assert main(["keys", "rotate-kek"]) == 0
+    assert "from version 1 to 2; 3 key(s) re-wrapped" in capsys.readouterr().out
+    assert main(["keys", "status", "--json"]) == 0
+    status = json.loads(capsys.readouterr().out)
+    assert status["kek"]["current_version"] == 2 and status["signing_key_id"] == key_id
+    assert status["deks_by_state"] == {"active": 1, "retired": 1}
+    assert main(["keys", "status"]) == 0
+    text = capsys.readouterr().out
+    passphrase = (Path(dev_env["TS_DATA_DIR"]) / "keys" / "master.passphrase").read_text().strip()
+    assert "environment: development" in text and passphrase not in text
+
+    manager2 = KeyManager.from_environment()
+    store2 = EncryptedArtifactStore(store.backend, manager2)
+    assert store2.get_bytes("acme", "m1") == b"first"  # readable after both rotations
+
+    assert main(["keys", "shred", "--tenant", "acme"]) == 1
+    assert "without --yes" in capsys.readouterr().err
+    assert main(["keys", "shred", "--tenant", "acme", "--yes", "--delete-artifacts"]) == 0
+    assert "2 DEK version(s) destroyed" in capsys.readouterr().out
+    assert store2.list("acme") == []
+    engine.dispose()
+
+
+def test_errors_are_one_line(
+    dev_env: dict[str, str], capsys: pytest.CaptureFixture[str], monkeypatch
+) -> None:
+    assert main(["keys", "status"]) == 2  # database not migrated yet
+    err = capsys.readouterr().err
+    assert err.startswith("tensafe: error:") and "tensafe db upgrade" in err and err.count("\n") == 1
+    assert main(["keys", "init"]) == 0
+    capsys.readouterr()
+    assert main(["keys", "rotate-dek", "--tenant", "ghost"]) == 1
+    assert "unknown tenant 'ghost'" in capsys.readouterr().err
+    monkeypatch.setenv("TS_ENVIRONMENT", "production")
+    assert main(["keys", "status"]) == 2
+    assert "no KEK provider configured" in capsys.readouterr().err

@@ -1,0 +1,72 @@
+# Example TSSP admission policy (Rego v1, evaluated by regorus).
+#
+# The input document is described in docs/spec/tssp-v1.md ("Policy input document"):
+#   input.manifest        the signed manifest (name, version, base_model, files, signers, ...)
+#   input.evidence        the training evidence (run id, config hash, dataset commitment, ...)
+#   input.dp_certificate  the engine's DP certificate, or null
+#   input.signers         {"trusted": [key ids that verified and are trusted], "threshold": n}
+#   input.now             the verifier's clock (RFC 3339 UTC)
+#
+# Every string in `deny` is a reason to refuse the package; an empty set admits it.
+# Conditions are written so that a missing field denies (fail closed).
+package tensafe.tssp
+
+import rego.v1
+
+max_epsilon := 8
+
+max_delta := 1e-5
+
+allowed_base_models := {
+	"HuggingFaceTB/SmolLM2-135M-Instruct",
+	"HuggingFaceTB/SmolLM2-360M-Instruct",
+}
+
+# Key ids (hex) that must be among the trusted signers; empty means "any trusted signer".
+required_signers := set()
+
+deny contains "package carries no DP certificate" if input.dp_certificate == null
+
+# Certificates follow tensafe.dp_certificate/v1 (src/tensafe/privacy/dp_certificate.schema.json):
+# a run without DP says dp_enabled = false and epsilon = null.
+deny contains "the training run did not use differential privacy" if {
+	input.dp_certificate != null
+	input.dp_certificate.dp_enabled != true
+}
+
+deny contains msg if {
+	input.dp_certificate != null
+	not is_number(input.dp_certificate.epsilon)
+	msg := "DP certificate has no numeric epsilon"
+}
+
+deny contains msg if {
+	eps := input.dp_certificate.epsilon
+	is_number(eps)
+	eps > max_epsilon
+	msg := sprintf("epsilon %v exceeds the maximum %v", [eps, max_epsilon])
+}
+
+deny contains msg if {
+	input.dp_certificate != null
+	not is_number(input.dp_certificate.delta)
+	msg := "DP certificate has no numeric delta"
+}
+
+deny contains msg if {
+	d := input.dp_certificate.delta
+	is_number(d)
+	d > max_delta
+	msg := sprintf("delta %v exceeds the maximum %v", [d, max_delta])
+}
+
+deny contains msg if {
+	not input.manifest.base_model.id in allowed_base_models
+	msg := sprintf("base model %v is not allowed", [input.manifest.base_model.id])
+}
+
+deny contains msg if {
+	some k in required_signers
+	not k in {s | some s in input.signers.trusted}
+	msg := sprintf("required signer %v did not sign", [k])
+}

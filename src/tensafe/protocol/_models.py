@@ -1,0 +1,349 @@
+"""Pydantic models of the JSON bodies exchanged with the ``tinker==0.38.0`` SDK."""
+
+from __future__ import annotations
+
+import datetime as _dt
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+__all__ = [
+    "API_KEY_PREFIX",
+    "AdamParams",
+    "ApiError",
+    "Checkpoint",
+    "CheckpointsListResponse",
+    "ClientConfigRequest",
+    "CreateModelRequest",
+    "CreateModelResponse",
+    "CreateSessionRequest",
+    "CreateSessionResponse",
+    "Cursor",
+    "FinishReason",
+    "FinishSessionRequest",
+    "FutureFailed",
+    "GetInfoRequest",
+    "GetInfoResponse",
+    "GetSessionResponse",
+    "ListSessionsResponse",
+    "LoraConfig",
+    "ModelData",
+    "OptimStepRequest",
+    "OptimizerConfig",
+    "RetrieveFutureRequest",
+    "ServerCapabilities",
+    "SessionHeartbeatRequest",
+    "SupportedModel",
+    "TelemetryRequest",
+    "TrainingRun",
+    "TrainingRunsResponse",
+    "TryAgain",
+    "UntypedFuture",
+    "model_id_for",
+]
+
+#: Every API key starts with this prefix (the SDK refuses other keys before sending).
+API_KEY_PREFIX = "tml-"
+
+#: Identifiers that appear in URL paths and ``tinker://`` paths: no ``/``, no whitespace.
+Ident = Annotated[
+    str, StringConstraints(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9][A-Za-z0-9:._-]*$")
+]
+ShortText = Annotated[str, StringConstraints(max_length=200)]
+SeqId = Annotated[int, Field(ge=0, le=2**31 - 1)]
+
+
+def model_id_for(session_id: str, model_seq_id: int) -> str:
+    """Return the id of a training model: ``{session_id}:train:{model_seq_id}``.
+
+    The SDK derives this id itself after ``create_training_client_from_state``, so the
+    server must name every training model this way.
+    """
+    return f"{session_id}:train:{model_seq_id}"
+
+
+class _Request(BaseModel):
+    """Strict request body: unknown fields are refused, the input is not mutated."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
+
+
+class _Response(BaseModel):
+    """Tolerant response body: unknown fields are ignored when a client parses it."""
+
+    model_config = ConfigDict(extra="ignore", protected_namespaces=())
+
+
+# --------------------------------------------------------------------------- bootstrap
+
+
+class ClientConfigRequest(_Request):
+    """Body of ``/client/config`` and ``/client/dynamic_config``."""
+
+    sdk_version: ShortText | None = None
+    type: str | None = None
+
+
+class CreateSessionRequest(_Request):
+    """Body of ``/create_session``."""
+
+    tags: list[ShortText] = Field(default_factory=list, max_length=100)
+    user_metadata: dict[str, Any] | None = None
+    sdk_version: ShortText | None = None
+    project_id: ShortText | None = None
+    display_name: ShortText | None = None
+    type: Literal["create_session"] | None = None
+
+
+class CreateSessionResponse(_Response):
+    """Answer of ``/create_session``."""
+
+    session_id: str
+    type: Literal["create_session"] = "create_session"
+    info_message: str | None = None
+    warning_message: str | None = None
+    error_message: str | None = None
+
+
+class SessionHeartbeatRequest(_Request):
+    """Body of ``/session_heartbeat``."""
+
+    session_id: Ident
+    type: Literal["session_heartbeat"] | None = None
+
+
+class FinishReason(_Request):
+    """Why a client ended its session."""
+
+    type: Literal["success", "errored", "interrupted"]
+
+
+class FinishSessionRequest(_Request):
+    """Body of ``/sessions/{session_id}/finish`` (the SDK sends ``detail: null`` explicitly)."""
+
+    reason: FinishReason
+    detail: Annotated[str, StringConstraints(max_length=4000)] | None = None
+
+
+class TelemetryRequest(_Request):
+    """Body of ``/telemetry``; events are accepted as opaque objects and not stored."""
+
+    events: list[dict[str, Any]] = Field(max_length=1000)
+    platform: ShortText
+    sdk_version: ShortText
+    session_id: ShortText
+    process_uuid: ShortText
+
+
+# --------------------------------------------------------------------------- models
+
+
+class LoraConfig(_Request):
+    """LoRA settings of a training model."""
+
+    rank: int = Field(ge=1, le=1024)
+    seed: int | None = None
+    train_unembed: bool = True
+    train_mlp: bool = True
+    train_attn: bool = True
+
+
+class OptimizerConfig(_Request):
+    """Optimizer family fixed at model creation (``adamw`` or ``dimuon``)."""
+
+    type: Literal["adamw", "dimuon"] = "adamw"
+    version: Literal[1] | None = None
+
+
+class CreateModelRequest(_Request):
+    """Body of ``/create_model``."""
+
+    session_id: Ident
+    model_seq_id: SeqId
+    base_model: Annotated[str, StringConstraints(min_length=1, max_length=500)]
+    user_metadata: dict[str, Any] | None = None
+    lora_config: LoraConfig | None = None
+    optimizer_config: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    type: Literal["create_model"] | None = None
+
+
+class CreateModelResponse(_Response):
+    """Result of a ``create_model`` future."""
+
+    model_id: str
+    type: Literal["create_model"] = "create_model"
+
+
+class GetInfoRequest(_Request):
+    """Body of ``/get_info``."""
+
+    model_id: Ident
+    type: Literal["get_info"] | None = None
+
+
+class ModelData(_Response):
+    """What a client needs to know about the base model (``tokenizer_id`` feeds ``get_tokenizer``)."""
+
+    arch: str | None = None
+    model_name: str | None = None
+    tokenizer_id: str | None = None
+
+
+class GetInfoResponse(_Response):
+    """Answer of ``/get_info``."""
+
+    type: Literal["get_info"] = "get_info"
+    model_id: str
+    model_data: ModelData
+    is_lora: bool | None = None
+    lora_rank: int | None = None
+    model_name: str | None = None
+    optimizer_config: dict[str, Any] | None = None
+
+
+class AdamParams(_Request):
+    """Per-step Adam(W) hyperparameters (``weight_decay`` is decoupled)."""
+
+    learning_rate: float = Field(default=1e-4, ge=0, allow_inf_nan=False)
+    beta1: float = Field(default=0.9, ge=0, lt=1)
+    beta2: float = Field(default=0.95, ge=0, lt=1)
+    eps: float = Field(default=1e-12, gt=0, allow_inf_nan=False)
+    weight_decay: float = Field(default=0.0, ge=0, allow_inf_nan=False)
+    grad_clip_norm: float = Field(default=0.0, ge=0, allow_inf_nan=False)
+
+
+class OptimStepRequest(_Request):
+    """Body of ``/optim_step``; Adam models send ``adam_params``, others ``optimizer_params``."""
+
+    model_id: Ident
+    seq_id: SeqId
+    adam_params: AdamParams | None = None
+    optimizer_params: dict[str, Any] | None = None
+    type: Literal["optim_step"] | None = None
+
+
+# --------------------------------------------------------------------------- futures
+
+
+class UntypedFuture(_Response):
+    """Submit answer of every asynchronous operation."""
+
+    request_id: str
+    model_id: str | None = None
+    sample_sequence_ids: list[str] | None = None
+
+
+class RetrieveFutureRequest(_Request):
+    """Body of ``/retrieve_future``."""
+
+    request_id: Annotated[str, StringConstraints(min_length=1, max_length=200)]
+    allow_metadata_only: bool = False
+    type: str | None = None
+
+
+class TryAgain(_Response):
+    """Answer to a poll of a future that is not finished yet (sent with HTTP 408)."""
+
+    type: Literal["try_again"] = "try_again"
+    request_id: str
+    queue_state: Literal["active", "paused_capacity", "paused_rate_limit"] = "active"
+    queue_state_reason: str | None = None
+
+
+class FutureFailed(_Response):
+    """Result of a failed future (sent with HTTP 200, as the SDK expects)."""
+
+    error: str
+    category: Literal["user", "server", "unknown"]
+
+
+class ApiError(_Response):
+    """JSON body of every 4xx answer of the TenSafe server."""
+
+    error: str
+    detail: str
+    category: Literal["user", "server", "unknown"] = "user"
+    errors: list[dict[str, Any]] | None = None
+
+
+# --------------------------------------------------------------------------- REST
+
+
+class SupportedModel(_Response):
+    """One base model the server can train or sample."""
+
+    model_name: str | None = None
+    max_context_length: int | None = None
+    trainable: bool | None = None
+    sampleable: bool | None = None
+
+
+class ServerCapabilities(_Response):
+    """Answer of ``/get_server_capabilities``."""
+
+    supported_models: list[SupportedModel]
+
+
+class Cursor(_Response):
+    """Pagination state of a listing."""
+
+    offset: int
+    limit: int
+    total_count: int
+
+
+class Checkpoint(_Response):
+    """A saved state or sampler snapshot, addressed by its ``tinker://`` path."""
+
+    checkpoint_id: str
+    checkpoint_type: Literal["training", "sampler", "external"]
+    time: _dt.datetime
+    tinker_path: str
+    size_bytes: int | None = None
+    public: bool = False
+    user_metadata: dict[str, str] | None = None
+    expires_at: _dt.datetime | None = None
+
+
+class CheckpointsListResponse(_Response):
+    """Answer of the checkpoint listings."""
+
+    checkpoints: list[Checkpoint]
+    cursor: Cursor | None = None
+
+
+class TrainingRun(_Response):
+    """A training model as the REST client sees it (its id is the model id)."""
+
+    training_run_id: str
+    base_model: str
+    model_owner: str
+    is_lora: bool
+    last_request_time: _dt.datetime
+    corrupted: bool = False
+    lora_rank: int | None = None
+    last_checkpoint: Checkpoint | None = None
+    last_sampler_checkpoint: Checkpoint | None = None
+    user_metadata: dict[str, str] | None = None
+
+
+class TrainingRunsResponse(_Response):
+    """Answer of ``GET /training_runs``."""
+
+    training_runs: list[TrainingRun]
+    cursor: Cursor
+
+
+class ListSessionsResponse(_Response):
+    """Answer of ``GET /sessions``."""
+
+    sessions: list[str]
+
+
+class GetSessionResponse(_Response):
+    """Answer of ``GET /sessions/{id}``."""
+
+    training_run_ids: list[str]
+    sampler_ids: list[str]
+    user_metadata: dict[str, Any] | None = None
+    display_name: str | None = None

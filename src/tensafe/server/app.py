@@ -1,0 +1,691 @@
+"""The FastAPI application: Tinker-compatible routes, authentication, errors, long-polling."""
+
+# No "from __future__ import annotations": FastAPI resolves the closure-local dependency
+# aliases (Caller) from the evaluated annotations.
+
+import asyncio
+import contextlib
+import json
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Annotated, Any, TypeVar
+
+from fastapi import Depends, FastAPI, Header, Query, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel
+from sqlalchemy import func, select, text
+from sqlalchemy.orm import Session
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from tensafe import protocol as p
+from tensafe.db import create_engine_from_url, current_revision, head_revision, make_session_factory, utcnow
+from tensafe.protocol.wire import WireFormatError, decode_forward_backward_request, message_bytes
+from tensafe.server.errors import BadRequestError, NotFoundError, ServerError
+from tensafe.server.jobs import OperationRegistry, Services, Worker, load_future, stage_payload, submit_future
+from tensafe.server.models import FutureRow, ServerSession, TrainingCheckpoint, TrainingModel
+from tensafe.server.ops import default_registry
+from tensafe.server.settings import ServerSettings
+from tensafe.server.tenants import Principal, authenticate
+from tensafe.storage import EncryptedArtifactStore, LocalFilesystemBackend
+
+__all__ = ["create_app"]
+
+_log = logging.getLogger("tensafe.server")
+
+#: Largest request body accepted (bytes); bigger bodies get a 413 with a JSON body.
+MAX_BODY_BYTES = 64 * 1024 * 1024
+
+#: What ``/client/config`` answers: plain httpx transport, no JWT, server-side features off.
+CLIENT_CONFIG: dict[str, Any] = {
+    "pjwt_auth_enabled": False,
+    "use_pyqwest_transport": False,
+    "parallel_fwdbwd_chunks": True,
+    "proto_compress_fwdbwd": False,
+    "sample_use_retrieve_futures": False,
+    "custom_loss_server_side": False,
+    "sample_join_sampling_session": False,
+}
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def _error_body(error: str, detail: str, *, errors: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    body = p.ApiError(error=error, detail=detail, errors=errors).model_dump(exclude_none=True)
+    return body
+
+
+class _Waiters:
+    """Wakes long-polling ``retrieve_future`` requests when the in-process worker finishes."""
+
+    def __init__(self) -> None:
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._events: dict[str, set[asyncio.Event]] = {}
+
+    def bind(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+
+    def notify(self, future_id: str) -> None:
+        """Thread-safe: wake every waiter of ``future_id``."""
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self._set, future_id)
+
+    def _set(self, future_id: str) -> None:
+        for event in self._events.get(future_id, ()):
+            event.set()
+
+    async def wait(self, future_id: str, timeout: float) -> None:
+        event = asyncio.Event()
+        self._events.setdefault(future_id, set()).add(event)
+        try:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(event.wait(), timeout)
+        finally:
+            waiting = self._events.get(future_id)
+            if waiting is not None:
+                waiting.discard(event)
+                if not waiting:
+                    del self._events[future_id]
+
+
+def _dump(value: Any) -> str:
+    return json.dumps(value if value is not None else {}, sort_keys=True)
+
+
+def _str_metadata(raw: str) -> dict[str, str] | None:
+    data = json.loads(raw) if raw else None
+    if not isinstance(data, dict):
+        return None
+    return {str(k): v if isinstance(v, str) else json.dumps(v) for k, v in data.items()}
+
+
+def create_app(
+    settings: ServerSettings,
+    *,
+    store: EncryptedArtifactStore | None = None,
+    key_manager: Any = None,
+    registry: OperationRegistry | None = None,
+) -> FastAPI:
+    """Build the TenSafe training API server.
+
+    Args:
+        settings: Database, data directory, model catalog and timing settings.
+        store: The encrypted artifact store (default: a local store under
+            ``settings.data_dir/artifacts`` with keys from ``key_manager``).
+        key_manager: A :class:`tensafe.keys.KeyManager` (default: from the environment).
+            Its deployment signing key signs the audit checkpoints.
+        registry: Operations the worker executes (default: :func:`ops.default_registry`).
+
+    Returns:
+        The application. Its worker thread (when ``settings.run_worker``) starts and
+        stops with the application's lifespan.
+    """
+    engine = create_engine_from_url(settings.database_url)
+    sessions = make_session_factory(engine)
+    if key_manager is None:
+        from tensafe.keys import KeyManager
+
+        key_manager = KeyManager.from_environment(engine=engine)
+    if store is None:
+        store = EncryptedArtifactStore(LocalFilesystemBackend(settings.data_dir / "artifacts"), key_manager)
+    signer = key_manager.deployment_signing_key()
+    services = Services(
+        sessions=sessions,
+        store=store,
+        signer=signer,
+        checkpoint_every=settings.audit_checkpoint_every,
+        catalog=settings.catalog,
+    )
+    waiters = _Waiters()
+    worker = Worker(
+        services,
+        registry or default_registry(),
+        lease_seconds=settings.lease_seconds,
+        poll_interval=settings.poll_interval_seconds,
+        notify=waiters.notify,
+    )
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        waiters.bind(asyncio.get_running_loop())
+        if settings.run_worker:
+            worker.start()
+        try:
+            yield
+        finally:
+            if settings.run_worker:
+                await run_in_threadpool(worker.stop)
+            engine.dispose()
+
+    app = FastAPI(
+        title="TenSafe training API",
+        summary="Tinker-compatible training API with platform-enforced privacy, encryption and audit.",
+        lifespan=lifespan,
+    )
+    app.state.services = services
+    app.state.worker = worker
+    app.state.settings = settings
+
+    _install_error_handlers(app)
+
+    # -- dependencies ---------------------------------------------------------------------
+
+    def principal(x_api_key: Annotated[str | None, Header(alias="X-API-Key")] = None) -> Principal:
+        with sessions() as session:
+            return authenticate(session, x_api_key)
+
+    Caller = Annotated[Principal, Depends(principal)]
+
+    def audit(session: Session, who: Principal, action: str, resource: str, **details: Any) -> None:
+        services.audit(
+            session, tenant=who.tenant, actor=who.actor, action=action, resource=resource, details=details
+        )
+
+    def own_session(session: Session, who: Principal, session_id: str) -> ServerSession:
+        row = session.get(ServerSession, session_id)
+        if row is None or row.tenant_id != who.tenant:
+            raise NotFoundError(f"unknown session {session_id!r}")
+        return row
+
+    def own_model(session: Session, who: Principal, model_id: str) -> TrainingModel:
+        row = session.get(TrainingModel, model_id)
+        if row is None or row.tenant_id != who.tenant:
+            raise NotFoundError(f"unknown model {model_id!r}")
+        return row
+
+    # -- health ---------------------------------------------------------------------------
+
+    @app.get("/healthz", tags=["health"])
+    @app.get("/api/v1/healthz", tags=["health"], include_in_schema=False)
+    def healthz() -> dict[str, str]:
+        """Liveness: the process answers."""
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["health"])
+    def readyz() -> JSONResponse:
+        """Readiness: the database answers and its schema is at the newest migration."""
+        try:
+            with engine.connect() as conn:
+                conn.execute(text("SELECT 1"))
+            current, head = current_revision(settings.database_url), head_revision()
+        except Exception as exc:
+            return JSONResponse(
+                {"status": "unavailable", "detail": f"database unreachable ({type(exc).__name__})"}, 503
+            )
+        if current != head:
+            return JSONResponse(
+                {
+                    "status": "unavailable",
+                    "detail": f"schema at {current}, expected {head}: run 'tensafe db upgrade'",
+                },
+                503,
+            )
+        return JSONResponse({"status": "ready", "schema": head})
+
+    # -- bootstrap and sessions -----------------------------------------------------------
+
+    @app.post("/api/v1/client/config", tags=["session"])
+    def client_config(body: p.ClientConfigRequest, who: Caller) -> dict[str, Any]:
+        """Feature flags for the SDK."""
+        return dict(CLIENT_CONFIG)
+
+    @app.post("/api/v1/client/dynamic_config", tags=["session"])
+    def dynamic_config(body: p.ClientConfigRequest, who: Caller) -> dict[str, Any]:
+        """Runtime knobs for the SDK."""
+        return {"refresh_interval_sec": 300, "sample_cancel_enabled": False}
+
+    @app.post("/api/v1/create_session", tags=["session"])
+    def create_session(body: p.CreateSessionRequest, who: Caller) -> p.CreateSessionResponse:
+        """Open a session (one ``ServiceClient``)."""
+        now = utcnow()
+        row = ServerSession(
+            id="sess-" + secrets.token_hex(10),
+            tenant_id=who.tenant,
+            created_at=now,
+            last_heartbeat_at=now,
+            user_metadata=_dump(body.user_metadata),
+            tags=_dump(body.tags),
+            project_id=body.project_id,
+            display_name=body.display_name,
+            sdk_version=body.sdk_version,
+        )
+        with sessions.begin() as session:
+            session.add(row)
+            session.flush()
+            audit(session, who, "api.create_session", row.id, sdk_version=body.sdk_version or "")
+        return p.CreateSessionResponse(session_id=row.id)
+
+    @app.post("/api/v1/session_heartbeat", tags=["session"])
+    def heartbeat(body: p.SessionHeartbeatRequest, who: Caller) -> JSONResponse:
+        """Keep a session alive; 410 once it has finished or expired."""
+        with sessions.begin() as session:
+            row = own_session(session, who, body.session_id)
+            now = utcnow()
+            expired = (now - row.last_heartbeat_at).total_seconds() > settings.session_expiry_seconds
+            if row.finished_at is not None or expired:
+                return JSONResponse(_error_body("session_finished", "this session has finished"), 410)
+            row.last_heartbeat_at = now
+        return JSONResponse({"type": "session_heartbeat"})
+
+    @app.post("/api/v1/sessions/{session_id}/finish", tags=["session"])
+    def finish_session(session_id: str, body: p.FinishSessionRequest, who: Caller) -> dict[str, str]:
+        """Close a session."""
+        with sessions.begin() as session:
+            row = own_session(session, who, session_id)
+            if row.finished_at is None:
+                row.finished_at, row.finish_reason = utcnow(), body.reason.type
+                audit(session, who, "api.finish_session", row.id, reason=body.reason.type)
+        return {"status": "finished"}
+
+    @app.post("/api/v1/telemetry", tags=["session"])
+    def telemetry(body: p.TelemetryRequest, who: Caller) -> dict[str, str]:
+        """Accept SDK telemetry; events are counted in the log, not stored."""
+        _log.debug("telemetry: %d events from tenant %s", len(body.events), who.tenant)
+        return {"status": "accepted"}
+
+    # -- training models -------------------------------------------------------------------
+
+    @app.post("/api/v1/create_model", tags=["training"])
+    def create_model(body: p.CreateModelRequest, who: Caller) -> p.UntypedFuture:
+        """Create a LoRA training model ``{session_id}:train:{model_seq_id}`` (a future)."""
+        services.catalog.get(body.base_model)  # unknown models: 400 with a body, now
+        model_id = p.model_id_for(body.session_id, body.model_seq_id)
+        payload = body.model_dump(mode="json", exclude_none=True, exclude={"type"})
+        with sessions.begin() as session:
+            own_session(session, who, body.session_id)
+            existing = session.get(TrainingModel, model_id)
+            if existing is not None and existing.tenant_id != who.tenant:
+                raise NotFoundError(f"unknown session {body.session_id!r}")
+            future, created = submit_future(
+                services,
+                session,
+                tenant=who.tenant,
+                actor=who.actor,
+                request_type="create_model",
+                model_id=model_id,
+                seq_id=0,
+                payload=payload,
+            )
+            if created:
+                now = utcnow()
+                lora = body.lora_config
+                session.add(
+                    TrainingModel(
+                        id=model_id,
+                        tenant_id=who.tenant,
+                        session_id=body.session_id,
+                        model_seq_id=body.model_seq_id,
+                        base_model=body.base_model,
+                        lora_rank=None if lora is None else lora.rank,
+                        lora_config=_dump(None if lora is None else lora.model_dump(mode="json")),
+                        optimizer_config=_dump(
+                            body.optimizer_config.model_dump(mode="json", exclude_none=True)
+                        ),
+                        user_metadata=_dump(body.user_metadata),
+                        state="creating",
+                        created_at=now,
+                        last_request_time=now,
+                    )
+                )
+                session.flush()
+                audit(
+                    session,
+                    who,
+                    "api.create_model",
+                    model_id,
+                    request_id=future.id,
+                    request_sha256=future.request_sha256,
+                    base_model=body.base_model,
+                )
+        worker.wake()
+        return p.UntypedFuture(request_id=future.id, model_id=model_id)
+
+    @app.post("/api/v1/get_info", tags=["training"])
+    def get_info(body: p.GetInfoRequest, who: Caller) -> p.GetInfoResponse:
+        """Describe a training model (``model_data.tokenizer_id`` feeds ``get_tokenizer``)."""
+        with sessions() as session:
+            row = own_model(session, who, body.model_id)
+        if row.state == "failed":
+            raise BadRequestError(f"model {row.id!r} could not be created: {row.error}")
+        entry = services.catalog.get(row.base_model)
+        directory = entry.directory()
+        return p.GetInfoResponse(
+            model_id=row.id,
+            model_data=p.ModelData(arch=entry.arch(), model_name=row.base_model, tokenizer_id=str(directory)),
+            is_lora=True,
+            lora_rank=row.lora_rank,
+            model_name=row.base_model,
+            optimizer_config=json.loads(row.optimizer_config),
+        )
+
+    def submit_model_request(
+        who: Principal,
+        *,
+        model_id: str,
+        seq_id: int,
+        request_type: str,
+        payload: dict[str, Any],
+        data: bytes | None = None,
+        **details: Any,
+    ) -> p.UntypedFuture:
+        """Queue a request of a training model, in order, de-duplicated by ``(model_id, seq_id)``."""
+        if seq_id < 1:
+            raise BadRequestError("seq_id must be at least 1 (0 is the model's creation)")
+        with sessions() as session:
+            row = own_model(session, who, model_id)
+            if row.state == "failed":
+                raise BadRequestError(f"model {model_id!r} could not be created: {row.error}")
+        # Stage training data in the encrypted store before taking the database write lock.
+        ref = None if data is None else stage_payload(services, who.tenant, data)
+        with sessions.begin() as session:
+            future, created = submit_future(
+                services,
+                session,
+                tenant=who.tenant,
+                actor=who.actor,
+                request_type=request_type,
+                model_id=model_id,
+                seq_id=seq_id,
+                payload=payload,
+                payload_bytes=data,
+                payload_ref=ref,
+            )
+            if created:
+                model = session.get(TrainingModel, model_id)
+                if model is not None:
+                    model.last_request_time = utcnow()
+                audit(
+                    session,
+                    who,
+                    f"api.{request_type}",
+                    model_id,
+                    request_id=future.id,
+                    request_sha256=future.request_sha256,
+                    seq_id=seq_id,
+                    **details,
+                )
+        worker.wake()
+        return p.UntypedFuture(request_id=future.id, model_id=model_id)
+
+    @app.post(
+        "/api/v1/forward_backward",
+        tags=["training"],
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {"application/x-protobuf": {"schema": {"type": "string", "format": "binary"}}},
+            }
+        },
+    )
+    async def forward_backward(request: Request, who: Caller) -> p.UntypedFuture:
+        """Queue a forward/backward (or forward-only) pass: a protobuf body, a future."""
+        if "application/x-protobuf" not in request.headers.get("content-type", ""):
+            raise BadRequestError("/forward_backward takes an application/x-protobuf body")
+        body = await request.body()
+
+        def submit() -> p.UntypedFuture:
+            try:
+                plain = message_bytes(body, request.headers.get("content-encoding"))
+                req = decode_forward_backward_request(plain)
+            except WireFormatError as exc:
+                raise BadRequestError(str(exc)) from None
+            tokens = sum(int(d.tokens.size) for d in req.data)
+            return submit_model_request(
+                who,
+                model_id=req.model_id,
+                seq_id=req.seq_id,
+                request_type="forward" if req.forward_only else "forward_backward",
+                payload={"loss_fn": req.loss_fn, "num_datums": len(req.data)},
+                data=plain,
+                loss_fn=req.loss_fn,
+                num_datums=len(req.data),
+                num_tokens=tokens,
+            )
+
+        return await run_in_threadpool(submit)
+
+    @app.post("/api/v1/optim_step", tags=["training"])
+    def optim_step(body: p.OptimStepRequest, who: Caller) -> p.UntypedFuture:
+        """Queue an optimizer step (a future)."""
+        payload = body.model_dump(mode="json", exclude_none=True, exclude={"type", "model_id", "seq_id"})
+        return submit_model_request(
+            who, model_id=body.model_id, seq_id=body.seq_id, request_type="optim_step", payload=payload
+        )
+
+    # -- futures ---------------------------------------------------------------------------
+
+    @app.post(
+        "/api/v1/retrieve_future",
+        tags=["futures"],
+        responses={408: {"description": "not finished yet: poll again", "model": p.TryAgain}},
+    )
+    async def retrieve_future(body: p.RetrieveFutureRequest, who: Caller) -> Response:
+        """Long-poll a future: its result, its failure, or 408 ``try_again`` after ~25 s."""
+
+        def load() -> FutureRow:
+            with sessions() as session:
+                return load_future(session, who.tenant, body.request_id)
+
+        deadline = time.monotonic() + settings.long_poll_seconds
+        while True:
+            row = await run_in_threadpool(load)
+            if row.state in ("complete", "failed"):
+                return await run_in_threadpool(_result_response, services, row)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return JSONResponse(p.TryAgain(request_id=row.id).model_dump(exclude_none=True), 408)
+            await waiters.wait(row.id, min(remaining, settings.poll_interval_seconds))
+
+    # -- REST ------------------------------------------------------------------------------
+
+    @app.get("/api/v1/get_server_capabilities", tags=["rest"])
+    def capabilities(who: Caller) -> p.ServerCapabilities:
+        """Base models this server serves."""
+        return p.ServerCapabilities(
+            supported_models=[
+                p.SupportedModel(model_name=name, trainable=True, sampleable=False)
+                for name in sorted(services.catalog.entries)
+            ]
+        )
+
+    def run_view(session: Session, row: TrainingModel) -> p.TrainingRun:
+        last: dict[str, p.Checkpoint | None] = {"weights": None, "sampler_weights": None}
+        for kind in last:
+            ck = session.execute(
+                select(TrainingCheckpoint)
+                .where(TrainingCheckpoint.model_id == row.id, TrainingCheckpoint.kind == kind)
+                .order_by(TrainingCheckpoint.created_at.desc())
+                .limit(1)
+            ).scalar_one_or_none()
+            last[kind] = None if ck is None else checkpoint_view(ck)
+        return p.TrainingRun(
+            training_run_id=row.id,
+            base_model=row.base_model,
+            model_owner=row.tenant_id,
+            is_lora=True,
+            last_request_time=row.last_request_time,
+            corrupted=row.state == "failed",
+            lora_rank=row.lora_rank,
+            last_checkpoint=last["weights"],
+            last_sampler_checkpoint=last["sampler_weights"],
+            user_metadata=_str_metadata(row.user_metadata),
+        )
+
+    @app.get("/api/v1/training_runs", tags=["rest"])
+    def training_runs(
+        who: Caller,
+        limit: Annotated[int, Query(ge=1, le=1000)] = 20,
+        offset: Annotated[int, Query(ge=0)] = 0,
+        access_scope: str = "owned",
+        project_id: str | None = None,
+    ) -> p.TrainingRunsResponse:
+        """The tenant's training runs, newest first."""
+        with sessions() as session:
+            query = select(TrainingModel).where(TrainingModel.tenant_id == who.tenant)
+            if project_id is not None:
+                query = query.join(ServerSession, ServerSession.id == TrainingModel.session_id).where(
+                    ServerSession.project_id == project_id
+                )
+            total = session.execute(select(func.count()).select_from(query.subquery())).scalar_one()
+            rows = session.execute(
+                query.order_by(TrainingModel.created_at.desc(), TrainingModel.id).limit(limit).offset(offset)
+            ).scalars()
+            runs = [run_view(session, row) for row in rows]
+        return p.TrainingRunsResponse(
+            training_runs=runs, cursor=p.Cursor(offset=offset, limit=limit, total_count=int(total))
+        )
+
+    @app.get("/api/v1/training_runs/{run_id}", tags=["rest"])
+    def training_run(run_id: str, who: Caller, access_scope: str = "owned") -> p.TrainingRun:
+        """One training run of the tenant."""
+        with sessions() as session:
+            return run_view(session, own_model(session, who, run_id))
+
+    def checkpoint_view(row: TrainingCheckpoint) -> p.Checkpoint:
+        types = {"weights": "training", "sampler_weights": "sampler", "external_weights": "external"}
+        return p.Checkpoint(
+            checkpoint_id=f"{row.kind}/{row.name}",
+            checkpoint_type=types[row.kind],  # type: ignore[arg-type]
+            time=row.created_at,
+            tinker_path=f"tinker://{row.model_id}/{row.kind}/{row.name}",
+            size_bytes=row.size_bytes,
+            public=row.public,
+            user_metadata=_str_metadata(row.user_metadata),
+            expires_at=row.expires_at,
+        )
+
+    @app.get("/api/v1/training_runs/{run_id}/checkpoints", tags=["rest"])
+    def run_checkpoints(run_id: str, who: Caller) -> p.CheckpointsListResponse:
+        """Checkpoints of one training run."""
+        with sessions() as session:
+            own_model(session, who, run_id)
+            rows = session.execute(
+                select(TrainingCheckpoint)
+                .where(TrainingCheckpoint.model_id == run_id, TrainingCheckpoint.tenant_id == who.tenant)
+                .order_by(TrainingCheckpoint.created_at)
+            ).scalars()
+            return p.CheckpointsListResponse(checkpoints=[checkpoint_view(r) for r in rows])
+
+    @app.get("/api/v1/checkpoints", tags=["rest"])
+    def all_checkpoints(
+        who: Caller,
+        limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+        offset: Annotated[int, Query(ge=0)] = 0,
+    ) -> p.CheckpointsListResponse:
+        """Checkpoints across the tenant's runs, newest first."""
+        with sessions() as session:
+            query = select(TrainingCheckpoint).where(TrainingCheckpoint.tenant_id == who.tenant)
+            total = session.execute(select(func.count()).select_from(query.subquery())).scalar_one()
+            rows = session.execute(
+                query.order_by(TrainingCheckpoint.created_at.desc()).limit(limit).offset(offset)
+            ).scalars()
+            return p.CheckpointsListResponse(
+                checkpoints=[checkpoint_view(r) for r in rows],
+                cursor=p.Cursor(offset=offset, limit=limit, total_count=int(total)),
+            )
+
+    @app.get("/api/v1/sessions", tags=["rest"])
+    def list_sessions(
+        who: Caller,
+        limit: Annotated[int, Query(ge=1, le=1000)] = 20,
+        offset: Annotated[int, Query(ge=0)] = 0,
+        access_scope: str = "owned",
+    ) -> p.ListSessionsResponse:
+        """The tenant's session ids, newest first."""
+        with sessions() as session:
+            rows = session.execute(
+                select(ServerSession.id)
+                .where(ServerSession.tenant_id == who.tenant)
+                .order_by(ServerSession.created_at.desc(), ServerSession.id)
+                .limit(limit)
+                .offset(offset)
+            ).scalars()
+            return p.ListSessionsResponse(sessions=list(rows))
+
+    @app.get("/api/v1/sessions/{session_id}", tags=["rest"])
+    def get_session(session_id: str, who: Caller, access_scope: str = "owned") -> p.GetSessionResponse:
+        """One session: its training runs."""
+        with sessions() as session:
+            row = own_session(session, who, session_id)
+            runs = session.execute(
+                select(TrainingModel.id)
+                .where(TrainingModel.session_id == row.id)
+                .order_by(TrainingModel.model_seq_id)
+            ).scalars()
+            return p.GetSessionResponse(
+                training_run_ids=list(runs),
+                sampler_ids=[],
+                user_metadata=json.loads(row.user_metadata) or None,
+                display_name=row.display_name,
+            )
+
+    return app
+
+
+def _result_response(services: Services, row: FutureRow) -> Response:
+    if row.state == "failed":
+        body = p.FutureFailed(error=row.error or "request failed", category=row.error_category or "unknown")  # type: ignore[arg-type]
+        return JSONResponse(body.model_dump())
+    if row.result_ref is not None:
+        data = services.store.get_bytes(row.tenant_id, row.result_ref)
+        return Response(data, media_type=row.result_content_type or "application/octet-stream")
+    return JSONResponse(json.loads(row.result_json or "{}"))
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.middleware("http")
+    async def limit_body(request: Request, call_next: Callable[[Request], Any]) -> Response:
+        length = request.headers.get("content-length")
+        if length is not None:
+            try:
+                too_big = int(length) > MAX_BODY_BYTES
+            except ValueError:
+                return JSONResponse(_error_body("bad_request", "malformed Content-Length header"), 400)
+            if too_big:
+                return JSONResponse(
+                    _error_body("payload_too_large", f"request bodies are limited to {MAX_BODY_BYTES} bytes"),
+                    413,
+                )
+        response: Response = await call_next(request)
+        return response
+
+    @app.exception_handler(ServerError)
+    async def server_error(_request: Request, exc: ServerError) -> JSONResponse:
+        return JSONResponse(_error_body(exc.error, str(exc)), exc.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = [
+            {
+                "loc": [str(x) for x in e.get("loc", ())],
+                "msg": str(e.get("msg", "")),
+                "type": str(e.get("type", "")),
+            }
+            for e in exc.errors()
+        ][:50]
+        if any(e["type"] == "json_invalid" for e in errors):
+            return JSONResponse(
+                _error_body("invalid_json", "the request body is not valid JSON", errors=errors), 400
+            )
+        return JSONResponse(
+            _error_body("invalid_request", "the request does not match the API schema", errors=errors), 422
+        )
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        name = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        detail = "no such endpoint on this server" if exc.status_code == 404 else str(exc.detail)
+        return JSONResponse(_error_body(name, detail), exc.status_code, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def internal_error(_request: Request, exc: Exception) -> JSONResponse:
+        _log.exception("unhandled error")
+        return JSONResponse(
+            _error_body("internal_error", f"internal server error ({type(exc).__name__})")
+            | {"category": "server"},
+            500,
+        )

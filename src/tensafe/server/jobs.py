@@ -1,0 +1,643 @@
+"""Durable futures: submission with de-duplication, and the worker that executes them.
+
+A submitted request becomes a ``futures`` row (state ``queued``). Requests that carry
+training data or weights keep them as an encrypted artifact of the tenant
+(``<future_id>.payload``), never in the database. A :class:`Worker` claims each model
+through a lease on its ``training_models`` row and runs that model's futures one at a
+time in ``seq_id`` order; the result is written back (JSON in the row, or bytes as the
+encrypted artifact ``<future_id>.result``) in the same transaction as the audit record
+of the outcome.
+
+Crash recovery: when a worker takes over a model whose lease expired (the previous
+worker died, or the server was restarted), futures left ``running`` are re-queued if
+their operation is idempotent and failed with a clear ``server`` error otherwise; queued
+futures simply run.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import logging
+import secrets
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from sqlalchemy import or_, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from tensafe.audit import append_record
+from tensafe.audit.signer import CheckpointSigner
+from tensafe.db import utcnow
+from tensafe.server.errors import BadRequestError, NotFoundError, ServerError
+from tensafe.server.models import FutureRow, TrainingModel
+from tensafe.server.settings import ModelCatalog
+from tensafe.storage import EncryptedArtifactStore
+
+__all__ = [
+    "JobContext",
+    "JobFailedError",
+    "JobResult",
+    "Operation",
+    "OperationRegistry",
+    "Services",
+    "Worker",
+    "load_future",
+    "stage_payload",
+    "submit_future",
+]
+
+_log = logging.getLogger("tensafe.server.jobs")
+
+Category = Literal["user", "server", "unknown"]
+
+
+@dataclass(frozen=True)
+class Services:
+    """What API handlers and job handlers share."""
+
+    sessions: sessionmaker[Session]
+    store: EncryptedArtifactStore
+    signer: CheckpointSigner | None
+    checkpoint_every: int | None
+    catalog: ModelCatalog = field(default_factory=ModelCatalog)
+
+    def audit(
+        self,
+        session: Session,
+        *,
+        tenant: str,
+        actor: str,
+        action: str,
+        resource: str = "",
+        details: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Append an audit record inside ``session``'s transaction."""
+        append_record(
+            session,
+            tenant=tenant,
+            actor=actor,
+            action=action,
+            resource=resource,
+            details=details,
+            signer=self.signer,
+            checkpoint_every=self.checkpoint_every,
+        )
+
+
+class JobFailedError(ServerError):
+    """Raised by a job handler: the future fails with ``message`` and ``category``."""
+
+    def __init__(self, message: str, *, category: Category = "user") -> None:
+        """Create the error (``category`` is ``user`` for bad input, ``server`` for our faults)."""
+        super().__init__(message)
+        self.category: Category = category
+
+
+@dataclass(frozen=True)
+class JobContext:
+    """One future being executed."""
+
+    future_id: str
+    tenant: str
+    actor: str
+    model_id: str | None
+    seq_id: int | None
+    request_type: str
+    payload: Mapping[str, Any]
+    payload_bytes: bytes | None
+    services: Services
+
+
+@dataclass(frozen=True)
+class JobResult:
+    """What a handler produced.
+
+    Attributes:
+        json: The JSON result (non-sensitive: ids, paths, metrics).
+        data: A sensitive result (e.g. protobuf logprobs) stored encrypted; exclusive with ``json``.
+        content_type: Media type of ``data``.
+        apply: Database changes that must commit together with the result.
+        details: Extra audit details (hashes, counts, privacy spent).
+    """
+
+    json: Mapping[str, Any] | None = None
+    data: bytes | None = None
+    content_type: str = "application/json"
+    apply: Callable[[Session], None] | None = None
+    details: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Operation:
+    """A registered asynchronous operation.
+
+    Attributes:
+        name: The request type stored in ``futures.request_type`` (e.g. ``create_model``).
+        handler: Executes the job outside any database transaction.
+        idempotent: Whether re-running after a crash is safe (else the future is failed).
+        on_failure: Database changes to make when the job fails (same transaction).
+    """
+
+    name: str
+    handler: Callable[[JobContext], JobResult]
+    idempotent: bool
+    on_failure: Callable[[Session, JobContext, str], None] | None = None
+
+
+class OperationRegistry:
+    """Request types the worker can execute."""
+
+    def __init__(self) -> None:
+        """Create an empty registry."""
+        self._ops: dict[str, Operation] = {}
+
+    def register(self, operation: Operation) -> None:
+        """Add an operation (a name may be registered once)."""
+        if operation.name in self._ops:
+            raise ValueError(f"operation {operation.name!r} is already registered")
+        self._ops[operation.name] = operation
+
+    def get(self, name: str) -> Operation | None:
+        """Return the operation called ``name``, if any."""
+        return self._ops.get(name)
+
+    def names(self) -> list[str]:
+        """Return the registered names."""
+        return sorted(self._ops)
+
+
+def request_digest(request_type: str, payload: Mapping[str, Any] | None, data: bytes | None) -> str:
+    """Hash a request for de-duplication and audit (canonical JSON plus raw bytes)."""
+    h = hashlib.sha256(b"tensafe-request-v1\x00" + request_type.encode() + b"\x00")
+    h.update(json.dumps(payload or {}, sort_keys=True, separators=(",", ":")).encode())
+    h.update(b"\x00")
+    h.update(data or b"")
+    return h.hexdigest()
+
+
+def stage_payload(services: Services, tenant: str, data: bytes) -> str:
+    """Encrypt a sensitive request payload into the tenant's store; return its artifact id.
+
+    Call this *before* opening the database transaction that submits the future: the
+    key manager needs its own connection (on SQLite an open write transaction would
+    block it). :func:`submit_future` deletes the staged artifact when the submission
+    turns out to be a duplicate.
+    """
+    ref = "payload-" + secrets.token_hex(12)
+    services.store.put_bytes(tenant, ref, data, kind="request-payload")
+    return ref
+
+
+def submit_future(
+    services: Services,
+    session: Session,
+    *,
+    tenant: str,
+    actor: str,
+    request_type: str,
+    model_id: str | None,
+    seq_id: int | None,
+    payload: Mapping[str, Any] | None = None,
+    payload_bytes: bytes | None = None,
+    payload_ref: str | None = None,
+) -> tuple[FutureRow, bool]:
+    """Record a request as a queued future, or return the existing one for ``(model_id, seq_id)``.
+
+    Args:
+        services: Shared services.
+        session: An open session; the caller commits.
+        tenant: Owning tenant.
+        actor: Audit actor of the caller.
+        request_type: The registered operation name.
+        model_id: Training model or sampling session id (None: unordered request).
+        seq_id: The client's sequence number within ``model_id``.
+        payload: Non-sensitive JSON parameters (stored in the row).
+        payload_bytes: Sensitive bytes (training data), hashed here for de-duplication;
+            they must already be staged with :func:`stage_payload` as ``payload_ref``.
+        payload_ref: The staged artifact id of ``payload_bytes``.
+
+    Returns:
+        ``(future, created)``; ``created`` is False for an idempotent re-submission.
+
+    Raises:
+        BadRequestError: ``(model_id, seq_id)`` was already used by a different request.
+    """
+    if (payload_bytes is None) != (payload_ref is None):
+        raise ValueError("payload_bytes must be staged with stage_payload() and passed with payload_ref")
+    digest = request_digest(request_type, payload, payload_bytes)
+
+    def duplicate(existing: FutureRow) -> tuple[FutureRow, bool]:
+        if payload_ref is not None:
+            services.store.delete(tenant, payload_ref)
+        return _same(existing, tenant, digest, model_id or "", seq_id or 0), False
+
+    if model_id is not None and seq_id is not None:
+        existing = _existing(session, model_id, seq_id)
+        if existing is not None:
+            return duplicate(existing)
+    now = utcnow()
+    row = FutureRow(
+        id="req-" + secrets.token_hex(12),
+        tenant_id=tenant,
+        model_id=model_id,
+        seq_id=seq_id,
+        request_type=request_type,
+        state="queued",
+        actor=actor,
+        request_sha256=digest,
+        payload_json=None if payload is None else json.dumps(payload, sort_keys=True),
+        payload_ref=payload_ref,
+        attempts=0,
+        created_at=now,
+        updated_at=now,
+    )
+    try:
+        with session.begin_nested():
+            session.add(row)
+            session.flush()
+    except IntegrityError:
+        # A concurrent re-submission of the same (model_id, seq_id) won the race.
+        if model_id is None or seq_id is None:
+            raise
+        existing = _existing(session, model_id, seq_id)
+        if existing is None:
+            raise
+        return duplicate(existing)
+    return row, True
+
+
+def _existing(session: Session, model_id: str, seq_id: int) -> FutureRow | None:
+    return session.execute(
+        select(FutureRow).where(FutureRow.model_id == model_id, FutureRow.seq_id == seq_id)
+    ).scalar_one_or_none()
+
+
+def _same(row: FutureRow, tenant: str, digest: str, model_id: str, seq_id: int) -> FutureRow:
+    if row.tenant_id != tenant:
+        raise NotFoundError(f"unknown model {model_id!r}")
+    if row.request_sha256 != digest:
+        raise BadRequestError(
+            f"seq_id {seq_id} of model {model_id!r} was already used by a different request; "
+            "each request of a model needs the next seq_id"
+        )
+    return row
+
+
+def load_future(session: Session, tenant: str, future_id: str) -> FutureRow:
+    """Return the tenant's future ``future_id``.
+
+    Raises:
+        NotFoundError: No such future for this tenant.
+    """
+    row = session.get(FutureRow, future_id)
+    if row is None or row.tenant_id != tenant:
+        raise NotFoundError(f"unknown request_id {future_id!r}")
+    return row
+
+
+# --------------------------------------------------------------------------- worker
+
+
+class Worker:
+    """Executes queued futures: per model strictly in ``seq_id`` order, one at a time.
+
+    Several workers (threads or processes, on one PostgreSQL database) may run; a model
+    is executed by the worker holding its lease. Models a worker holds are renewed on
+    every pass, so their weights can stay loaded in that worker.
+    """
+
+    def __init__(
+        self,
+        services: Services,
+        registry: OperationRegistry,
+        *,
+        lease_seconds: float = 30.0,
+        poll_interval: float = 0.25,
+        notify: Callable[[str], None] | None = None,
+        worker_id: str | None = None,
+    ) -> None:
+        """Create a worker (call :meth:`start` to run it in a thread)."""
+        self.services = services
+        self.registry = registry
+        self.worker_id = worker_id or "w-" + secrets.token_hex(8)
+        self._lease = _dt.timedelta(seconds=lease_seconds)
+        self._interval = poll_interval
+        self._notify = notify
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __repr__(self) -> str:
+        return f"Worker(id={self.worker_id!r})"
+
+    def wake(self) -> None:
+        """Ask the worker to look for work now (called after a submission)."""
+        self._wake.set()
+
+    def start(self) -> None:
+        """Run :meth:`run_pending` in a daemon thread until :meth:`stop`."""
+        if self._thread is not None:
+            return
+        self._thread = threading.Thread(target=self._loop, name=f"tensafe-{self.worker_id}", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop the thread after its current job and release the leases it holds."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+        try:
+            with self.services.sessions.begin() as session:
+                session.execute(
+                    update(TrainingModel)
+                    .where(TrainingModel.worker_id == self.worker_id)
+                    .values(worker_id=None, lease_until=None)
+                )
+        except Exception:  # pragma: no cover - best effort at shutdown
+            _log.exception("could not release the model leases of %s", self.worker_id)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                ran = self.run_pending()
+            except Exception:
+                _log.exception("worker %s: unexpected error; retrying", self.worker_id)
+                ran = 0
+            if not ran:
+                self._wake.wait(self._interval)
+                self._wake.clear()
+
+    # -- one pass -------------------------------------------------------------------------
+
+    def run_pending(self) -> int:
+        """Execute every future that is runnable now; return how many ran."""
+        ran = 0
+        for model_id in self._models_with_work():
+            if self._stop.is_set():
+                break
+            if model_id is None:
+                ran += self._run_unordered()
+            elif self._acquire(model_id):
+                ran += self._run_model(model_id)
+        return ran
+
+    def _models_with_work(self) -> list[str | None]:
+        with self.services.sessions() as session:
+            rows = session.execute(
+                select(FutureRow.model_id).where(FutureRow.state.in_(("queued", "running"))).distinct()
+            ).scalars()
+            return list(rows)
+
+    def _acquire(self, model_id: str) -> bool:
+        now = utcnow()
+        with self.services.sessions.begin() as session:
+            result = session.execute(
+                update(TrainingModel)
+                .where(TrainingModel.id == model_id)
+                .where(
+                    or_(
+                        TrainingModel.worker_id.is_(None),
+                        TrainingModel.worker_id == self.worker_id,
+                        TrainingModel.lease_until < now,
+                    )
+                )
+                .values(worker_id=self.worker_id, lease_until=now + self._lease)
+            )
+            return bool(result.rowcount)  # type: ignore[attr-defined]
+
+    def _run_model(self, model_id: str) -> int:
+        self._recover(model_id)
+        ran = 0
+        while not self._stop.is_set():
+            with self.services.sessions() as session:
+                row = session.execute(
+                    select(FutureRow)
+                    .where(FutureRow.model_id == model_id, FutureRow.state == "queued")
+                    .order_by(FutureRow.seq_id, FutureRow.created_at)
+                    .limit(1)
+                ).scalar_one_or_none()
+            if row is None or not self._claim(row.id):
+                return ran
+            self._execute(row)
+            ran += 1
+            if not self._acquire(model_id):  # renew; another worker took over
+                return ran
+        return ran
+
+    def _run_unordered(self) -> int:
+        with self.services.sessions() as session:
+            rows = list(
+                session.execute(
+                    select(FutureRow)
+                    .where(FutureRow.model_id.is_(None), FutureRow.state == "queued")
+                    .order_by(FutureRow.created_at)
+                    .limit(16)
+                ).scalars()
+            )
+        ran = 0
+        for row in rows:
+            if self._claim(row.id):
+                self._execute(row)
+                ran += 1
+        return ran
+
+    def _recover(self, model_id: str) -> None:
+        """Handle futures another (dead) worker left running on a model we now lease."""
+        with self.services.sessions.begin() as session:
+            stale = list(
+                session.execute(
+                    select(FutureRow).where(
+                        FutureRow.model_id == model_id,
+                        FutureRow.state == "running",
+                        or_(FutureRow.worker_id.is_(None), FutureRow.worker_id != self.worker_id),
+                    )
+                ).scalars()
+            )
+            for row in stale:
+                op = self.registry.get(row.request_type)
+                if op is not None and op.idempotent:
+                    _log.warning(
+                        "re-queueing %s (%s) left running by %s", row.id, row.request_type, row.worker_id
+                    )
+                    row.state, row.worker_id, row.updated_at = "queued", None, utcnow()
+                    continue
+                message = (
+                    f"the server stopped while this {row.request_type} request was running; it was "
+                    "not completed and cannot be safely repeated automatically: submit it again"
+                )
+                self._finish_failed(session, row, message, "server", ctx=None)
+        for row in stale:
+            self._signal(row.id)
+
+    def _claim(self, future_id: str) -> bool:
+        now = utcnow()
+        with self.services.sessions.begin() as session:
+            result = session.execute(
+                update(FutureRow)
+                .where(FutureRow.id == future_id, FutureRow.state == "queued")
+                .values(
+                    state="running",
+                    worker_id=self.worker_id,
+                    started_at=now,
+                    updated_at=now,
+                    attempts=FutureRow.attempts + 1,
+                )
+            )
+            return bool(result.rowcount)  # type: ignore[attr-defined]
+
+    def _context(self, row: FutureRow) -> JobContext:
+        payload = json.loads(row.payload_json) if row.payload_json else {}
+        data = None
+        if row.payload_ref is not None:
+            data = self.services.store.get_bytes(row.tenant_id, row.payload_ref)
+        return JobContext(
+            future_id=row.id,
+            tenant=row.tenant_id,
+            actor=row.actor,
+            model_id=row.model_id,
+            seq_id=row.seq_id,
+            request_type=row.request_type,
+            payload=payload,
+            payload_bytes=data,
+            services=self.services,
+        )
+
+    def _execute(self, row: FutureRow) -> None:
+        op = self.registry.get(row.request_type)
+        ctx: JobContext | None = None
+        try:
+            if op is None:
+                raise JobFailedError(
+                    f"this server cannot execute {row.request_type!r} requests", category="user"
+                )
+            ctx = self._context(row)
+            result = op.handler(ctx)
+        except JobFailedError as exc:
+            self._fail(row, str(exc), exc.category, ctx, op)
+            return
+        except ServerError as exc:
+            self._fail(row, str(exc), "user" if exc.status_code < 500 else "server", ctx, op)
+            return
+        except Exception as exc:  # a bug or an infrastructure fault: never hang the future
+            _log.exception("future %s (%s) failed", row.id, row.request_type)
+            self._fail(
+                row,
+                f"internal error while running {row.request_type} ({type(exc).__name__})",
+                "server",
+                ctx,
+                op,
+            )
+            return
+        self._complete(row, result)
+
+    def _complete(self, row: FutureRow, result: JobResult) -> None:
+        result_ref = None
+        details: dict[str, Any] = {"request_id": row.id, "request_sha256": row.request_sha256}
+        if row.seq_id is not None:
+            details["seq_id"] = row.seq_id
+        if result.data is not None:
+            result_ref = f"{row.id}.result"
+            info = self.services.store.put_bytes(
+                row.tenant_id, result_ref, result.data, kind="request-result"
+            )
+            details["result_sha256"] = info.sha256
+            details["result_artifact"] = result_ref
+        else:
+            text = json.dumps(dict(result.json or {}), sort_keys=True)
+            details["result_sha256"] = hashlib.sha256(text.encode()).hexdigest()
+        details.update(result.details)
+        now = utcnow()
+        with self.services.sessions.begin() as session:
+            done = session.execute(
+                update(FutureRow)
+                .where(
+                    FutureRow.id == row.id,
+                    FutureRow.state == "running",
+                    FutureRow.worker_id == self.worker_id,
+                )
+                .values(
+                    state="complete",
+                    result_json=None if result.data is not None else json.dumps(dict(result.json or {})),
+                    result_ref=result_ref,
+                    result_content_type=result.content_type,
+                    finished_at=now,
+                    updated_at=now,
+                )
+            )
+            if not done.rowcount:  # type: ignore[attr-defined]
+                _log.warning("future %s was taken over by another worker; result discarded", row.id)
+                return
+            if result.apply is not None:
+                result.apply(session)
+            self.services.audit(
+                session,
+                tenant=row.tenant_id,
+                actor=row.actor,
+                action=f"api.{row.request_type}.complete",
+                resource=row.model_id or row.id,
+                details=details,
+            )
+        self._signal(row.id)
+
+    def _fail(
+        self, row: FutureRow, message: str, category: Category, ctx: JobContext | None, op: Operation | None
+    ) -> None:
+        with self.services.sessions.begin() as session:
+            fresh = session.get(FutureRow, row.id)
+            if fresh is None or fresh.state != "running" or fresh.worker_id != self.worker_id:
+                return
+            self._finish_failed(session, fresh, message, category, ctx=ctx, op=op)
+        self._signal(row.id)
+
+    def _finish_failed(
+        self,
+        session: Session,
+        row: FutureRow,
+        message: str,
+        category: Category,
+        *,
+        ctx: JobContext | None,
+        op: Operation | None = None,
+    ) -> None:
+        now = utcnow()
+        row.state, row.error, row.error_category = "failed", message[:4000], category
+        row.finished_at = row.updated_at = now
+        if op is None:
+            op = self.registry.get(row.request_type)
+        if op is not None and op.on_failure is not None:
+            op.on_failure(session, ctx or self._bare_context(row), message)
+        self.services.audit(
+            session,
+            tenant=row.tenant_id,
+            actor=row.actor,
+            action=f"api.{row.request_type}.failed",
+            resource=row.model_id or row.id,
+            details={"request_id": row.id, "request_sha256": row.request_sha256, "category": category},
+        )
+
+    def _bare_context(self, row: FutureRow) -> JobContext:
+        return JobContext(
+            future_id=row.id,
+            tenant=row.tenant_id,
+            actor=row.actor,
+            model_id=row.model_id,
+            seq_id=row.seq_id,
+            request_type=row.request_type,
+            payload=json.loads(row.payload_json) if row.payload_json else {},
+            payload_bytes=None,
+            services=self.services,
+        )
+
+    def _signal(self, future_id: str) -> None:
+        if self._notify is not None:
+            try:
+                self._notify(future_id)
+            except Exception:  # pragma: no cover - a closed event loop at shutdown
+                _log.debug("could not notify waiters of %s", future_id)

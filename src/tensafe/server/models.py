@@ -1,0 +1,148 @@
+"""Database tables of the training API server.
+
+Created by the migration ``0003_server`` (``tensafe/db/migrations/versions/v0003_server.py``),
+which must stay identical to these models (``tests/server/test_schema.py`` checks it on
+SQLite and PostgreSQL). Every resource row carries ``tenant_id``; queries always filter
+on it, so another tenant's rows are invisible (404, never 403).
+
+Training data and weights never go into these tables: a future's sensitive payload or
+result is an artifact of the tenant's :class:`~tensafe.storage.EncryptedArtifactStore`,
+referenced by ``payload_ref`` / ``result_ref``.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+
+from sqlalchemy import BigInteger, Boolean, ForeignKey, Integer, String, Text, UniqueConstraint
+from sqlalchemy.orm import Mapped, mapped_column
+
+import tensafe.db.models  # noqa: F401  (registers the tenants table the foreign keys refer to)
+from tensafe.db import Base, UTCDateTime
+
+__all__ = [
+    "FUTURE_STATES",
+    "ApiKey",
+    "FutureRow",
+    "ServerSession",
+    "TrainingCheckpoint",
+    "TrainingModel",
+]
+
+#: ``queued`` -> ``running`` -> ``complete`` | ``failed``.
+FUTURE_STATES = ("queued", "running", "complete", "failed")
+
+
+class ApiKey(Base):
+    """An API key of a tenant, stored only as a hash (see ``docs/server.md``)."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(String(64), ForeignKey("tenants.id"))
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    name: Mapped[str] = mapped_column(String(200))
+    created_at: Mapped[_dt.datetime] = mapped_column(UTCDateTime())
+    expires_at: Mapped[_dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    revoked_at: Mapped[_dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+
+    def __repr__(self) -> str:
+        return f"ApiKey(id={self.id!r}, tenant_id={self.tenant_id!r})"
+
+
+class ServerSession(Base):
+    """A client session (one ``ServiceClient``), kept alive by heartbeats."""
+
+    __tablename__ = "server_sessions"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(String(64), ForeignKey("tenants.id"))
+    created_at: Mapped[_dt.datetime] = mapped_column(UTCDateTime())
+    last_heartbeat_at: Mapped[_dt.datetime] = mapped_column(UTCDateTime())
+    finished_at: Mapped[_dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    finish_reason: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    user_metadata: Mapped[str] = mapped_column(Text)
+    tags: Mapped[str] = mapped_column(Text)
+    project_id: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    display_name: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    sdk_version: Mapped[str | None] = mapped_column(String(200), nullable=True)
+
+
+class TrainingModel(Base):
+    """A LoRA training model (a Tinker "training run"), named ``{session}:train:{n}``.
+
+    ``worker_id`` and ``lease_until`` say which worker holds the model's weights; a
+    worker executes the model's futures only while it holds an unexpired lease.
+    """
+
+    __tablename__ = "training_models"
+    __table_args__ = (UniqueConstraint("session_id", "model_seq_id"),)
+
+    id: Mapped[str] = mapped_column(String(200), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(String(64), ForeignKey("tenants.id"))
+    session_id: Mapped[str] = mapped_column(String(64), ForeignKey("server_sessions.id"))
+    model_seq_id: Mapped[int] = mapped_column(Integer)
+    base_model: Mapped[str] = mapped_column(String(500))
+    lora_rank: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    lora_config: Mapped[str] = mapped_column(Text)
+    optimizer_config: Mapped[str] = mapped_column(Text)
+    user_metadata: Mapped[str] = mapped_column(Text)
+    state: Mapped[str] = mapped_column(String(16))
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[_dt.datetime] = mapped_column(UTCDateTime())
+    last_request_time: Mapped[_dt.datetime] = mapped_column(UTCDateTime())
+    worker_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    lease_until: Mapped[_dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+
+
+class FutureRow(Base):
+    """One submitted request and its eventual result (a durable future).
+
+    ``(model_id, seq_id)`` is unique: re-submitting the same pair returns the same
+    future. ``model_id`` is a training model id or a sampling session id; it is NULL for
+    requests that belong to no model.
+    """
+
+    __tablename__ = "futures"
+    __table_args__ = (UniqueConstraint("model_id", "seq_id"),)
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(String(64), ForeignKey("tenants.id"))
+    model_id: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    seq_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    request_type: Mapped[str] = mapped_column(String(32))
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    actor: Mapped[str] = mapped_column(String(64))
+    request_sha256: Mapped[str] = mapped_column(String(64))
+    payload_json: Mapped[str | None] = mapped_column(Text, nullable=True)
+    payload_ref: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    result_json: Mapped[str | None] = mapped_column(Text, nullable=True)
+    result_ref: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    result_content_type: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    error_category: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    worker_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    attempts: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[_dt.datetime] = mapped_column(UTCDateTime())
+    updated_at: Mapped[_dt.datetime] = mapped_column(UTCDateTime())
+    started_at: Mapped[_dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    finished_at: Mapped[_dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+
+
+class TrainingCheckpoint(Base):
+    """A saved checkpoint: ``tinker://{model_id}/{kind}/{name}``, content in the encrypted store."""
+
+    __tablename__ = "training_checkpoints"
+    __table_args__ = (UniqueConstraint("model_id", "kind", "name"),)
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(String(64), ForeignKey("tenants.id"))
+    model_id: Mapped[str] = mapped_column(String(200), ForeignKey("training_models.id"))
+    kind: Mapped[str] = mapped_column(String(32))
+    name: Mapped[str] = mapped_column(String(200))
+    artifact_id: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    size_bytes: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    public: Mapped[bool] = mapped_column(Boolean)
+    user_metadata: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[_dt.datetime] = mapped_column(UTCDateTime())
+    expires_at: Mapped[_dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)

@@ -1,0 +1,155 @@
+"""Server settings (from the environment or in code) and the catalog of trainable models."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tensafe.server.errors import BadRequestError, ServerConfigurationError
+
+__all__ = ["CatalogEntry", "ModelCatalog", "ServerSettings"]
+
+
+@dataclass(frozen=True)
+class CatalogEntry:
+    """A base model clients may name in ``create_model``.
+
+    Attributes:
+        name: The name clients send as ``base_model`` (e.g. ``Qwen/Qwen3-8B``).
+        source: A TenSafe registered model name or an absolute local model directory.
+    """
+
+    name: str
+    source: str
+
+    def directory(self) -> Path:
+        """Return the local Hugging Face directory, preparing a registered model once.
+
+        Raises:
+            BadRequestError: The model cannot be found or prepared.
+        """
+        from tensafe.training.errors import TrainingError
+        from tensafe.training.models import prepare_model
+
+        try:
+            return prepare_model(self.source)
+        except TrainingError as exc:
+            raise BadRequestError(
+                f"base model {self.name!r} is not available on this server: {exc}"
+            ) from None
+
+    def arch(self) -> str | None:
+        """Return ``model_type`` from the model's ``config.json`` (None when unreadable)."""
+        try:
+            config = json.loads((self.directory() / "config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError, BadRequestError):
+            return None
+        value = config.get("model_type")
+        return value if isinstance(value, str) else None
+
+
+@dataclass(frozen=True)
+class ModelCatalog:
+    """The base models this server serves, by client-visible name (case-sensitive)."""
+
+    entries: Mapping[str, CatalogEntry] = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, text: str) -> ModelCatalog:
+        """Parse ``NAME=SOURCE[;NAME=SOURCE...]`` (the ``TS_SERVER_MODELS`` syntax).
+
+        Raises:
+            ServerConfigurationError: An item has no ``=`` or an empty side.
+        """
+        entries: dict[str, CatalogEntry] = {}
+        for item in text.split(";"):
+            item = item.strip()
+            if not item:
+                continue
+            name, sep, source = item.partition("=")
+            if not sep or not name.strip() or not source.strip():
+                raise ServerConfigurationError(
+                    f"TS_SERVER_MODELS item {item!r} must look like NAME=SOURCE, e.g. "
+                    "'Qwen/Qwen3-8B=/srv/models/qwen3-8b'"
+                )
+            entries[name.strip()] = CatalogEntry(name=name.strip(), source=source.strip())
+        return cls(entries)
+
+    @classmethod
+    def default(cls) -> ModelCatalog:
+        """Every model of TenSafe's registry, under its canonical id."""
+        from tensafe.training.models import list_models
+
+        return cls({m.id: CatalogEntry(name=m.id, source=m.id) for m in list_models()})
+
+    def get(self, name: str) -> CatalogEntry:
+        """Return the entry for ``name``.
+
+        Raises:
+            BadRequestError: The name is not served here (the message lists what is).
+        """
+        entry = self.entries.get(name)
+        if entry is None:
+            known = ", ".join(sorted(self.entries)) or "none"
+            raise BadRequestError(f"unknown base model {name!r}; this server serves: {known}")
+        return entry
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """Everything :func:`tensafe.server.create_app` needs.
+
+    Attributes:
+        database_url: Migrated SQLite or PostgreSQL database.
+        data_dir: Where the encrypted artifact store keeps its blobs (``<data_dir>/artifacts``).
+        catalog: Base models clients may train.
+        long_poll_seconds: How long ``retrieve_future`` holds a request before answering
+            408 ``try_again`` (below the SDK's 45 s read timeout).
+        poll_interval_seconds: How often a waiting request re-reads the database (for
+            results completed by another process).
+        run_worker: Run the job worker in a thread of the API process.
+        lease_seconds: How long a worker's claim on a model lasts without renewal; after
+            that another worker (or a restarted server) takes the model over.
+        audit_checkpoint_every: Sign an audit checkpoint every this many records per tenant.
+        session_expiry_seconds: Sessions without a heartbeat for this long answer 410.
+    """
+
+    database_url: str
+    data_dir: Path
+    catalog: ModelCatalog = field(default_factory=ModelCatalog)
+    long_poll_seconds: float = 25.0
+    poll_interval_seconds: float = 0.25
+    run_worker: bool = True
+    lease_seconds: float = 30.0
+    audit_checkpoint_every: int = 1000
+    session_expiry_seconds: float = 3600.0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.long_poll_seconds <= 40:
+            raise ServerConfigurationError("long_poll_seconds must be in (0, 40] (the SDK times out at 45 s)")
+        if self.poll_interval_seconds <= 0 or self.lease_seconds <= 0:
+            raise ServerConfigurationError("poll_interval_seconds and lease_seconds must be positive")
+
+    @classmethod
+    def from_environment(cls, env: Mapping[str, str] | None = None) -> ServerSettings:
+        """Read ``DATABASE_URL``, ``TS_DATA_DIR``, ``TS_SERVER_MODELS`` and ``TS_SERVER_LONG_POLL_S``.
+
+        Raises:
+            ServerConfigurationError: A value is malformed.
+        """
+        from tensafe.db import get_database_url
+
+        env = dict(os.environ if env is None else env)
+        url = env.get("DATABASE_URL", "").strip() or get_database_url()
+        data_dir = Path(env.get("TS_DATA_DIR", "").strip() or ".tensafe").expanduser().resolve()
+        models = env.get("TS_SERVER_MODELS", "").strip()
+        catalog = ModelCatalog.parse(models) if models else ModelCatalog.default()
+        poll = env.get("TS_SERVER_LONG_POLL_S", "").strip()
+        try:
+            long_poll = float(poll) if poll else 25.0
+        except ValueError:
+            raise ServerConfigurationError("TS_SERVER_LONG_POLL_S must be a number of seconds") from None
+        return cls(database_url=url, data_dir=data_dir, catalog=catalog, long_poll_seconds=long_poll)

@@ -1,0 +1,1082 @@
+"""LoRA training and sampling sessions with Tinker's semantics and platform-enforced DP-SGD.
+
+A :class:`LoraTrainingSession` owns one base model with fresh LoRA adapters, its AdamW state
+and, under a :class:`~tensafe.training.runtime.policy.DpPolicy`, a DP-SGD engine and a
+privacy budget. Each :class:`~tensafe.training.runtime.types.Datum` is one privacy unit:
+
+* ``forward_backward`` clips every datum's gradient (over all LoRA parameters) to the
+  policy's clip norm and adds it to an accumulator; calls (the SDK's chunks) accumulate
+  until ``optim_step``.
+* ``optim_step`` first asks the budget whether one more step stays within the target ε
+  (and ``max_steps``); if not it raises before anything changes. Otherwise it adds Gaussian
+  noise of standard deviation ``noise_multiplier * clip_norm`` once, divides by the policy's
+  ``expected_batch_size`` (never by the realised batch size), applies the optional global
+  gradient clip and takes one AdamW step.
+
+Without a policy (only with ``allow_non_private=True``), gradients of the summed loss
+accumulate across calls as in Tinker, and the certificate states that no DP applies.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import logging
+import tempfile
+import threading
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Self
+
+import numpy as np
+import torch
+
+from tensafe.privacy import (
+    DpCertificate,
+    PrivacyBudget,
+    PrivacyError,
+    SamplingMethod,
+    calibrate_noise,
+    validate_delta,
+)
+from tensafe.training.dp import DPGradientEngine, PoissonSampler, RandomSource, random_source_from_env
+from tensafe.training.errors import TrainingConfigError
+from tensafe.training.lora import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    LoraSettings,
+    apply_lora,
+    load_adapter,
+    save_adapter,
+)
+from tensafe.training.models import load_model_and_tokenizer, resolve_model
+from tensafe.training.runtime import losses, sampling
+from tensafe.training.runtime.errors import (
+    DpPolicyError,
+    InvalidRequestError,
+    SessionStateError,
+    StateFormatError,
+    StepLimitError,
+)
+from tensafe.training.runtime.policy import DpPolicy
+from tensafe.training.runtime.state import STATE_FORMAT, STATE_VERSION, decode_state, encode_state
+from tensafe.training.runtime.types import AdamParams, Datum, ForwardBackwardResult, SampleResult
+
+__all__ = ["LORA_ALPHA", "LoraTrainingSession", "SamplingSession"]
+
+_log = logging.getLogger(__name__)
+
+#: LoRA ``alpha`` of every session (the update is scaled by ``alpha / rank``).
+LORA_ALPHA = 32.0
+_MLP = ("gate_proj", "up_proj", "down_proj")
+_ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
+_UNEMBED = ("lm_head",)
+_MAX_RANK = 1024
+
+
+def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
+    ids: set[int] = set()
+    cfg = getattr(model, "generation_config", None)
+    eos = getattr(cfg, "eos_token_id", None) if cfg is not None else None
+    if eos is None:
+        eos = getattr(model.config, "eos_token_id", None)
+    if isinstance(eos, int):
+        ids.add(eos)
+    elif isinstance(eos, list | tuple):
+        ids.update(int(e) for e in eos)
+    tok_eos = getattr(tokenizer, "eos_token_id", None)
+    if isinstance(tok_eos, int):
+        ids.add(tok_eos)
+    return sorted(ids)
+
+
+class _ModelHandle:
+    """A loaded (possibly LoRA-wrapped) causal LM with its tokenizer and limits."""
+
+    def __init__(self, model: Any, tokenizer: Any, *, base_model_id: str, revision: str) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.base_model_id = base_model_id
+        self.revision = revision
+        config = model.config
+        self.vocab_size = int(config.vocab_size)
+        self.max_length = int(getattr(config, "max_position_embeddings", 2048) or 2048)
+        self.eos_ids = _eos_ids(model, tokenizer)
+        self.lock = threading.RLock()
+
+    def sample(self, prompt_tokens: Sequence[int], **kwargs: Any) -> SampleResult:
+        with self.lock:
+            return sampling.sample(
+                self.model,
+                self.tokenizer,
+                prompt_tokens,
+                vocab_size=self.vocab_size,
+                max_length=self.max_length,
+                eos_ids=self.eos_ids,
+                **kwargs,
+            )
+
+    def compute_logprobs(self, tokens: Sequence[int]) -> list[float | None]:
+        checked = sampling.check_tokens(
+            tokens, vocab_size=self.vocab_size, max_length=self.max_length, what="tokens"
+        )
+        with self.lock:
+            lps, _ = sampling.prompt_scores(self.model, checked)
+        return lps
+
+
+def _load_base(name: str) -> tuple[Any, Any, str, str]:
+    spec = resolve_model(name)
+    model, tokenizer = load_model_and_tokenizer(name)
+    return model, tokenizer, spec.id, spec.revision
+
+
+class SamplingSession:
+    """Sampling from a base model, optionally with LoRA adapter weights (a sampling client).
+
+    Build one with :meth:`for_base_model` or :meth:`from_adapter_files`.
+    """
+
+    def __init__(self, handle: _ModelHandle) -> None:
+        self._h = handle
+
+    @classmethod
+    def for_base_model(cls, name: str) -> Self:
+        """Load ``name`` (registered model or local directory) for sampling."""
+        model, tokenizer, model_id, revision = _load_base(name)
+        return cls(_ModelHandle(model, tokenizer, base_model_id=model_id, revision=revision))
+
+    @classmethod
+    def from_adapter_files(cls, base_model: str, files: Mapping[str, bytes]) -> Self:
+        """Load ``base_model`` with the PEFT adapter in ``files`` (from ``sampler_weights_files``).
+
+        Raises:
+            InvalidRequestError: If ``files`` is not exactly a PEFT adapter.
+        """
+        expected = {ADAPTER_CONFIG, ADAPTER_WEIGHTS}
+        if not isinstance(files, Mapping) or set(files) != expected:
+            raise InvalidRequestError(f"sampler weights must be exactly the files {sorted(expected)}")
+        model, tokenizer, model_id, revision = _load_base(base_model)
+        with tempfile.TemporaryDirectory(prefix="tensafe-adapter-") as tmp:
+            for name, content in files.items():
+                (Path(tmp) / name).write_bytes(bytes(content))
+            peft_model = load_adapter(model, tmp)
+        peft_model.eval()
+        return cls(_ModelHandle(peft_model, tokenizer, base_model_id=model_id, revision=revision))
+
+    @property
+    def tokenizer(self) -> Any:
+        """The model's Hugging Face tokenizer."""
+        return self._h.tokenizer
+
+    @property
+    def base_model_id(self) -> str:
+        """The canonical base model id."""
+        return self._h.base_model_id
+
+    def sample(self, prompt_tokens: Sequence[int], **kwargs: Any) -> SampleResult:
+        """Sample continuations; see :meth:`LoraTrainingSession.sample`."""
+        return self._h.sample(prompt_tokens, **kwargs)
+
+    def compute_logprobs(self, tokens: Sequence[int]) -> list[float | None]:
+        """Return each token's log-probability given the previous ones (first is ``None``)."""
+        return self._h.compute_logprobs(tokens)
+
+
+def _datum_digest(tokens: Sequence[int], inputs: Mapping[str, np.ndarray]) -> bytes:
+    h = hashlib.sha256(b"tensafe-datum/v1\0")
+    h.update(np.asarray(tokens, dtype="<i8").tobytes())
+    for key in sorted(inputs):
+        arr = np.asarray(inputs[key])
+        h.update(key.encode() + b"\0" + arr.dtype.str.encode() + b"\0" + json.dumps(list(arr.shape)).encode())
+        h.update(np.ascontiguousarray(arr).tobytes())
+    return h.digest()
+
+
+@dataclasses.dataclass
+class _DpState:
+    policy: DpPolicy
+    dataset_size: int
+    noise_multiplier: float
+    sample_rate: float
+    budget: PrivacyBudget
+    engine: DPGradientEngine
+    source: RandomSource
+    sampler: PoissonSampler | None
+
+
+class LoraTrainingSession:
+    """One LoRA fine-tuning run on one base model (see the module docstring).
+
+    Build one with :meth:`create` or :meth:`from_state_bytes`. Methods are not meant to be
+    called concurrently; a lock serialises them anyway.
+    """
+
+    def __init__(
+        self,
+        *,
+        handle: _ModelHandle,
+        settings: LoraSettings,
+        lora_flags: dict[str, bool],
+        dp: DpPolicy | None,
+        seed: int | None,
+        deterministic: bool,
+        max_microbatch_size: int,
+    ) -> None:
+        self._h = handle
+        self._settings = settings
+        self._flags = lora_flags
+        self._policy = dp
+        self._seed = seed
+        self._deterministic_requested = deterministic
+        if (
+            isinstance(max_microbatch_size, bool)
+            or not isinstance(max_microbatch_size, int)
+            or max_microbatch_size < 1
+        ):
+            raise TrainingConfigError(
+                f"max_microbatch_size must be a positive integer, got {max_microbatch_size!r}"
+            )
+        self._micro = max_microbatch_size
+        self._params = [(n, p) for n, p in handle.model.named_parameters() if p.requires_grad]
+        self._optimizer = torch.optim.AdamW(
+            [p for _, p in self._params], lr=1e-4, betas=(0.9, 0.95), eps=1e-12
+        )
+        self._step = 0
+        self._examples_seen = 0
+        self._pending = 0
+        self._dp: _DpState | None = None
+        self._dataset: list[Datum] | None = None
+        self._digests: list[bytes] = []
+        self._drawn: list[int] | None = None
+        self._remaining: list[int] = []
+        self._lock = threading.RLock()
+        if dp is not None and dp.sampling == "client_chosen_batches":
+            assert dp.dataset_size is not None
+            self._setup_dp(dp.dataset_size)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def create(
+        cls,
+        *,
+        base_model: str,
+        rank: int,
+        dp: DpPolicy | None,
+        seed: int | None = None,
+        train_mlp: bool = True,
+        train_attn: bool = True,
+        train_unembed: bool = False,
+        allow_non_private: bool = False,
+        deterministic: bool = False,
+        max_microbatch_size: int = 16,
+    ) -> LoraTrainingSession:
+        """Load ``base_model`` and add fresh LoRA adapters.
+
+        Args:
+            base_model: A registered model name or a local Hugging Face directory.
+            rank: LoRA rank (alpha is fixed at :data:`LORA_ALPHA`).
+            dp: The privacy policy; ``None`` trains without DP and requires ``allow_non_private``.
+            seed: Seed of the LoRA initialisation (and of the noise in deterministic mode).
+            train_mlp: Adapt the MLP projections.
+            train_attn: Adapt the attention projections.
+            train_unembed: Adapt the output (unembedding) layer.
+            allow_non_private: Explicit opt-in for ``dp=None`` (the tenant's policy must allow it).
+            deterministic: Reproducible, NON-private noise and sampling (tests only); also
+                selected by ``TS_DETERMINISTIC=1``. A loud warning is logged.
+            max_microbatch_size: Largest physical micro-batch (memory only; no privacy effect).
+
+        Raises:
+            DpPolicyError: If ``dp`` is None without ``allow_non_private``, or is invalid.
+            TrainingConfigError: If the LoRA settings are invalid.
+            UnknownModelError: If the base model is unknown.
+        """
+        if dp is None and not allow_non_private:
+            raise DpPolicyError(
+                "refusing to train without differential privacy: pass a DpPolicy, or "
+                "allow_non_private=True when the tenant's policy allows disabling DP"
+            )
+        if dp is not None and not isinstance(dp, DpPolicy):
+            raise DpPolicyError("dp must be a DpPolicy or None")
+        if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= _MAX_RANK:
+            raise TrainingConfigError(f"LoRA rank must be an integer in [1, {_MAX_RANK}], got {rank!r}")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+            raise TrainingConfigError(f"seed must be a non-negative integer, got {seed!r}")
+        targets = (
+            *(_ATTN if train_attn else ()),
+            *(_MLP if train_mlp else ()),
+            *(_UNEMBED if train_unembed else ()),
+        )
+        if not targets:
+            raise TrainingConfigError("at least one of train_mlp, train_attn and train_unembed must be true")
+        settings = LoraSettings(rank=rank, alpha=LORA_ALPHA, dropout=0.0, target_modules=targets)
+        model, tokenizer, model_id, revision = _load_base(base_model)
+        peft_model = apply_lora(model, settings, init_seed=seed)
+        peft_model.eval()
+        flags = {
+            "train_mlp": bool(train_mlp),
+            "train_attn": bool(train_attn),
+            "train_unembed": bool(train_unembed),
+        }
+        return cls(
+            handle=_ModelHandle(peft_model, tokenizer, base_model_id=model_id, revision=revision),
+            settings=settings,
+            lora_flags=flags,
+            dp=dp,
+            seed=seed,
+            deterministic=deterministic,
+            max_microbatch_size=max_microbatch_size,
+        )
+
+    def _setup_dp(self, dataset_size: int, *, noise_multiplier: float | None = None) -> None:
+        policy = self._policy
+        assert policy is not None
+        if policy.dataset_size is not None and policy.dataset_size != dataset_size:
+            raise DpPolicyError(
+                f"the registered data set has {dataset_size} examples but the DP policy says "
+                f"dataset_size={policy.dataset_size}"
+            )
+        if policy.expected_batch_size > dataset_size:
+            raise DpPolicyError(
+                f"expected_batch_size {policy.expected_batch_size} exceeds the data set size {dataset_size}"
+            )
+        try:
+            validate_delta(policy.delta, dataset_size)
+        except PrivacyError as exc:
+            raise DpPolicyError(f"DP policy: {exc}") from None
+        q = policy.expected_batch_size / dataset_size
+        sigma = noise_multiplier if noise_multiplier is not None else policy.noise_multiplier
+        if sigma is None:
+            assert policy.max_steps is not None
+            try:
+                sigma = calibrate_noise(
+                    target_epsilon=policy.target_epsilon,
+                    delta=policy.delta,
+                    sample_rate=q,
+                    steps=policy.max_steps,
+                    accountant=policy.accountant,
+                )
+            except PrivacyError as exc:
+                raise DpPolicyError(f"cannot calibrate the noise for this policy: {exc}") from None
+        budget = PrivacyBudget(
+            target_epsilon=policy.target_epsilon,
+            delta=policy.delta,
+            accountant=policy.accountant,
+            noise_multiplier=sigma,
+            sample_rate=q,
+        )
+        source = random_source_from_env(seed=self._seed, secure_rng=not self._deterministic_requested)
+        engine = DPGradientEngine(
+            self._h.model,
+            clip_norm=policy.clip_norm,
+            noise_multiplier=sigma,
+            expected_batch_size=float(policy.expected_batch_size),
+            random_source=source,
+        )
+        sampler = (
+            PoissonSampler(dataset_size, sample_rate=q, random_source=source)
+            if policy.sampling == "server_poisson"
+            else None
+        )
+        self._dp = _DpState(
+            policy=policy,
+            dataset_size=dataset_size,
+            noise_multiplier=float(sigma),
+            sample_rate=q,
+            budget=budget,
+            engine=engine,
+            source=source,
+            sampler=sampler,
+        )
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def base_model_id(self) -> str:
+        """The canonical base model id (registry id or local directory path)."""
+        return self._h.base_model_id
+
+    @property
+    def base_model_revision(self) -> str:
+        """SHA-256 of the base model's weights."""
+        return self._h.revision
+
+    @property
+    def rank(self) -> int:
+        """The LoRA rank."""
+        return self._settings.rank
+
+    @property
+    def step(self) -> int:
+        """Optimizer steps taken so far."""
+        return self._step
+
+    @property
+    def policy(self) -> DpPolicy | None:
+        """The DP policy, or ``None`` for a non-private session."""
+        return self._policy
+
+    @property
+    def tokenizer(self) -> Any:
+        """The base model's Hugging Face tokenizer."""
+        return self._h.tokenizer
+
+    @property
+    def model(self) -> Any:
+        """The underlying PEFT model (for tests and in-process tools; do not mutate)."""
+        return self._h.model
+
+    def info(self) -> dict[str, Any]:
+        """Return what ``get_info`` reports: architecture, model name, LoRA rank and targets."""
+        return {
+            "arch": str(getattr(self._h.model.config, "model_type", "unknown")),
+            "model_name": self.base_model_id,
+            "is_lora": True,
+            "lora_rank": self.rank,
+            "lora_targets": list(self._settings.target_modules),
+            **self._flags,
+            "dp_enabled": self._policy is not None,
+        }
+
+    # ------------------------------------------------------------------ data checks
+    def _check_data(self, data: object, loss_fn: str) -> list[tuple[list[int], dict[str, np.ndarray]]]:
+        if not isinstance(data, Sequence) or isinstance(data, str | bytes):
+            raise InvalidRequestError("data must be a list of Datum")
+        out = []
+        for i, d in enumerate(data):
+            if not isinstance(d, Datum):
+                raise InvalidRequestError(f"datum {i} is not a Datum")
+            tokens = sampling.check_tokens(
+                d.model_input,
+                vocab_size=self._h.vocab_size,
+                max_length=self._h.max_length,
+                what=f"datum {i} model_input",
+            )
+            inputs = losses.validate_loss_inputs(
+                loss_fn, d.loss_fn_inputs, length=len(tokens), vocab_size=self._h.vocab_size, index=i
+            )
+            out.append((tokens, inputs))
+        return out
+
+    # ------------------------------------------------------------------ forward / backward
+    def forward(
+        self, data: Sequence[Datum], loss_fn: str, loss_fn_config: Mapping[str, float] | None = None
+    ) -> ForwardBackwardResult:
+        """Compute the loss and learner log-probabilities without touching gradients or state."""
+        return self._run(data, loss_fn, loss_fn_config, backward=False)
+
+    def forward_backward(
+        self, data: Sequence[Datum], loss_fn: str, loss_fn_config: Mapping[str, float] | None = None
+    ) -> ForwardBackwardResult:
+        """Compute the loss and accumulate gradients for the next :meth:`optim_step`.
+
+        Args:
+            data: The datums (each one a privacy unit under DP).
+            loss_fn: One of :data:`~tensafe.training.runtime.losses.LOSS_FUNCTIONS`.
+            loss_fn_config: Loss options (``clip_low_threshold``, ``clip_high_threshold``, ``beta``).
+
+        Returns:
+            Per-datum ``{"logprobs": float32 array}`` and metrics (``loss:sum`` = the summed loss).
+
+        Raises:
+            InvalidRequestError: If a datum, the loss or its config is invalid.
+            SessionStateError: In ``server_poisson`` mode, if a datum is not part of the batch
+                drawn by :meth:`sample_batch` (or was already used in this step).
+        """
+        return self._run(data, loss_fn, loss_fn_config, backward=True)
+
+    def _claim_poisson(
+        self, checked: list[tuple[list[int], dict[str, np.ndarray]]], raw: Sequence[Datum]
+    ) -> None:
+        if self._drawn is None:
+            raise SessionStateError(
+                "server_poisson mode: call sample_batch() and train on exactly that batch"
+            )
+        remaining = list(self._remaining)
+        for i, d in enumerate(raw):
+            digest = _datum_digest(list(d.model_input), d.loss_fn_inputs)
+            match = next((j for j in remaining if self._digests[j] == digest), None)
+            if match is None:
+                raise SessionStateError(
+                    f"server_poisson mode: datum {i} is not an unused example of the batch drawn by "
+                    "sample_batch() for this step; the engine, not the client, chooses the batches"
+                )
+            remaining.remove(match)
+        self._remaining = remaining
+
+    def _run(
+        self, data: Sequence[Datum], loss_fn: str, config: Mapping[str, float] | None, *, backward: bool
+    ) -> ForwardBackwardResult:
+        with self._lock:
+            cfg = losses.validate_config(loss_fn, config)
+            checked = self._check_data(data, loss_fn)
+            dp = self._dp
+            if backward and self._policy is not None:
+                if dp is None:
+                    raise SessionStateError("server_poisson mode: register_dataset() first")
+                if dp.sampler is not None:
+                    self._claim_poisson(checked, data)
+            outputs: list[dict[str, np.ndarray]] = []
+            total_loss = 0.0
+            clipped = 0
+            for start in range(0, len(checked), self._micro):
+                micro = checked[start : start + self._micro]
+                per_example, lps = self._micro_losses(micro, loss_fn, cfg, grad=backward)
+                total_loss += float(per_example.detach().sum())
+                if backward:
+                    if dp is not None:
+                        stats = dp.engine.accumulate(per_example)
+                        clipped += stats.num_clipped
+                    else:
+                        per_example.sum().backward()
+                outputs.extend({"logprobs": lp} for lp in lps)
+            if backward:
+                self._pending += len(checked)
+                self._examples_seen += len(checked)
+            metrics = {"loss:sum": total_loss}
+            if backward and dp is not None:
+                metrics["dp_clipped:sum"] = float(clipped)
+            return ForwardBackwardResult(loss_fn_outputs=outputs, metrics=metrics)
+
+    def _micro_losses(
+        self,
+        micro: list[tuple[list[int], dict[str, np.ndarray]]],
+        loss_fn: str,
+        cfg: Mapping[str, float],
+        *,
+        grad: bool,
+    ) -> tuple[torch.Tensor, list[np.ndarray]]:
+        width = max(len(t) for t, _ in micro)
+        pad = self._h.tokenizer.pad_token_id
+        pad = 0 if pad is None else int(pad)
+        ids = torch.full((len(micro), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(micro), width), dtype=torch.long)
+        for i, (tokens, _) in enumerate(micro):
+            ids[i, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+            mask[i, : len(tokens)] = 1
+        ctx = contextlib.nullcontext() if grad else torch.no_grad()
+        with ctx:
+            logits = self._h.model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
+            lse = torch.logsumexp(logits, dim=-1)  # [B, L]
+            per_example = []
+            lps: list[np.ndarray] = []
+            for i, (tokens, inputs) in enumerate(micro):
+                n = len(tokens)
+                targets = torch.from_numpy(inputs["target_tokens"])
+                flat = targets.reshape(n, -1)
+                lp = (logits[i, :n].gather(-1, flat) - lse[i, :n].unsqueeze(-1)).reshape(targets.shape)
+                per_example.append(losses.compute_loss(loss_fn, lp, inputs, cfg).sum())
+                lps.append(lp.detach().to(torch.float32).numpy().copy())
+        return torch.stack(per_example), lps
+
+    # ------------------------------------------------------------------ optimizer
+    def optim_step(self, adam: AdamParams) -> dict[str, float]:
+        """Take one AdamW step with the accumulated (DP) gradient.
+
+        Returns:
+            Metrics: ``grad_norm:mean`` (global norm of the applied gradient before
+            ``grad_clip_norm``), ``learning_rate:mean``, ``examples:sum`` and, under DP,
+            ``dp_epsilon:max`` (ε spent after this step).
+
+        Raises:
+            BudgetExceededError: The step would exceed the target ε; nothing was changed.
+            StepLimitError: The policy's ``max_steps`` was reached; nothing was changed.
+            SessionStateError: In ``server_poisson`` mode, the drawn batch was not fully used.
+            InvalidRequestError: If ``adam`` is not an :class:`AdamParams`.
+        """
+        if not isinstance(adam, AdamParams):
+            raise InvalidRequestError("optim_step needs AdamParams")
+        with self._lock:
+            dp = self._dp
+            examples = self._pending
+            if self._policy is not None:
+                if dp is None:
+                    raise SessionStateError("server_poisson mode: register_dataset() first")
+                if self._policy.max_steps is not None and dp.budget.steps >= self._policy.max_steps:
+                    raise StepLimitError(
+                        f"the DP policy allows {self._policy.max_steps} optimizer steps and all were taken"
+                    )
+                dp.budget.check_step()  # raises BudgetExceededError before anything changes
+                if dp.sampler is not None:
+                    if self._drawn is None:
+                        self.sample_batch()
+                    if self._remaining:
+                        raise SessionStateError(
+                            f"server_poisson mode: {len(self._remaining)} example(s) of the drawn batch were "
+                            "not trained on; call forward_backward on the whole sample_batch() first"
+                        )
+                dp.engine.finalize_step()
+            params = [p for _, p in self._params]
+            grads = [p.grad for p in params if p.grad is not None]
+            norm = float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))) if grads else 0.0
+            if adam.grad_clip_norm > 0 and grads and norm > adam.grad_clip_norm:
+                scale = adam.grad_clip_norm / (norm + 1e-6)
+                for g in grads:
+                    g.mul_(scale)
+            for group in self._optimizer.param_groups:
+                group["lr"] = adam.learning_rate
+                group["betas"] = (adam.beta1, adam.beta2)
+                group["eps"] = adam.eps
+                group["weight_decay"] = adam.weight_decay
+            self._optimizer.step()
+            self._optimizer.zero_grad(set_to_none=True)
+            self._step += 1
+            self._pending = 0
+            metrics = {
+                "grad_norm:mean": norm,
+                "learning_rate:mean": adam.learning_rate,
+                "examples:sum": float(examples),
+            }
+            if dp is not None:
+                dp.budget.record_step()
+                self._drawn = None
+                self._remaining = []
+                metrics["dp_epsilon:max"] = float(dp.budget.spent_epsilon())
+            return metrics
+
+    # ------------------------------------------------------------------ server-side Poisson sampling
+    def register_dataset(self, examples: Sequence[Datum]) -> None:
+        """Register the training set the engine samples from (``server_poisson`` mode only, once).
+
+        Raises:
+            SessionStateError: If the session is not in ``server_poisson`` mode or has a data set.
+            InvalidRequestError: If an example is malformed.
+            DpPolicyError: If the size contradicts the policy.
+        """
+        with self._lock:
+            if self._policy is None or self._policy.sampling != "server_poisson":
+                raise SessionStateError("register_dataset is only available with a server_poisson DP policy")
+            if self._dataset is not None:
+                raise SessionStateError("a data set is already registered for this session")
+            if isinstance(examples, str | bytes) or not isinstance(examples, Sequence) or not examples:
+                raise InvalidRequestError("register_dataset needs a non-empty list of Datum")
+            digests = []
+            for i, d in enumerate(examples):
+                if not isinstance(d, Datum):
+                    raise InvalidRequestError(f"example {i} is not a Datum")
+                sampling.check_tokens(
+                    d.model_input,
+                    vocab_size=self._h.vocab_size,
+                    max_length=self._h.max_length,
+                    what=f"example {i}",
+                )
+                digests.append(_datum_digest(list(d.model_input), d.loss_fn_inputs))
+            self._setup_dp(len(examples))
+            self._dataset = [
+                Datum(
+                    model_input=list(d.model_input),
+                    loss_fn_inputs={k: np.array(v) for k, v in d.loss_fn_inputs.items()},
+                )
+                for d in examples
+            ]
+            self._digests = digests
+
+    def sample_batch(self) -> list[Datum]:
+        """Return the Poisson batch the engine drew for the current step (possibly empty).
+
+        The same batch is returned until :meth:`optim_step` completes.
+
+        Raises:
+            SessionStateError: If no data set is registered.
+        """
+        with self._lock:
+            dp = self._dp
+            if dp is None or dp.sampler is None or self._dataset is None:
+                raise SessionStateError(
+                    "sample_batch needs a server_poisson policy and a registered data set"
+                )
+            if self._drawn is None:
+                self._drawn = dp.sampler.sample(dp.budget.steps)
+                self._remaining = list(self._drawn)
+            return [self._dataset[i] for i in self._drawn]
+
+    # ------------------------------------------------------------------ sampling
+    def sample(
+        self,
+        prompt_tokens: Sequence[int],
+        *,
+        max_tokens: int,
+        temperature: float = 1.0,
+        top_k: int = -1,
+        top_p: float = 1.0,
+        stop: str | Sequence[str] | Sequence[int] | None = None,
+        seed: int | None = None,
+        num_samples: int = 1,
+        include_prompt_logprobs: bool = False,
+        topk_prompt_logprobs: int = 0,
+    ) -> SampleResult:
+        """Sample from the current LoRA-adapted model (semantics in :mod:`...runtime.sampling`).
+
+        Raises:
+            InvalidRequestError: If a parameter or token is invalid.
+        """
+        with self._lock:
+            return self._h.sample(
+                prompt_tokens,
+                max_tokens=max_tokens,
+                temperature=temperature,
+                top_k=top_k,
+                top_p=top_p,
+                stop=stop,
+                seed=seed,
+                num_samples=num_samples,
+                include_prompt_logprobs=include_prompt_logprobs,
+                topk_prompt_logprobs=topk_prompt_logprobs,
+            )
+
+    def compute_logprobs(self, tokens: Sequence[int]) -> list[float | None]:
+        """Return each token's log-probability given the previous ones (first is ``None``)."""
+        with self._lock:
+            return self._h.compute_logprobs(tokens)
+
+    # ------------------------------------------------------------------ privacy
+    def privacy_spent(self) -> dict[str, Any]:
+        """Return a JSON-ready summary of the privacy spent so far."""
+        with self._lock:
+            policy, dp = self._policy, self._dp
+            if policy is None:
+                return {"dp_enabled": False, "epsilon": None, "steps": self._step}
+            out: dict[str, Any] = {
+                "dp_enabled": True,
+                "target_epsilon": policy.target_epsilon,
+                "delta": policy.delta,
+                "accountant": policy.accountant,
+                "clip_norm": policy.clip_norm,
+                "sampling": policy.sampling,
+                "expected_batch_size": policy.expected_batch_size,
+                "max_steps": policy.max_steps,
+                "steps": self._step,
+            }
+            if dp is None:
+                out.update(epsilon=0.0, noise_multiplier=None, sample_rate=None, dataset_size=None)
+            else:
+                out.update(
+                    epsilon=float(dp.budget.spent_epsilon()),
+                    noise_multiplier=dp.noise_multiplier,
+                    sample_rate=dp.sample_rate,
+                    dataset_size=dp.dataset_size,
+                )
+            return out
+
+    def privacy_certificate(self) -> DpCertificate:
+        """Return the DP certificate of the run so far (ε computed by the accountant).
+
+        With client-chosen batches the certificate says ``client_chosen_batches`` and that the
+        engine did not sample; with ``server_poisson`` it says Poisson sampling performed by
+        the engine. Without DP it states an infinite ε.
+
+        Raises:
+            SessionStateError: In ``server_poisson`` mode before a data set is registered.
+        """
+        with self._lock:
+            policy, dp = self._policy, self._dp
+            if policy is None:
+                return DpCertificate.non_private(
+                    steps=self._step,
+                    dataset_size=max(1, self._examples_seen),
+                    expected_batch_size=None,
+                    sample_rate=None,
+                    sampling_method=SamplingMethod.CLIENT_CHOSEN_BATCHES,
+                    sampling_performed_by_engine=False,
+                    notes=("dataset_size counts the datums processed (repeats included).",),
+                )
+            if dp is None:
+                raise SessionStateError("no certificate before the data set is registered")
+            poisson = dp.sampler is not None
+            return DpCertificate.issue(
+                accountant=policy.accountant,
+                noise_multiplier=dp.noise_multiplier,
+                clip_norm=policy.clip_norm,
+                sample_rate=dp.sample_rate,
+                steps=dp.budget.steps,
+                delta=policy.delta,
+                dataset_size=dp.dataset_size,
+                expected_batch_size=policy.expected_batch_size,
+                sampling_method=SamplingMethod.POISSON if poisson else SamplingMethod.CLIENT_CHOSEN_BATCHES,
+                sampling_performed_by_engine=poisson,
+                notes=(
+                    ("The privacy unit is one Datum of forward_backward.",)
+                    + (
+                        ()
+                        if dp.source.secure
+                        else ("DETERMINISTIC (non-cryptographic) noise was used: NOT private.",)
+                    )
+                ),
+            )
+
+    # ------------------------------------------------------------------ persistence
+    def sampler_weights_files(self) -> dict[str, bytes]:
+        """Return the PEFT adapter files (``adapter_config.json``, ``adapter_model.safetensors``)."""
+        with self._lock, tempfile.TemporaryDirectory(prefix="tensafe-sampler-") as tmp:
+            target = save_adapter(self._h.model, Path(tmp) / "adapter", base_model_id=self.base_model_id)
+            return {name: (target / name).read_bytes() for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS)}
+
+    def state_bytes(self, *, include_optimizer: bool) -> bytes:
+        """Serialize the session (format ``tensafe-lora-session/v1``; see :mod:`...runtime.state`).
+
+        Gradients accumulated since the last :meth:`optim_step` are not saved (as in Tinker).
+        """
+        with self._lock:
+            tensors: dict[str, torch.Tensor] = {f"lora/{n}": p.detach() for n, p in self._params}
+            optimizer: dict[str, Any] | None = None
+            if include_optimizer:
+                group = self._optimizer.param_groups[0]
+                optimizer = {
+                    "type": "adamw",
+                    "lr": group["lr"],
+                    "betas": list(group["betas"]),
+                    "eps": group["eps"],
+                    "weight_decay": group["weight_decay"],
+                    "has_state": [],
+                }
+                for n, p in self._params:
+                    st = self._optimizer.state.get(p)
+                    if st:
+                        optimizer["has_state"].append(n)
+                        tensors[f"adam/{n}/exp_avg"] = st["exp_avg"]
+                        tensors[f"adam/{n}/exp_avg_sq"] = st["exp_avg_sq"]
+                        tensors[f"adam/{n}/step"] = torch.as_tensor(st["step"], dtype=torch.float32).reshape(
+                            1
+                        )
+            dp_header: dict[str, Any] | None = None
+            if self._policy is not None:
+                dp = self._dp
+                dp_header = {"policy": self._policy.to_dict(), "setup": None}
+                if dp is not None:
+                    dp_header["setup"] = {
+                        "dataset_size": dp.dataset_size,
+                        "noise_multiplier": dp.noise_multiplier,
+                        "budget": dp.budget.state_dict(),
+                        "engine": dp.engine.state_dict(),
+                        "secure_rng": dp.source.secure,
+                    }
+            data_header = self._pack_dataset(tensors)
+            header = {
+                "format": STATE_FORMAT,
+                "version": STATE_VERSION,
+                "base_model": {"id": self.base_model_id, "revision": self.base_model_revision},
+                "lora": {
+                    "rank": self._settings.rank,
+                    "alpha": self._settings.alpha,
+                    "target_modules": list(self._settings.target_modules),
+                    **self._flags,
+                },
+                "parameters": [n for n, _ in self._params],
+                "step": self._step,
+                "examples_seen": self._examples_seen,
+                "seed": self._seed if (self._dp is not None and not self._dp.source.secure) else None,
+                "dp": dp_header,
+                "optimizer": optimizer,
+                "dataset": data_header,
+            }
+            return encode_state(header, tensors)
+
+    def _pack_dataset(self, tensors: dict[str, torch.Tensor]) -> dict[str, Any] | None:
+        if self._dataset is None:
+            return None
+        tokens = [np.asarray(d.model_input, dtype=np.int64) for d in self._dataset]
+        tensors["data/tokens"] = torch.from_numpy(np.concatenate(tokens))
+        tensors["data/token_offsets"] = torch.from_numpy(
+            np.cumsum([0, *[len(t) for t in tokens]]).astype(np.int64)
+        )
+        keys = sorted({k for d in self._dataset for k in d.loss_fn_inputs})
+        shapes: dict[str, list[list[int] | None]] = {}
+        dtypes: dict[str, str] = {}
+        for key in keys:
+            arrays = [d.loss_fn_inputs.get(key) for d in self._dataset]
+            kinds = {np.asarray(a).dtype.kind for a in arrays if a is not None}
+            dtype = np.int64 if kinds <= {"i", "u"} else np.float32
+            dtypes[key] = "int64" if dtype is np.int64 else "float32"
+            flat = [
+                np.asarray(a, dtype=dtype).reshape(-1) if a is not None else np.zeros(0, dtype)
+                for a in arrays
+            ]
+            shapes[key] = [list(np.asarray(a).shape) if a is not None else None for a in arrays]
+            tensors[f"data/in/{key}"] = torch.from_numpy(np.concatenate(flat))
+            tensors[f"data/in_offsets/{key}"] = torch.from_numpy(
+                np.cumsum([0, *[f.size for f in flat]]).astype(np.int64)
+            )
+        return {"size": len(self._dataset), "keys": keys, "shapes": shapes, "dtypes": dtypes}
+
+    @staticmethod
+    def _unpack_dataset(header: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> list[Datum]:
+        size = int(header["size"])
+        tokens = tensors["data/tokens"].numpy()
+        offs = tensors["data/token_offsets"].numpy()
+        if offs.shape != (size + 1,):
+            raise StateFormatError("session state data set offsets are inconsistent")
+        inputs: list[dict[str, np.ndarray]] = [{} for _ in range(size)]
+        for key in header["keys"]:
+            values = tensors[f"data/in/{key}"].numpy()
+            koffs = tensors[f"data/in_offsets/{key}"].numpy()
+            for i, shape in enumerate(header["shapes"][key]):
+                if shape is not None:
+                    inputs[i][key] = values[koffs[i] : koffs[i + 1]].reshape(shape).copy()
+        return [
+            Datum(model_input=[int(t) for t in tokens[offs[i] : offs[i + 1]]], loss_fn_inputs=inputs[i])
+            for i in range(size)
+        ]
+
+    @classmethod
+    def from_state_bytes(
+        cls,
+        data: bytes,
+        *,
+        restore_optimizer: bool = True,
+        policy: DpPolicy | None = None,
+        base_model: str | None = None,
+        deterministic: bool = False,
+        max_microbatch_size: int = 16,
+    ) -> LoraTrainingSession:
+        """Restore a session saved by :meth:`state_bytes`.
+
+        Args:
+            data: The serialized state.
+            restore_optimizer: Restore the AdamW moments (the state must contain them).
+            policy: When given, must equal the saved policy (a resumed run keeps its budget).
+            base_model: Where to load the base model from (default: the saved id); its weights
+                must hash to the saved revision.
+            deterministic: Continue with the saved seed's reproducible NON-private noise
+                (only for states saved in deterministic mode).
+            max_microbatch_size: As in :meth:`create`.
+
+        Raises:
+            StateFormatError: If the state is malformed, for another base model revision, or
+                lacks what was asked for.
+            DpPolicyError: If ``policy`` differs from the saved one.
+        """
+        header, tensors = decode_state(data)
+        try:
+            return cls._restore(
+                header,
+                tensors,
+                restore_optimizer=restore_optimizer,
+                policy=policy,
+                base_model=base_model,
+                deterministic=deterministic,
+                max_microbatch_size=max_microbatch_size,
+            )
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
+            if isinstance(exc, InvalidRequestError | StateFormatError):
+                raise
+            raise StateFormatError(f"session state is malformed ({type(exc).__name__}: {exc})") from None
+
+    @classmethod
+    def _restore(
+        cls,
+        header: Mapping[str, Any],
+        tensors: Mapping[str, torch.Tensor],
+        *,
+        restore_optimizer: bool,
+        policy: DpPolicy | None,
+        base_model: str | None,
+        deterministic: bool,
+        max_microbatch_size: int,
+    ) -> LoraTrainingSession:
+        if header.get("format") != STATE_FORMAT or header.get("version") != STATE_VERSION:
+            raise StateFormatError("session state header has the wrong format or version")
+        saved_model = header["base_model"]
+        dp_header = header["dp"]
+        saved_policy = DpPolicy.from_dict(dp_header["policy"]) if dp_header is not None else None
+        if policy is not None and policy != saved_policy:
+            raise DpPolicyError(
+                "the saved session runs under another DP policy; a resumed run keeps the policy and "
+                "budget it was saved with"
+            )
+        seed = header.get("seed")
+        if deterministic and seed is None:
+            raise StateFormatError(
+                "this state was not saved in deterministic mode; resume without deterministic=True"
+            )
+        lora = header["lora"]
+        settings = LoraSettings(
+            rank=int(lora["rank"]),
+            alpha=float(lora["alpha"]),
+            dropout=0.0,
+            target_modules=tuple(lora["target_modules"]),
+        )
+        model, tokenizer, _model_id, revision = _load_base(base_model or str(saved_model["id"]))
+        if revision != saved_model["revision"]:
+            raise StateFormatError(
+                f"the base model weights (sha256 {revision[:12]}...) differ from those the state was "
+                f"trained on "
+                f"(sha256 {str(saved_model['revision'])[:12]}...)"
+            )
+        peft_model = apply_lora(model, settings, init_seed=0)
+        peft_model.eval()
+        flags = {k: bool(lora[k]) for k in ("train_mlp", "train_attn", "train_unembed")}
+        session = cls(
+            handle=_ModelHandle(
+                peft_model, tokenizer, base_model_id=str(saved_model["id"]), revision=revision
+            ),
+            settings=settings,
+            lora_flags=flags,
+            dp=saved_policy,
+            seed=seed,
+            deterministic=deterministic,
+            max_microbatch_size=max_microbatch_size,
+        )
+        names = [n for n, _ in session._params]
+        if names != list(header["parameters"]):
+            raise StateFormatError("session state parameters do not match the LoRA layout")
+        with torch.no_grad():
+            for n, p in session._params:
+                saved = tensors[f"lora/{n}"]
+                if saved.shape != p.shape or saved.dtype != p.dtype:
+                    raise StateFormatError(f"session state tensor {n} has the wrong shape or dtype")
+                p.copy_(saved)
+        opt = header["optimizer"]
+        if restore_optimizer:
+            if opt is None:
+                raise StateFormatError(
+                    "this state was saved without optimizer state; load it without the optimizer"
+                )
+            group_values = {
+                "lr": float(opt["lr"]),
+                "betas": (float(opt["betas"][0]), float(opt["betas"][1])),
+                "eps": float(opt["eps"]),
+                "weight_decay": float(opt["weight_decay"]),
+            }
+            for group in session._optimizer.param_groups:
+                group.update(group_values)
+            params = dict(session._params)
+            for n in opt["has_state"]:
+                p = params[n]
+                session._optimizer.state[p] = {
+                    "step": tensors[f"adam/{n}/step"].reshape(()).clone(),
+                    "exp_avg": tensors[f"adam/{n}/exp_avg"].clone(),
+                    "exp_avg_sq": tensors[f"adam/{n}/exp_avg_sq"].clone(),
+                }
+        session._step = int(header["step"])
+        session._examples_seen = int(header["examples_seen"])
+        if dp_header is not None and dp_header["setup"] is not None:
+            setup = dp_header["setup"]
+            if session._dp is not None:
+                session._dp.engine.close()
+                session._dp = None
+            if header["dataset"] is not None:
+                dataset = cls._unpack_dataset(header["dataset"], tensors)
+                session._dataset = dataset
+                session._digests = [_datum_digest(d.model_input, d.loss_fn_inputs) for d in dataset]
+            session._setup_dp(int(setup["dataset_size"]), noise_multiplier=float(setup["noise_multiplier"]))
+            assert session._dp is not None
+            try:
+                session._dp.budget.load_state_dict(setup["budget"])
+            except PrivacyError as exc:
+                raise StateFormatError(f"session state budget is inconsistent: {exc}") from None
+            session._dp.engine.load_state_dict(setup["engine"])
+        return session
+
+    def close(self) -> None:
+        """Remove the DP hooks and drop references to the model."""
+        with self._lock:
+            if self._dp is not None:
+                self._dp.engine.close()
+
+    def __repr__(self) -> str:
+        dp = "off" if self._policy is None else f"on, sampling={self._policy.sampling}"
+        return (
+            f"LoraTrainingSession(base_model={self.base_model_id!r}, rank={self.rank}, "
+            f"step={self._step}, dp={dp})"
+        )

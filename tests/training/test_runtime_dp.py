@@ -1,0 +1,344 @@
+"""DP-SGD enforcement in the training runtime: clipping per Datum, chunks, budget, Poisson mode."""
+
+from __future__ import annotations
+
+import logging
+import pathlib
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from tensafe.privacy import BudgetExceededError, compute_epsilon
+from tensafe.training.dp import CLIP_EPSILON
+from tensafe.training.runtime import (
+    USER_ERRORS,
+    AdamParams,
+    Datum,
+    DpPolicy,
+    DpPolicyError,
+    LoraTrainingSession,
+    SessionStateError,
+    StepLimitError,
+)
+from training._dp_helpers import ZeroNoise
+
+ADAM = AdamParams(learning_rate=1e-2)
+
+
+def _policy(**overrides: Any) -> DpPolicy:
+    values: dict[str, Any] = {
+        "target_epsilon": 50.0,
+        "delta": 1e-5,
+        "clip_norm": 0.05,
+        "noise_multiplier": 1.0,
+        "dataset_size": 1000,
+        "expected_batch_size": 4,
+    }
+    values.update(overrides)
+    return DpPolicy(**values)
+
+
+def _session(model_dir: pathlib.Path, policy: DpPolicy | None, **kwargs: Any) -> LoraTrainingSession:
+    s = LoraTrainingSession.create(
+        base_model=str(model_dir),
+        rank=4,
+        dp=policy,
+        seed=3,
+        deterministic=True,
+        allow_non_private=policy is None,
+        **kwargs,
+    )
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for name, p in s.model.named_parameters():
+            if p.requires_grad and "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    return s
+
+
+def _data(n: int, *, seed: int = 0) -> list[Datum]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        length = 3 + (i % 4)
+        tokens = [int(x) for x in rng.integers(1, 300, size=length)]
+        targets = np.array([*tokens[1:], int(rng.integers(1, 300))], dtype=np.int64)
+        weights = np.ones(length, dtype=np.float32)
+        weights[0] = 0.0
+        out.append(Datum(model_input=tokens, loss_fn_inputs={"target_tokens": targets, "weights": weights}))
+    return out
+
+
+def _weights(s: LoraTrainingSession) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in s.model.parameters() if p.requires_grad]
+
+
+def _capture_grads(s: LoraTrainingSession, monkeypatch: pytest.MonkeyPatch) -> list[list[torch.Tensor]]:
+    """Record the gradient the optimizer receives at each step."""
+    captured: list[list[torch.Tensor]] = []
+    opt = s._optimizer
+    original = opt.step
+
+    def step(*args: Any, **kwargs: Any) -> Any:
+        captured.append([p.grad.detach().clone() for p in s.model.parameters() if p.requires_grad])  # type: ignore[union-attr]
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(opt, "step", step)
+    return captured
+
+
+def _naive_clipped_mean(
+    s: LoraTrainingSession, data: list[Datum], clip: float, batch: int
+) -> list[torch.Tensor]:
+    """One backward per datum (unpadded), clip its flat gradient, sum, divide by the expected batch size."""
+    params = [p for p in s.model.parameters() if p.requires_grad]
+    total = [torch.zeros_like(p, dtype=torch.float64) for p in params]
+    for d in data:
+        logits = s.model(input_ids=torch.tensor([d.model_input])).logits[0].to(torch.float64)
+        logp = torch.log_softmax(logits, dim=-1)
+        targets = d.loss_fn_inputs["target_tokens"]
+        weights = d.loss_fn_inputs["weights"]
+        loss = -sum(logp[t, int(targets[t])] * float(weights[t]) for t in range(len(d.model_input)))
+        grads = torch.autograd.grad(loss, params)
+        norm = float(torch.sqrt(sum((g.to(torch.float64) ** 2).sum() for g in grads)))
+        factor = min(1.0, clip / (norm + CLIP_EPSILON))
+        for acc, g in zip(total, grads, strict=True):
+            acc += g.to(torch.float64) * factor
+    return [acc / batch for acc in total]
+
+
+def test_dp_gradient_is_clipped_per_datum_and_normalised_by_the_policy_batch(
+    tiny_model_dir: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    s = _session(tiny_model_dir, _policy(expected_batch_size=4))
+    s._dp.engine.random_source = ZeroNoise()  # type: ignore[union-attr]  # expose the clipped sum
+    captured = _capture_grads(s, monkeypatch)
+    data = _data(5)
+    expected = _naive_clipped_mean(s, data, clip=0.05, batch=4)
+    fb = s.forward_backward(data, "cross_entropy")
+    assert fb.metrics["dp_clipped:sum"] == 5.0  # every datum's norm exceeds the tiny clip norm
+    s.optim_step(ADAM)
+    for got, ref in zip(captured[0], expected, strict=True):
+        torch.testing.assert_close(got.to(torch.float64), ref, rtol=2e-3, atol=1e-7)
+
+
+def test_two_chunks_equal_one_chunk_and_noise_is_added_once(tiny_model_dir: pathlib.Path) -> None:
+    data = _data(6, seed=4)
+    one = _session(tiny_model_dir, _policy(), max_microbatch_size=4)
+    two = _session(tiny_model_dir, _policy(), max_microbatch_size=2)
+    assert all(torch.equal(a, b) for a, b in zip(_weights(one), _weights(two), strict=True))
+    r1 = one.forward_backward(data, "cross_entropy")
+    r2a = two.forward_backward(data[:2], "cross_entropy")
+    r2b = two.forward_backward(data[2:], "cross_entropy")
+    assert r1.metrics["loss:sum"] == pytest.approx(
+        r2a.metrics["loss:sum"] + r2b.metrics["loss:sum"], rel=1e-5
+    )
+    m1 = one.optim_step(ADAM)
+    m2 = two.optim_step(ADAM)
+    assert m1["examples:sum"] == m2["examples:sum"] == 6.0
+    assert m1["grad_norm:mean"] == pytest.approx(m2["grad_norm:mean"], rel=1e-5)
+    for a, b in zip(_weights(one), _weights(two), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    # With noise present, a second noise draw per chunk would have changed the result:
+    assert one.privacy_spent()["steps"] == two.privacy_spent()["steps"] == 1
+
+
+def test_budget_refusal_changes_nothing(tiny_model_dir: pathlib.Path) -> None:
+    q, sigma, delta = 4 / 1000, 0.8, 1e-5
+    eps1 = compute_epsilon(accountant="rdp", noise_multiplier=sigma, sample_rate=q, steps=1, delta=delta)
+    eps2 = compute_epsilon(accountant="rdp", noise_multiplier=sigma, sample_rate=q, steps=2, delta=delta)
+    s = _session(tiny_model_dir, _policy(noise_multiplier=sigma, target_epsilon=(eps1 + eps2) / 2))
+    data = _data(4)
+    s.forward_backward(data, "cross_entropy")
+    s.optim_step(ADAM)
+    s.forward_backward(data, "cross_entropy")
+    before = _weights(s)
+    opt_before = {k: v.clone() for p in s._optimizer.state.values() for k, v in p.items() if k == "exp_avg"}
+    with pytest.raises(BudgetExceededError, match="step 2") as info:
+        s.optim_step(ADAM)
+    assert isinstance(info.value, USER_ERRORS)
+    assert all(torch.equal(a, b) for a, b in zip(before, _weights(s), strict=True))
+    opt_after = {k: v for p in s._optimizer.state.values() for k, v in p.items() if k == "exp_avg"}
+    assert all(torch.equal(opt_before[k], opt_after[k]) for k in opt_before)
+    spent = s.privacy_spent()
+    assert spent["steps"] == 1 and spent["epsilon"] == pytest.approx(eps1)
+    cert = s.privacy_certificate()
+    assert cert.steps == 1 and cert.epsilon == pytest.approx(eps1)
+    with pytest.raises(BudgetExceededError):  # still refused, still nothing changes
+        s.optim_step(ADAM)
+    assert all(torch.equal(a, b) for a, b in zip(before, _weights(s), strict=True))
+
+
+def test_max_steps_is_enforced(tiny_model_dir: pathlib.Path) -> None:
+    s = _session(tiny_model_dir, _policy(max_steps=1))
+    s.forward_backward(_data(2), "cross_entropy")
+    s.optim_step(ADAM)
+    before = _weights(s)
+    with pytest.raises(StepLimitError, match="1 optimizer steps"):
+        s.optim_step(ADAM)
+    assert all(torch.equal(a, b) for a, b in zip(before, _weights(s), strict=True))
+
+
+def test_calibrated_noise_reaches_target_after_max_steps(tiny_model_dir: pathlib.Path) -> None:
+    policy = _policy(noise_multiplier=None, max_steps=3, target_epsilon=4.0)
+    s = _session(tiny_model_dir, policy)
+    for _ in range(3):
+        s.forward_backward(_data(2), "cross_entropy")
+        s.optim_step(ADAM)
+    spent = s.privacy_spent()
+    assert spent["epsilon"] <= 4.0
+    assert spent["epsilon"] == pytest.approx(4.0, rel=0.01)  # calibrated, not wasteful
+    with pytest.raises((StepLimitError, BudgetExceededError)):
+        s.optim_step(ADAM)
+
+
+def test_every_loss_function_runs_under_dp(tiny_model_dir: pathlib.Path) -> None:
+    s = _session(tiny_model_dir, _policy())
+    rng = np.random.default_rng(0)
+    rl = [
+        Datum(
+            model_input=d.model_input,
+            loss_fn_inputs={
+                "target_tokens": d.loss_fn_inputs["target_tokens"],
+                "logprobs": rng.normal(-10, 0.3, size=len(d.model_input)).astype(np.float32),
+                "advantages": rng.normal(size=len(d.model_input)).astype(np.float32),
+            },
+        )
+        for d in _data(3)
+    ]
+    before = _weights(s)
+    for loss_fn, cfg in [
+        ("importance_sampling", None),
+        ("ppo", {"clip_low_threshold": 0.8, "clip_high_threshold": 1.2}),
+        ("cispo", None),
+        ("dro", {"beta": 0.1}),
+    ]:
+        out = s.forward_backward(rl, loss_fn, cfg)
+        assert np.isfinite(out.metrics["loss:sum"])
+    s.forward_backward(_data(2), "cross_entropy")
+    s.optim_step(ADAM)
+    assert s.privacy_spent()["steps"] == 1
+    assert not all(torch.equal(a, b) for a, b in zip(before, _weights(s), strict=True))
+
+
+def test_client_chosen_certificate_is_honest(tiny_model_dir: pathlib.Path) -> None:
+    s = _session(tiny_model_dir, _policy())
+    s.forward_backward(_data(3), "cross_entropy")
+    s.optim_step(ADAM)
+    cert = s.privacy_certificate()
+    assert cert.sampling_method == "client_chosen_batches"
+    assert cert.sampling_performed_by_engine is False
+    assert cert.expected_batch_size == 4 and cert.dataset_size == 1000 and cert.sample_rate == 0.004
+    assert "chosen by the client" in cert.statement
+    assert any("NOT private" in n for n in cert.notes)  # deterministic test noise is declared
+    assert cert.epsilon == pytest.approx(
+        compute_epsilon(accountant="rdp", noise_multiplier=1.0, sample_rate=0.004, steps=1, delta=1e-5)
+    )
+
+
+def test_non_private_needs_explicit_opt_in(tiny_model_dir: pathlib.Path) -> None:
+    with pytest.raises(DpPolicyError, match="allow_non_private"):
+        LoraTrainingSession.create(base_model=str(tiny_model_dir), rank=2, dp=None)
+    s = LoraTrainingSession.create(base_model=str(tiny_model_dir), rank=2, dp=None, allow_non_private=True)
+    s.forward_backward(_data(2), "cross_entropy")
+    s.optim_step(ADAM)
+    cert = s.privacy_certificate()
+    assert cert.dp_enabled is False and cert.epsilon is None and cert.steps == 1
+    assert s.privacy_spent() == {"dp_enabled": False, "epsilon": None, "steps": 1}
+
+
+def test_deterministic_mode_warns_loudly(
+    tiny_model_dir: pathlib.Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING):
+        _session(tiny_model_dir, _policy())
+    assert "NO differential-privacy guarantee" in caplog.text
+
+
+def test_secure_mode_noise_differs_between_runs(tiny_model_dir: pathlib.Path) -> None:
+    results = []
+    for _ in range(2):
+        s = LoraTrainingSession.create(base_model=str(tiny_model_dir), rank=2, dp=_policy(), seed=1)
+        assert "NOT private" not in " ".join(s.privacy_certificate().notes)
+        s.forward_backward(_data(2), "cross_entropy")
+        s.optim_step(ADAM)
+        results.append(_weights(s))
+    assert not all(torch.equal(a, b) for a, b in zip(results[0], results[1], strict=True))
+
+
+# ---------------------------------------------------------------------------- server-side Poisson
+
+
+def _poisson_policy(**overrides: Any) -> DpPolicy:
+    values: dict[str, Any] = {
+        "sampling": "server_poisson",
+        "dataset_size": None,
+        "expected_batch_size": 3,
+    }
+    values.update(overrides)
+    return _policy(**values)
+
+
+def test_server_poisson_flow(tiny_model_dir: pathlib.Path) -> None:
+    s = _session(tiny_model_dir, _poisson_policy())
+    examples = _data(12, seed=7)
+    with pytest.raises(SessionStateError, match="register_dataset"):
+        s.forward_backward(examples[:1], "cross_entropy")
+    s.register_dataset(examples)
+    with pytest.raises(SessionStateError, match="already registered"):
+        s.register_dataset(examples)
+    batch = s.sample_batch()
+    assert s.sample_batch() == batch  # stable until the step is taken
+    drawn = {tuple(d.model_input) for d in batch}
+    outsider = next(d for d in examples if tuple(d.model_input) not in drawn)
+    with pytest.raises(SessionStateError, match="not an unused example"):
+        s.forward_backward([outsider], "cross_entropy")
+    if batch:
+        with pytest.raises(SessionStateError, match="not trained on"):
+            s.optim_step(ADAM)
+        s.forward_backward(batch, "cross_entropy")
+        with pytest.raises(SessionStateError, match="not an unused example"):
+            s.forward_backward(batch[:1], "cross_entropy")  # each drawn example once per step
+    s.optim_step(ADAM)
+    sizes = []
+    for _ in range(4):
+        b = s.sample_batch()
+        sizes.append(len(b))
+        if b:
+            s.forward_backward(b, "cross_entropy")
+        s.optim_step(ADAM)  # empty batches are still steps (noise only)
+    cert = s.privacy_certificate()
+    assert cert.sampling_method == "poisson" and cert.sampling_performed_by_engine
+    assert cert.steps == 5 and cert.dataset_size == 12 and cert.sample_rate == pytest.approx(0.25)
+    assert "under Poisson sampling performed by the engine" in cert.statement
+    # forward (no gradient) is not restricted to the drawn batch
+    assert len(s.forward(examples[:2], "cross_entropy").loss_fn_outputs) == 2
+
+
+def test_server_poisson_batches_are_reproducible_in_deterministic_mode(tiny_model_dir: pathlib.Path) -> None:
+    draws = []
+    for _ in range(2):
+        s = _session(tiny_model_dir, _poisson_policy())
+        s.register_dataset(_data(30, seed=1))
+        seq = []
+        for _ in range(3):
+            b = s.sample_batch()
+            seq.append([tuple(d.model_input) for d in b])
+            if b:
+                s.forward_backward(b, "cross_entropy")
+            s.optim_step(ADAM)
+        draws.append(seq)
+    assert draws[0] == draws[1]
+
+
+def test_register_dataset_checks_mode_and_size(tiny_model_dir: pathlib.Path) -> None:
+    s = _session(tiny_model_dir, _policy())
+    with pytest.raises(SessionStateError, match="server_poisson"):
+        s.register_dataset(_data(3))
+    with pytest.raises(SessionStateError):
+        s.sample_batch()
+    p = _session(tiny_model_dir, _poisson_policy(dataset_size=20))
+    with pytest.raises(DpPolicyError, match="dataset_size=20"):
+        p.register_dataset(_data(12))

@@ -16,6 +16,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 _HERE = pathlib.Path(__file__).parent
 sys.path.insert(0, str(_HERE))
+# Test folders keep small helper modules (e.g. tests/audit/audit_helpers.py) imported by bare
+# name; with --import-mode=importlib their folders must be on sys.path explicitly.
+for _sub in sorted(p for p in _HERE.iterdir() if p.is_dir() and not p.name.startswith((".", "_"))):
+    if _sub.name not in ("fixtures", "vectors"):
+        sys.path.append(str(_sub))
 
 pytest_plugins = sorted(
     f"fixtures.{p.stem}" for p in (_HERE / "fixtures").glob("*.py") if not p.name.startswith("_")

@@ -328,8 +328,8 @@ def test_file_changed_during_packing_aborts(
     adapter = make_adapter(tmp_path / "adapter")
     original = packmod._sha256_file
 
-    def hash_then_change(path: Path, pool: object) -> object:
-        result = original(path, pool)  # type: ignore[arg-type]
+    def hash_then_change(path: Path) -> object:
+        result = original(path)
         if path.name == "adapter_model.safetensors":
             data = path.read_bytes()
             if change == "append":

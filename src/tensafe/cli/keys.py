@@ -59,9 +59,15 @@ def _help(parser: argparse.ArgumentParser) -> int:
 
 
 def _manager(*, create: bool | None = None) -> Any:
+    import getpass
+
     from tensafe.keys import KeyManager
 
-    return KeyManager.from_environment(create=create)
+    try:
+        actor = f"cli:{getpass.getuser()}"  # named in the audit record of every key change
+    except (KeyError, OSError):
+        actor = "cli:unknown"
+    return KeyManager.from_environment(create=create, actor=actor)
 
 
 def _init(args: argparse.Namespace) -> int:

@@ -244,9 +244,46 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _audit_sink(args: argparse.Namespace) -> Any:
+    """An AuditLogSink for ``--audit-db``/``--audit-tenant``, or None when not asked for."""
+    if args.audit_db is None and args.audit_tenant is None:
+        return None
+    from tensafe.package import PackageInputError
+
+    if args.audit_db is None or args.audit_tenant is None:
+        raise PackageInputError("--audit-db and --audit-tenant must be given together")
+    import getpass
+
+    from sqlalchemy import inspect as sa_inspect
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from tensafe.audit import AuditLog
+    from tensafe.db import create_engine_from_url, make_session_factory
+    from tensafe.errors import TenSafeError
+    from tensafe.package import AuditLogSink
+
+    try:
+        engine = create_engine_from_url(args.audit_db)
+        has_tables = sa_inspect(engine).has_table("audit_records")
+    except (SQLAlchemyError, TenSafeError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise PackageInputError(f"cannot open the audit database: {first}") from None
+    if not has_tables:
+        raise PackageInputError("the audit database has no audit tables; run 'tensafe db upgrade' first")
+    actor = args.audit_actor
+    if actor is None:
+        try:
+            actor = f"cli:{getpass.getuser()}"
+        except (KeyError, OSError):
+            actor = "cli:unknown"
+    log = AuditLog(make_session_factory(engine), signer=None, checkpoint_every=None)
+    return AuditLogSink(log, tenant=args.audit_tenant, actor=actor)
+
+
 def _cmd_verify(args: argparse.Namespace) -> int:
     from tensafe.package import verify
 
+    sink = _audit_sink(args)
     trust = [_verifying_key(p) for p in args.trust]
     info = verify(
         args.package,
@@ -254,6 +291,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         state=_state(args),
         policy=_policy(args.policy),
         threshold=args.threshold,
+        audit=sink,
     )
     print(
         f"OK {info.name} {info.version}: signed by {', '.join(info.trusted_signers)} (trusted), "
@@ -265,6 +303,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 def _cmd_unpack(args: argparse.Namespace) -> int:
     from tensafe.package import unpack
 
+    sink = _audit_sink(args)
     trust = [_verifying_key(p) for p in args.trust]
     key = _recipient_private(args.key, _passphrase(args))
     info = unpack(
@@ -275,6 +314,7 @@ def _cmd_unpack(args: argparse.Namespace) -> int:
         state=_state(args),
         policy=_policy(args.policy),
         threshold=args.threshold,
+        audit=sink,
     )
     print(f"unpacked {info.name} {info.version} into {args.out} ({len(info.files)} files)")
     return 0
@@ -289,6 +329,13 @@ def _add_verify_options(p: argparse.ArgumentParser) -> None:
         metavar="FILE",
         help="rollback state file (default $TS_DATA_DIR/tssp-state.json or ~/.local/state/tensafe/)",
     )
+    p.add_argument(
+        "--audit-db",
+        metavar="URL",
+        help="append the decision (accepted or refused) to the audit log in this database",
+    )
+    p.add_argument("--audit-tenant", metavar="T", help="tenant whose audit chain records the decision")
+    p.add_argument("--audit-actor", metavar="ID", help="actor named in the audit record (default cli:$USER)")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]

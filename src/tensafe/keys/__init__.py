@@ -5,13 +5,16 @@
   (an HSM through PKCS#11) implement it.
 * :class:`KeyManager` creates, wraps, rotates and shreds tenant DEKs (stored wrapped in
   the ``tenant_deks`` table), keeps the sealed deployment signing key, and serves DEKs
-  to :class:`tensafe.storage.EncryptedArtifactStore`.
+  to :class:`tensafe.storage.EncryptedArtifactStore`. Every key change is recorded in
+  the audit log in the same transaction (:data:`KEY_EVENTS`; deployment-wide events go
+  to the reserved tenant :data:`DEPLOYMENT_TENANT`).
 
 Configuration, rotation, providers and the threat model: ``docs/security/keys.md``.
 """
 
 from __future__ import annotations
 
+from tensafe.keys._audit import DEPLOYMENT_TENANT, KEY_EVENTS, KeyEventSpec
 from tensafe.keys._config import KeySettings, check_passphrase, open_provider
 from tensafe.keys._local import LocalKekProvider
 from tensafe.keys._manager import DekInfo, KekRotation, KeyManager
@@ -27,10 +30,13 @@ from tensafe.keys.errors import (
 )
 
 __all__ = [
+    "DEPLOYMENT_TENANT",
+    "KEY_EVENTS",
     "DekInfo",
     "KekProvider",
     "KekRotation",
     "KeyConfigurationError",
+    "KeyEventSpec",
     "KeyManagementError",
     "KeyManager",
     "KeyNotFoundError",

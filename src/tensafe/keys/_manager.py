@@ -20,6 +20,7 @@ from tensafe.crypto.aead import open_sealed, seal
 from tensafe.crypto.errors import CryptoError
 from tensafe.crypto.signing import HybridSigningKey, HybridVerifyingKey
 from tensafe.db import Tenant, utcnow
+from tensafe.keys._audit import DEFAULT_ACTOR, DEPLOYMENT_TENANT, record_key_event
 from tensafe.keys._config import KeySettings, open_provider
 from tensafe.keys._provider import KekProvider
 from tensafe.keys.errors import (
@@ -78,19 +79,34 @@ class KeyManager:
     :class:`tensafe.storage.EncryptedArtifactStore`. Unwrapped DEKs are cached in
     memory (keyed by the wrapped blob), but the database row is read on every call, so a
     tenant shredded by another process is refused immediately.
+
+    Every key change (DEK created or rotated, tenant shredded, KEK rotated and keys
+    re-wrapped, deployment signing key created) appends an audit record in the same
+    database transaction as the change; there is no way to turn this off. See
+    ``docs/audit.md`` ("Event ids") for the events and their details.
     """
 
-    def __init__(self, engine: Engine, provider: KekProvider, *, production: bool = False) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        provider: KekProvider,
+        *,
+        production: bool = False,
+        actor: str = DEFAULT_ACTOR,
+    ) -> None:
         """Create a manager.
 
         Args:
             engine: Database engine; the schema must be migrated (``tensafe db upgrade``).
             provider: The deployment's KEK provider.
             production: Whether production rules apply (used by :meth:`from_environment`).
+            actor: Who the audit records name as acting (an identifier such as
+                ``user:alice`` or ``service:api``, never a credential).
         """
         self._engine = engine
         self._provider = provider
         self._production = production
+        self._actor = actor
         self._cache: OrderedDict[tuple[str, int, int, bytes], bytes] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -104,6 +120,7 @@ class KeyManager:
         *,
         engine: Engine | None = None,
         create: bool | None = None,
+        actor: str = DEFAULT_ACTOR,
     ) -> KeyManager:
         """Build a manager from ``TS_*`` variables and ``DATABASE_URL``.
 
@@ -115,6 +132,7 @@ class KeyManager:
             env: Environment to read (default :data:`os.environ`).
             engine: Database engine (default: from ``DATABASE_URL``).
             create: Create a missing KEK (default: in development only).
+            actor: Who the audit records name as acting.
 
         Raises:
             KeyConfigurationError: Missing or weak configuration, or an unmigrated database.
@@ -129,12 +147,17 @@ class KeyManager:
         if not inspect(engine).has_table("tenant_deks"):
             raise KeyConfigurationError("the database has no key tables; run 'tensafe db upgrade' first")
         provider = open_provider(settings, create=(not settings.production) if create is None else create)
-        return cls(engine, provider, production=settings.production)
+        return cls(engine, provider, production=settings.production, actor=actor)
 
     @property
     def provider(self) -> KekProvider:
         """The KEK provider."""
         return self._provider
+
+    @property
+    def actor(self) -> str:
+        """The actor named in this manager's audit records."""
+        return self._actor
 
     @property
     def engine(self) -> Engine:
@@ -196,6 +219,23 @@ class KeyManager:
             for key in [k for k in self._cache if k[0] == tenant]:
                 del self._cache[key]
 
+    def _audit_dek(self, session: Session, event: str, row: TenantDek, *, retired: list[int]) -> None:
+        details: dict[str, Any] = {
+            "dek_version": row.version,
+            "kek_provider": row.kek_provider,
+            "kek_version": row.kek_version,
+        }
+        if event == "keys.dek.rotated":
+            details["retired_versions"] = retired
+        record_key_event(
+            session,
+            event,
+            tenant=row.tenant_id,
+            actor=self._actor,
+            resource=f"dek/{row.tenant_id}/{row.version}",
+            details=details,
+        )
+
     def _new_dek_row(self, session: Session, tenant: str, version: int) -> tuple[TenantDek, bytes]:
         dek = secrets.token_bytes(DEK_BYTES)
         kek_version, blob = self._provider.wrap(dek)
@@ -236,6 +276,7 @@ class KeyManager:
                         if self._has_destroyed(session, tenant):
                             raise _shredded(tenant)
                         row, dek = self._new_dek_row(session, tenant, self._max_version(session, tenant) + 1)
+                        self._audit_dek(session, "keys.dek.created", row, retired=[])
                         _log.info("created DEK version %d for tenant %s", row.version, tenant)
                         return row.version, dek
                     version, kek_version, blob, provider = (
@@ -310,12 +351,15 @@ class KeyManager:
             self._check_tenant(session, tenant)
             if self._has_destroyed(session, tenant):
                 raise _shredded(tenant)
+            retired: list[int] = []
             for row in session.execute(
                 select(TenantDek).where(TenantDek.tenant_id == tenant, TenantDek.state == "active")
             ).scalars():
                 row.state = "retired"
+                retired.append(row.version)
             row, _dek = self._new_dek_row(session, tenant, self._max_version(session, tenant) + 1)
             version = row.version
+            self._audit_dek(session, "keys.dek.rotated", row, retired=sorted(retired))
         _log.info("rotated tenant %s to DEK version %d", tenant, version)
         return version
 
@@ -364,14 +408,28 @@ class KeyManager:
                 raise KeyNotFoundError(f"unknown tenant {tenant!r}")
             rows = list(session.execute(select(TenantDek).where(TenantDek.tenant_id == tenant)).scalars())
             count = 0
+            destroyed: list[int] = []
             for row in rows:
                 if row.state != "destroyed":
                     count += 1
+                    destroyed.append(row.version)
                     row.destroyed_at = now
                 row.wrapped_dek = None
                 row.state = "destroyed"
             if tenant_row.deleted_at is None:
                 tenant_row.deleted_at = now
+            record_key_event(
+                session,
+                "keys.tenant.shredded",
+                tenant=tenant,
+                actor=self._actor,
+                resource=f"tenant/{tenant}",
+                details={
+                    "destroyed_versions": sorted(destroyed),
+                    "destroyed_count": count,
+                    "artifacts_deleted": store is not None,
+                },
+            )
         if self._engine.dialect.name == "sqlite":
             # Move the overwritten pages out of the WAL into the main file and truncate the
             # WAL, so the erased wrapped keys do not linger in the -wal file.
@@ -399,12 +457,29 @@ class KeyManager:
         """
         previous = self._provider.current_version
         new = self._provider.rotate()
+        with self._session() as session:
+            record_key_event(
+                session,
+                "keys.kek.rotated",
+                tenant=DEPLOYMENT_TENANT,
+                actor=self._actor,
+                resource=f"kek/{self._provider.name}",
+                details={
+                    "kek_provider": self._provider.name,
+                    "previous_version": previous,
+                    "new_version": new,
+                },
+            )
         count = self.rewrap_all()
         _log.warning("rotated the KEK from version %d to %d; re-wrapped %d key(s)", previous, new, count)
         return KekRotation(previous_version=previous, new_version=new, rewrapped=count)
 
     def rewrap_all(self, *, batch_size: int = 100) -> int:
-        """Re-wrap every live key still under an older KEK version; returns how many."""
+        """Re-wrap every live key still under an older KEK version; returns how many.
+
+        When any key was re-wrapped, a ``keys.kek.rewrapped`` audit record with the total
+        commits together with the last batch.
+        """
         target = self._provider.current_version
         total = 0
         while True:
@@ -431,6 +506,15 @@ class KeyManager:
                 self._check_provider(key.kek_provider)
                 key.kek_version, key.wrapped_key = self._provider.rewrap(key.kek_version, key.wrapped_key)
                 total += 1
+            if total:
+                record_key_event(
+                    session,
+                    "keys.kek.rewrapped",
+                    tenant=DEPLOYMENT_TENANT,
+                    actor=self._actor,
+                    resource=f"kek/{self._provider.name}",
+                    details={"kek_provider": self._provider.name, "kek_version": target, "rewrapped": total},
+                )
         return total
 
     # -- deployment signing key ---------------------------------------------------------
@@ -505,6 +589,21 @@ class KeyManager:
                     sealed_private=sealed,
                     created_at=utcnow(),
                 )
+            )
+            session.flush()  # a concurrent creator fails here, before the audit record
+            record_key_event(
+                session,
+                "keys.deployment_key.created",
+                tenant=DEPLOYMENT_TENANT,
+                actor=self._actor,
+                resource=f"deployment-key/{SIGNING_KEY_NAME}",
+                details={
+                    "name": SIGNING_KEY_NAME,
+                    "kind": _SIGNING_KIND,
+                    "key_id": key.key_id,
+                    "kek_provider": self._provider.name,
+                    "kek_version": kek_version,
+                },
             )
         _log.info("created the deployment signing key %s", key.key_id)
         return key

@@ -4,7 +4,9 @@ A package carries a PEFT adapter, a canonical-JSON manifest, training evidence a
 certificate. Hybrid Ed25519 + ML-DSA-65 signatures cover everything but the payload; the payload
 is STREAM-encrypted under a content key wrapped for each recipient with hybrid
 X25519 + ML-KEM-768. Verification trusts only keys the caller supplies, enforces expiry,
-rollback protection and an optional Rego policy, all before anything is decrypted.
+rollback protection and an optional Rego policy, all before anything is decrypted. Every
+verify/unpack decision can be sent as a structured :class:`PackageEvent` to an audit sink
+(:class:`AuditLogSink` writes to :mod:`tensafe.audit`).
 
 Example:
     >>> from tensafe.package import pack, verify, unpack, RollbackState  # doctest: +SKIP
@@ -16,6 +18,7 @@ Example:
 
 from __future__ import annotations
 
+from tensafe.package._audit import PACKAGE_EVENTS, AuditLogSink, AuditSink, PackageAuditError, PackageEvent
 from tensafe.package._format import FORMAT_VERSION
 from tensafe.package._manifest import FileEntry
 from tensafe.package._open import POLICY_PACKAGE, inspect, unpack, verify
@@ -38,11 +41,16 @@ from tensafe.package.errors import (
 
 __all__ = [
     "FORMAT_VERSION",
+    "PACKAGE_EVENTS",
     "POLICY_PACKAGE",
+    "AuditLogSink",
+    "AuditSink",
     "FileEntry",
     "NotARecipientError",
+    "PackageAuditError",
     "PackageDecryptionError",
     "PackageError",
+    "PackageEvent",
     "PackageExpiredError",
     "PackageFormatError",
     "PackageInfo",

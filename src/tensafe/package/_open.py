@@ -11,7 +11,7 @@ import tempfile
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Literal
 
 from tensafe.crypto import CryptoError, DecryptionError
 from tensafe.crypto.aead import open_sealed
@@ -19,6 +19,7 @@ from tensafe.crypto.kdf import hkdf_sha256
 from tensafe.crypto.kem import HybridKemPrivateKey
 from tensafe.crypto.signing import HybridVerifyingKey
 from tensafe.crypto.stream import decrypt_stream
+from tensafe.package._audit import AuditSink, PackageAuditError, PackageEvent, emit
 from tensafe.package._format import (
     LABEL_CONTENT_KEY_WRAP,
     LABEL_KEY_COMMITMENT,
@@ -87,6 +88,43 @@ def _info(header: ParsedHeader, *, verified: bool, trusted: Sequence[str]) -> Pa
         verified=verified,
         trusted_signers=tuple(trusted),
         manifest=m.document,
+    )
+
+
+def _ids(seen: list[ParsedHeader]) -> dict[str, Any]:
+    if not seen:
+        return {}
+    m = seen[-1].manifest
+    return {"package": m.name, "version": m.version, "header_sha256": seen[-1].header_hash.hex()}
+
+
+def _refused(
+    audit: AuditSink | None,
+    exc: PackageError,
+    operation: Literal["verify", "unpack"],
+    seen: list[ParsedHeader],
+) -> None:
+    """Record a refusal (the caller re-raises ``exc``); a failing sink raises PackageAuditError."""
+    if not isinstance(exc, PackageAuditError):
+        emit(audit, PackageEvent.from_error(exc, operation=operation, **_ids(seen)), cause=exc)
+
+
+def _accepted(
+    audit: AuditSink | None,
+    operation: Literal["verify", "unpack"],
+    seen: list[ParsedHeader],
+    trusted: Sequence[str],
+) -> None:
+    m = seen[-1].manifest
+    emit(
+        audit,
+        PackageEvent.create(
+            f"tssp.{operation}.accepted",
+            operation=operation,
+            message=f"{operation} accepted {m.name} {m.version}",
+            trusted_signers=tuple(trusted),
+            **_ids(seen),
+        ),
     )
 
 
@@ -190,6 +228,7 @@ def verify(
     policy: Policy | None = None,
     threshold: int = 1,
     now: datetime | None = None,
+    audit: AuditSink | None = None,
 ) -> PackageInfo:
     """Verify a package's header: format, signatures, trust, expiry, rollback and policy.
 
@@ -203,6 +242,9 @@ def verify(
         policy: A compiled Rego policy in ``package tensafe.tssp``, or ``None``.
         threshold: Minimum number of distinct trusted signers (the manifest's threshold also applies).
         now: The current time (default: the system clock).
+        audit: Receives a :class:`~tensafe.package.PackageEvent` for the decision
+            (``tssp.verify.accepted`` or the refusal); ``None`` records nothing. If it
+            raises, the package is not accepted (:class:`~tensafe.package.PackageAuditError`).
 
     Returns:
         The verified package description.
@@ -210,11 +252,20 @@ def verify(
     Raises:
         PackageError: A subclass naming the first check that failed.
     """
-    with _open_package(Path(package)) as fh:
-        header = _parse(fh)
-    trusted = _verify_header(header, trust=trust, state=state, policy=policy, threshold=threshold, now=now)
-    if state is not None:
-        state.accept(header.manifest.name, header.manifest.version, header.header_hash.hex())
+    seen: list[ParsedHeader] = []
+    try:
+        with _open_package(Path(package)) as fh:
+            header = _parse(fh)
+        seen.append(header)
+        trusted = _verify_header(
+            header, trust=trust, state=state, policy=policy, threshold=threshold, now=now
+        )
+        _accepted(audit, "verify", seen, trusted)
+        if state is not None:
+            state.accept(header.manifest.name, header.manifest.version, header.header_hash.hex())
+    except PackageError as exc:
+        _refused(audit, exc, "verify", seen)
+        raise
     return _info(header, verified=True, trusted=trusted)
 
 
@@ -320,6 +371,7 @@ def unpack(
     policy: Policy | None = None,
     threshold: int = 1,
     now: datetime | None = None,
+    audit: AuditSink | None = None,
 ) -> PackageInfo:
     """Verify a package, then decrypt it into ``out_dir``, all or nothing.
 
@@ -338,6 +390,9 @@ def unpack(
         policy: A compiled Rego policy in ``package tensafe.tssp``, or ``None``.
         threshold: Minimum number of distinct trusted signers.
         now: The current time (default: the system clock).
+        audit: Receives a :class:`~tensafe.package.PackageEvent` for the decision
+            (``tssp.unpack.accepted``, sent before ``out_dir`` appears, or the refusal);
+            ``None`` records nothing. If it raises, nothing is unpacked.
 
     Returns:
         The verified package description.
@@ -345,13 +400,45 @@ def unpack(
     Raises:
         PackageError: A subclass naming the first check that failed; nothing is left on disk.
     """
-    out = Path(out_dir)
+    seen: list[ParsedHeader] = []
+    try:
+        return _unpack(
+            package,
+            Path(out_dir),
+            recipient_key=recipient_key,
+            trust=trust,
+            state=state,
+            policy=policy,
+            threshold=threshold,
+            now=now,
+            audit=audit,
+            seen=seen,
+        )
+    except PackageError as exc:
+        _refused(audit, exc, "unpack", seen)
+        raise
+
+
+def _unpack(
+    package: str | Path,
+    out: Path,
+    *,
+    recipient_key: HybridKemPrivateKey,
+    trust: Sequence[HybridVerifyingKey],
+    state: RollbackState | None,
+    policy: Policy | None,
+    threshold: int,
+    now: datetime | None,
+    audit: AuditSink | None,
+    seen: list[ParsedHeader],
+) -> PackageInfo:
     if out.exists() or out.is_symlink():
         raise PackageInputError(f"{out} already exists; unpack into a new directory")
     if not out.parent.is_dir():
         raise PackageInputError(f"parent directory {out.parent} does not exist")
     with _open_package(Path(package)) as fh:
         header = _parse(fh)
+        seen.append(header)
         trusted = _verify_header(
             header, trust=trust, state=state, policy=policy, threshold=threshold, now=now
         )
@@ -384,10 +471,11 @@ def unpack(
             _write_file(tmp / "evidence.json", header.evidence_bytes)
             if header.certificate_bytes:
                 _write_file(tmp / "dp_certificate.json", header.certificate_bytes)
-            if state is not None:
-                state.accept(header.manifest.name, header.manifest.version, header.header_hash.hex())
             if out.exists() or out.is_symlink():
                 raise PackageInputError(f"{out} appeared while unpacking; unpack into a new directory")
+            _accepted(audit, "unpack", seen, trusted)
+            if state is not None:
+                state.accept(header.manifest.name, header.manifest.version, header.header_hash.hex())
             os.rename(tmp, out)
         except PackageError:
             shutil.rmtree(tmp, ignore_errors=True)

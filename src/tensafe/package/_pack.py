@@ -8,15 +8,14 @@ import json
 import os
 import sys
 import tempfile
-from collections import deque
 from collections.abc import Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from tensafe.crypto.aead import seal
+from tensafe.crypto.hashing import ThreadedSha256
 from tensafe.crypto.kdf import hkdf_sha256
 from tensafe.crypto.kem import HybridKemPublicKey
 from tensafe.crypto.signing import HybridSigningKey
@@ -88,50 +87,29 @@ def build_evidence(
     }
 
 
-class _AsyncSha256:
-    """SHA-256 computed on a worker thread, so hashing overlaps reading, encrypting and writing.
-
-    ``hashlib`` releases the GIL for large buffers. Callers pass immutable ``bytes``; at most
-    ``_IN_FLIGHT`` chunks are queued, which bounds memory.
-    """
-
-    _IN_FLIGHT = 2
-
-    def __init__(self, pool: ThreadPoolExecutor) -> None:
-        self._digest = hashlib.sha256()
-        self._pool = pool
-        self._pending: deque[Future[None]] = deque()
-
-    def update(self, data: bytes) -> None:
-        self._pending.append(self._pool.submit(self._digest.update, data))
-        while len(self._pending) > self._IN_FLIGHT:
-            self._pending.popleft().result()
-
-    def hexdigest(self) -> str:
-        while self._pending:
-            self._pending.popleft().result()
-        return self._digest.hexdigest()
-
-
 def _identity(fd: int) -> tuple[int, ...]:
     """What changes when a file is replaced or written: device, inode, size, mtime and ctime."""
     st = os.fstat(fd)
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
-def _sha256_file(path: Path, pool: ThreadPoolExecutor) -> tuple[int, str, tuple[int, ...]]:
-    """Hash one file; also return its identity so the encryption pass can detect changes."""
-    digest = _AsyncSha256(pool)
+def _sha256_file(path: Path) -> tuple[int, str, tuple[int, ...]]:
+    """Hash one file; also return its identity so the encryption pass can detect changes.
+
+    The hash runs on a worker thread (:class:`~tensafe.crypto.hashing.ThreadedSha256`), so it
+    overlaps reading; ``read`` returns fresh immutable ``bytes``, so no buffer is reused.
+    """
     size = 0
-    with path.open("rb", buffering=0) as fh:
+    with ThreadedSha256() as digest, path.open("rb", buffering=0) as fh:
         before = _identity(fh.fileno())
         while data := fh.read(_READ):
             digest.update(data)
             size += len(data)
         after = _identity(fh.fileno())
+        hexdigest = digest.hexdigest()
     if before != after or after[2] != size:
         raise PackageInputError(f"{path} changed while it was being packed; pack again")
-    return size, digest.hexdigest(), after
+    return size, hexdigest, after
 
 
 def _read_json_object(path: Path, *, what: str) -> dict[str, Any]:
@@ -324,31 +302,28 @@ def pack(
         ) from None
 
     collected = _collect_files(adapter_dir)
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tssp-sha256") as pool:
-        return _pack(
-            adapter_dir,
-            out,
-            pool,
-            collected,
-            name=name,
-            version=version,
-            signing_keys=signing_keys,
-            recipients=recipients,
-            threshold=threshold,
-            expires_in=expires_in,
-            base_model_id=base_model_id,
-            base_model_sha256=base_model_sha256,
-            evidence=evidence,
-            dp_certificate=dp_certificate,
-            chunk_size=chunk_size,
-            now=now,
-        )
+    return _pack(
+        adapter_dir,
+        out,
+        collected,
+        name=name,
+        version=version,
+        signing_keys=signing_keys,
+        recipients=recipients,
+        threshold=threshold,
+        expires_in=expires_in,
+        base_model_id=base_model_id,
+        base_model_sha256=base_model_sha256,
+        evidence=evidence,
+        dp_certificate=dp_certificate,
+        chunk_size=chunk_size,
+        now=now,
+    )
 
 
 def _pack(
     adapter_dir: Path,
     out: Path,
-    pool: ThreadPoolExecutor,
     collected: list[tuple[Path, str]],
     *,
     name: str,
@@ -368,7 +343,7 @@ def _pack(
     identities: list[tuple[int, ...]] = []
     for full, rel in collected:
         try:
-            size, digest, ident = _sha256_file(full, pool)
+            size, digest, ident = _sha256_file(full)
         except OSError as exc:
             raise PackageInputError(f"cannot read {full}: {exc.strerror or exc}") from None
         entries.append(FileEntry(rel, size, digest))

@@ -13,6 +13,7 @@ import contextlib
 import os
 import re
 import secrets
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
@@ -71,6 +72,24 @@ class BlobBackend(abc.ABC):
             The number of bytes stored.
         """
 
+    @contextlib.contextmanager
+    def open_atomic(self, key: str) -> Iterator[BinaryIO]:
+        """Open a writer whose bytes become the blob under ``key`` when the block exits cleanly.
+
+        Writes are all-or-nothing as for :meth:`put_stream`: if the ``with`` block raises,
+        nothing is stored and any previous blob is untouched. ``write`` always writes
+        every byte it is given. This default spools to a temporary file and calls
+        :meth:`put_stream`; backends override it to write in place.
+
+        Args:
+            key: Blob key (see :func:`validate_key`).
+        """
+        validate_key(key)
+        with tempfile.TemporaryFile() as spool:
+            yield spool  # type: ignore[misc]
+            spool.seek(0)
+            self.put_stream(key, spool)  # type: ignore[arg-type]
+
     @abc.abstractmethod
     def get_stream(self, key: str) -> contextlib.AbstractContextManager[BinaryIO]:
         """Open the blob under ``key`` for reading.
@@ -90,6 +109,27 @@ class BlobBackend(abc.ABC):
     @abc.abstractmethod
     def list(self, prefix: str = "") -> Iterator[str]:
         """Yield the keys of complete blobs under ``prefix`` (a key prefix ending at a segment)."""
+
+
+class _FullWriter:
+    """Write-only view of an unbuffered file whose ``write`` never writes short."""
+
+    def __init__(self, raw: BinaryIO) -> None:
+        self._raw = raw
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        view = memoryview(data).cast("B")
+        total = len(view)
+        while view:
+            written = self._raw.write(view)
+            view = view[written:]
+        return total
+
+    def flush(self) -> None:
+        self._raw.flush()
 
 
 def _fsync_dir(path: Path) -> None:
@@ -154,6 +194,29 @@ class LocalFilesystemBackend(BlobBackend):
             raise
         _fsync_dir(directory)
         return total
+
+    @contextlib.contextmanager
+    def open_atomic(self, key: str) -> Iterator[BinaryIO]:
+        """See :meth:`BlobBackend.open_atomic`: a hidden temporary file, fsync, rename, fsync.
+
+        ``write`` goes straight to the file (no user-space buffer) and loops until every
+        byte is written.
+        """
+        path = self._path(key)
+        directory = path.parent
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        tmp = directory / f"{_TEMP_PREFIX}{path.name}.{secrets.token_hex(8)}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600)
+        try:
+            with os.fdopen(fd, "wb", buffering=0) as raw:
+                yield _FullWriter(raw)  # type: ignore[misc]
+                os.fsync(raw.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+            raise
+        _fsync_dir(directory)
 
     @contextlib.contextmanager
     def _open(self, key: str) -> Iterator[BinaryIO]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import json
 import os
@@ -19,8 +18,9 @@ from typing import BinaryIO, Protocol, runtime_checkable
 
 from tensafe.crypto.aead import open_sealed, seal
 from tensafe.crypto.errors import CryptoError
+from tensafe.crypto.hashing import ThreadedSha256
 from tensafe.crypto.kdf import hkdf_sha256
-from tensafe.crypto.stream import CHUNK_SIZE, StreamDecryptor, StreamEncryptor
+from tensafe.crypto.stream import CHUNK_SIZE, StreamDecryptor, decrypt_stream, encrypt_stream
 from tensafe.storage import _format
 from tensafe.storage._backend import BlobBackend
 from tensafe.storage._errors import ArtifactIntegrityError, StoreError
@@ -106,69 +106,49 @@ def _subkey(dek: bytes, header: _format.Header) -> bytes:
     )
 
 
-class _EncryptingReader(io.RawIOBase):
-    """Pulls plaintext from ``src`` and returns ``header | STREAM body | sealed trailer``."""
+class _HashingSource:
+    """Reads plaintext from ``src`` for the encryptor while hashing it on a worker thread.
 
-    def __init__(self, src: BinaryIO, key: bytes, header: _format.Header, body_ad: bytes) -> None:
-        super().__init__()
+    With a ``readinto`` source the plaintext lands directly in the encryptor's
+    preallocated buffers (no copy); every pending hash is waited for before a buffer is
+    refilled, so the worker never reads bytes that are being overwritten. A source with
+    only ``read`` returns fresh immutable ``bytes``: those are hashed as they are and
+    copied once into the encryptor's buffer.
+    """
+
+    def __init__(self, src: BinaryIO, digest: ThreadedSha256) -> None:
         self._src = src
-        self._key = key
-        self._ad = body_ad
-        self._trailer_len = header.trailer_len
-        self._enc = StreamEncryptor(key, associated_data=body_ad, chunk_size=header.chunk_size)
-        self._hash = hashlib.sha256()
-        self._size = 0
-        self._buf: bytes = header.raw
-        self._pos = 0
-        self._eof = False
+        self._digest = digest
+        self._readinto = getattr(src, "readinto", None)
+        self._extra = memoryview(b"")
+        self.size = 0
 
-    def readable(self) -> bool:
-        return True
-
-    def _fill(self) -> None:
-        while self._pos >= len(self._buf) and not self._eof:
-            self._buf = b""
-            self._pos = 0
-            block = self._src.read(_READ_BLOCK)
-            if block:
-                self._hash.update(block)
-                self._size += len(block)
-                self._buf = self._enc.update(block)
-            else:
-                final = self._enc.finalize()
-                trailer = seal(
-                    self._key,
-                    _TRAILER.pack(self._hash.digest(), self._size),
-                    label=_format.LABEL_TRAILER,
-                    associated_data=self._ad,
-                )
-                if len(trailer) != self._trailer_len:  # pragma: no cover - format invariant
-                    raise StoreError("internal error: trailer length mismatch")
-                self._buf = final + trailer
-                self._eof = True
-
-    def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
-        self._fill()
-        n = min(len(buffer), len(self._buf) - self._pos)
-        buffer[:n] = memoryview(self._buf)[self._pos : self._pos + n]
-        self._pos += n
+    def readinto(self, buffer: bytearray | memoryview) -> int:
+        view = memoryview(buffer).cast("B")
+        if self._readinto is not None:
+            self._digest.wait()
+            n = self._readinto(view)
+            if type(n) is not int:
+                raise StoreError("the artifact source is non-blocking and had no data; use a blocking stream")
+            if n:
+                self._digest.update(view[:n])
+        else:
+            if not self._extra:
+                data = self._src.read(len(view))
+                if type(data) is not bytes:  # a mutable buffer could change under the worker
+                    data = bytes(data)
+                if data:
+                    self._digest.update(data)
+                self._extra = memoryview(data)
+            n = min(len(view), len(self._extra))
+            # A source may return more than asked for: the rest is served by the next call.
+            view[:n] = self._extra[:n]
+            self._extra = self._extra[n:]
+        self.size += n
         return n
 
-    def read(self, size: int = -1) -> bytes:
-        """Return the next piece of output without an extra copy when it fits in ``size``."""
-        self._fill()
-        return _take(self, size)
 
-    @property
-    def sha256(self) -> str:
-        return self._hash.hexdigest()
-
-    @property
-    def size(self) -> int:
-        return self._size
-
-
-def _take(reader: _EncryptingReader | _DecryptingReader, size: int) -> bytes:
+def _take(reader: _DecryptingReader, size: int) -> bytes:
     buf, pos = reader._buf, reader._pos
     left = len(buf) - pos
     if left <= 0:
@@ -199,7 +179,7 @@ class _DecryptingReader(io.RawIOBase):
             self._dec = StreamDecryptor(key, associated_data=body_ad)
         except CryptoError:
             raise ArtifactIntegrityError() from None
-        self._hash = hashlib.sha256()
+        self._hash = ThreadedSha256()  # inputs are immutable bytes from the decryptor
         self._size = 0
         self._tail = b""
         self._buf = b""
@@ -259,6 +239,11 @@ class _DecryptingReader(io.RawIOBase):
         self._fill()
         return _take(self, size)
 
+    def close(self) -> None:
+        """Stop the hashing thread (also on failure)."""
+        self._hash.close()
+        super().close()
+
     @property
     def verified(self) -> bool:
         return self._done
@@ -270,6 +255,77 @@ class _DecryptingReader(io.RawIOBase):
     @property
     def size(self) -> int:
         return self._size
+
+
+class _BodyReader:
+    """Reads the STREAM body of a blob, holding back the last ``trailer_len`` bytes.
+
+    ``readinto`` fills the caller's buffer directly from the blob stream; only the few
+    bytes of the trailer candidate are copied. After EOF, :attr:`trailer` holds what
+    should be the sealed trailer (shorter if the blob was truncated).
+    """
+
+    def __init__(self, src: BinaryIO, trailer_len: int) -> None:
+        self._src = src
+        self._n = trailer_len
+        self._tail = b""
+        self._eof = False
+
+    @property
+    def trailer(self) -> bytes:
+        return self._tail
+
+    def _raw_into(self, view: memoryview) -> int:
+        readinto = getattr(self._src, "readinto", None)
+        if readinto is not None:
+            return int(readinto(view) or 0)
+        data = self._src.read(len(view))
+        view[: len(data)] = data
+        return len(data)
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:
+        view = memoryview(buffer).cast("B")
+        if not view:
+            return 0
+        if len(view) <= self._n:
+            # Too small to also hold back the trailer: go through a scratch buffer.
+            scratch = bytearray(len(view) + self._n)
+            got = self.readinto(scratch)
+            view[:got] = scratch[:got]
+            return got
+        got = len(self._tail)
+        view[:got] = self._tail
+        while got <= self._n and not self._eof:
+            n = self._raw_into(view[got:])
+            if n == 0:
+                self._eof = True
+            got += n
+        if got <= self._n:
+            self._tail = bytes(view[:got])
+            return 0
+        self._tail = bytes(view[got - self._n : got])
+        return got - self._n
+
+
+class _HashingSink:
+    """Passes verified plaintext to ``dst`` while hashing it on a worker thread.
+
+    The decryptor reuses its output buffer for the next chunk, so :meth:`write` waits
+    for the hash before returning; the hash still overlaps ``dst.write``.
+    """
+
+    def __init__(self, dst: BinaryIO | None, digest: ThreadedSha256) -> None:
+        self._dst = dst
+        self._digest = digest
+        self.size = 0
+
+    def write(self, data: bytes | memoryview) -> int:
+        self._digest.update(data)
+        if self._dst is not None:
+            self._dst.write(data)
+        self._digest.wait()
+        self.size += len(data)
+        return len(data)
 
 
 class EncryptedArtifactStore:
@@ -362,16 +418,37 @@ class EncryptedArtifactStore:
         )
         header = _format.Header(**{**header.__dict__, "raw": _format.encode_header(header)})
         body_ad = _format.associated_data(tenant, artifact_id, dek_version, salt, header.digest)
-        reader = _EncryptingReader(src, subkey, header, body_ad)
-        self._backend.put_stream(key, reader)  # type: ignore[arg-type]
+        # header | STREAM body (preallocated buffers, AES-GCM into place) | sealed trailer,
+        # written straight to the backend's atomic writer; the plaintext SHA-256 runs on
+        # a worker thread, overlapping encryption and writing.
+        with ThreadedSha256() as digest, self._backend.open_atomic(key) as out:
+            source = _HashingSource(src, digest)
+            out.write(header.raw)
+            encrypt_stream(
+                subkey,
+                source,  # type: ignore[arg-type]
+                out,
+                associated_data=body_ad,
+                chunk_size=self._chunk_size,
+            )
+            sha256 = digest.digest()
+            trailer = seal(
+                subkey,
+                _TRAILER.pack(sha256, source.size),
+                label=_format.LABEL_TRAILER,
+                associated_data=body_ad,
+            )
+            if len(trailer) != trailer_len:  # pragma: no cover - format invariant
+                raise StoreError("internal error: trailer length mismatch")
+            out.write(trailer)
         return ArtifactInfo(
             tenant=tenant,
             artifact_id=artifact_id,
             kind=kind,
             metadata=MappingProxyType(dict(metadata or {})),
             dek_version=dek_version,
-            size=reader.size,
-            sha256=reader.sha256,
+            size=source.size,
+            sha256=sha256.hex(),
             created_at=created,
         )
 
@@ -404,14 +481,15 @@ class EncryptedArtifactStore:
         return header, subkey, meta
 
     @contextlib.contextmanager
-    def _reader(self, tenant: str, artifact_id: str) -> Iterator[tuple[_DecryptingReader, ArtifactInfo]]:
+    def _body(
+        self, tenant: str, artifact_id: str
+    ) -> Iterator[tuple[BinaryIO, _format.Header, bytes, bytes, ArtifactInfo]]:
         key = self._key(tenant, artifact_id)
         with self._backend.get_stream(key) as stream:
             header, subkey, meta = self._open_header(tenant, artifact_id, stream)
             body_ad = _format.associated_data(
                 tenant, artifact_id, header.dek_version, header.salt, header.digest
             )
-            reader = _DecryptingReader(stream, subkey, header, body_ad)
             info = ArtifactInfo(
                 tenant=tenant,
                 artifact_id=artifact_id,
@@ -420,27 +498,52 @@ class EncryptedArtifactStore:
                 dek_version=header.dek_version,
                 created_at=datetime.strptime(header.created_at, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC),
             )
-            yield reader, info
+            yield stream, header, subkey, body_ad, info
+
+    @contextlib.contextmanager
+    def _reader(self, tenant: str, artifact_id: str) -> Iterator[tuple[_DecryptingReader, ArtifactInfo]]:
+        with self._body(tenant, artifact_id) as (stream, header, subkey, body_ad, info):
+            reader = _DecryptingReader(stream, subkey, header, body_ad)
+            try:
+                yield reader, info
+            finally:
+                reader.close()
+
+    def _decrypt_to(self, tenant: str, artifact_id: str, dst: BinaryIO | None) -> ArtifactInfo:
+        """Decrypt into ``dst`` (or nowhere) with preallocated buffers; verify the trailer."""
+        with self._body(tenant, artifact_id) as (stream, header, subkey, body_ad, info):
+            body = _BodyReader(stream, header.trailer_len)
+            with ThreadedSha256(max_in_flight=1) as digest:
+                sink = _HashingSink(dst, digest)
+                try:
+                    decrypt_stream(subkey, body, sink, associated_data=body_ad)  # type: ignore[arg-type]
+                    if len(body.trailer) != header.trailer_len:
+                        raise ArtifactIntegrityError()
+                    sealed = open_sealed(
+                        subkey, body.trailer, label=_format.LABEL_TRAILER, associated_data=body_ad
+                    )
+                    want, size = _TRAILER.unpack(sealed)
+                except (CryptoError, ValueError, struct.error):
+                    raise ArtifactIntegrityError() from None
+                got = digest.digest()
+            if not secrets.compare_digest(want, got) or size != sink.size:
+                raise ArtifactIntegrityError()
+            return ArtifactInfo(**{**info.__dict__, "size": sink.size, "sha256": got.hex()})
 
     def get(self, tenant: str, artifact_id: str, dst: BinaryIO) -> ArtifactInfo:
         """Decrypt an artifact into ``dst``, verifying every chunk and the trailer.
 
         Chunks are written as they authenticate; if a later check fails the error is
         raised after ``dst`` has received a verified prefix. Use :meth:`get_to_path`
-        for all-or-nothing output.
+        for all-or-nothing output. The blob is read into and decrypted in preallocated
+        buffers, and the plaintext SHA-256 runs on a worker thread.
 
         Raises:
             ArtifactNotFoundError: No such artifact.
             ArtifactIntegrityError: The stored artifact was modified, truncated,
                 swapped or is malformed (one opaque error for every cause).
         """
-        with self._reader(tenant, artifact_id) as (reader, info):
-            while True:
-                block = reader.read(-1)  # the next verified piece (at most a few chunks)
-                if not block:
-                    break
-                dst.write(block)
-            return _finish(reader, info)
+        return self._decrypt_to(tenant, artifact_id, dst)
 
     def get_to_path(self, tenant: str, artifact_id: str, path: str | os.PathLike[str]) -> ArtifactInfo:
         """Decrypt an artifact to ``path`` atomically (temp file, fsync, rename; mode 0600).
@@ -486,10 +589,7 @@ class EncryptedArtifactStore:
         This decrypts the artifact (discarding the plaintext) so the returned size and
         hash are ones that verified.
         """
-        with self._reader(tenant, artifact_id) as (reader, info):
-            while reader.read(-1):
-                pass
-            return _finish(reader, info)
+        return self._decrypt_to(tenant, artifact_id, None)
 
     def exists(self, tenant: str, artifact_id: str) -> bool:
         """Whether a complete blob exists for the artifact (does not verify it)."""
@@ -508,9 +608,3 @@ class EncryptedArtifactStore:
             if name.endswith(_SUFFIX) and "/" not in name:
                 ids.append(name[: -len(_SUFFIX)])
         return sorted(ids)
-
-
-def _finish(reader: _DecryptingReader, info: ArtifactInfo) -> ArtifactInfo:
-    if not reader.verified:  # pragma: no cover - read() raises before this
-        raise ArtifactIntegrityError()
-    return ArtifactInfo(**{**info.__dict__, "size": reader.size, "sha256": reader.sha256})

@@ -1,0 +1,243 @@
+"""``RestClient``: training runs, checkpoints, sessions, and TenSafe's audit and artifacts."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
+from urllib.parse import quote
+
+from pydantic import BaseModel
+
+from tensafe.client._futures import APIFuture
+from tensafe.client._http import Transport, resolve_api_key, resolve_base_url
+from tensafe.client.types import (
+    ArtifactsResponse,
+    AuditRecordsResponse,
+    AuditVerification,
+    CheckpointsListResponse,
+    GetSessionResponse,
+    ListSessionsResponse,
+    PrivacyReport,
+    ServerCapabilities,
+    TrainingRun,
+    TrainingRunsResponse,
+)
+
+__all__ = ["RestClient"]
+
+M = TypeVar("M", bound=BaseModel)
+T = TypeVar("T")
+
+
+def _segment(value: str) -> str:
+    return quote(value, safe=":")
+
+
+def run_id_of(tinker_path: str) -> str:
+    """Return the training run id of ``tinker://<run>/<kind>/<name>``.
+
+    Raises:
+        ValueError: The path does not have that form.
+    """
+    if not tinker_path.startswith("tinker://"):
+        raise ValueError(f"not a tinker:// path: {tinker_path[:80]!r}")
+    parts = tinker_path[len("tinker://") :].split("/")
+    if len(parts) != 3 or not all(parts):
+        raise ValueError("a tinker:// path has the form tinker://<run>/<kind>/<name>")
+    return parts[0]
+
+
+class RestClient:
+    """Read-only views of the tenant's resources. Sync methods return futures, ``*_async`` values.
+
+    Args:
+        base_url: Server URL (default ``$TENSAFE_BASE_URL``, then ``http://127.0.0.1:8000``).
+        api_key: API key (default ``$TENSAFE_API_KEY``).
+        default_headers_overrides: Extra headers sent with every request.
+        timeout: Read timeout of one HTTP request in seconds.
+        max_retries: Retries after a connection error or a 5xx answer.
+    """
+
+    def __init__(
+        self,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        *,
+        default_headers_overrides: Mapping[str, str] | None = None,
+        timeout: float = 60.0,
+        max_retries: int = 5,
+    ) -> None:
+        """Configure the client (nothing is sent yet)."""
+        self._transport = Transport(
+            resolve_base_url(base_url),
+            resolve_api_key(api_key),
+            timeout=timeout,
+            max_retries=max_retries,
+            headers=default_headers_overrides,
+        )
+        self._executor = concurrent.futures.ThreadPoolExecutor(8, thread_name_prefix="tensafe-rest")
+
+    def __repr__(self) -> str:
+        return f"RestClient(base_url={self._transport.base_url!r})"
+
+    def close(self) -> None:
+        """Release the connection pool and the threads."""
+        self._executor.shutdown(wait=False)
+        self._transport.close()
+
+    def __enter__(self) -> RestClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _get(self, path: str, model: type[M], **params: Any) -> M:
+        return self._transport.call(
+            "GET", path, model, params={k: v for k, v in params.items() if v is not None} or None
+        )
+
+    def _future(self, fn: Callable[[], T]) -> APIFuture[T]:
+        return APIFuture(self._executor, lambda _cancelled: fn())
+
+    # -- Tinker's REST calls -------------------------------------------------------------
+
+    def _capabilities(self) -> ServerCapabilities:
+        return self._get("api/v1/get_server_capabilities", ServerCapabilities)
+
+    def get_server_capabilities(self) -> APIFuture[ServerCapabilities]:
+        """The base models this server can train."""
+        return self._future(self._capabilities)
+
+    async def get_server_capabilities_async(self) -> ServerCapabilities:
+        """Async twin of :meth:`get_server_capabilities`."""
+        return await asyncio.to_thread(self._capabilities)
+
+    def _runs(self, limit: int, offset: int) -> TrainingRunsResponse:
+        return self._get("api/v1/training_runs", TrainingRunsResponse, limit=limit, offset=offset)
+
+    def list_training_runs(self, limit: int = 20, offset: int = 0) -> APIFuture[TrainingRunsResponse]:
+        """The tenant's training runs, newest first."""
+        return self._future(lambda: self._runs(limit, offset))
+
+    async def list_training_runs_async(self, limit: int = 20, offset: int = 0) -> TrainingRunsResponse:
+        """Async twin of :meth:`list_training_runs`."""
+        return await asyncio.to_thread(self._runs, limit, offset)
+
+    def _run(self, training_run_id: str) -> TrainingRun:
+        return self._get(f"api/v1/training_runs/{_segment(training_run_id)}", TrainingRun)
+
+    def get_training_run(self, training_run_id: str) -> APIFuture[TrainingRun]:
+        """One training run (``NotFoundError`` for unknown runs and other tenants' runs)."""
+        return self._future(lambda: self._run(training_run_id))
+
+    async def get_training_run_async(self, training_run_id: str) -> TrainingRun:
+        """Async twin of :meth:`get_training_run`."""
+        return await asyncio.to_thread(self._run, training_run_id)
+
+    def get_training_run_by_tinker_path(self, tinker_path: str) -> APIFuture[TrainingRun]:
+        """The training run a ``tinker://`` path belongs to."""
+        run_id = run_id_of(tinker_path)
+        return self._future(lambda: self._run(run_id))
+
+    async def get_training_run_by_tinker_path_async(self, tinker_path: str) -> TrainingRun:
+        """Async twin of :meth:`get_training_run_by_tinker_path`."""
+        return await asyncio.to_thread(self._run, run_id_of(tinker_path))
+
+    def _checkpoints(self, training_run_id: str) -> CheckpointsListResponse:
+        return self._get(
+            f"api/v1/training_runs/{_segment(training_run_id)}/checkpoints", CheckpointsListResponse
+        )
+
+    def list_checkpoints(self, training_run_id: str) -> APIFuture[CheckpointsListResponse]:
+        """Checkpoints of one run."""
+        return self._future(lambda: self._checkpoints(training_run_id))
+
+    async def list_checkpoints_async(self, training_run_id: str) -> CheckpointsListResponse:
+        """Async twin of :meth:`list_checkpoints`."""
+        return await asyncio.to_thread(self._checkpoints, training_run_id)
+
+    def _user_checkpoints(self, limit: int, offset: int) -> CheckpointsListResponse:
+        return self._get("api/v1/checkpoints", CheckpointsListResponse, limit=limit, offset=offset)
+
+    def list_user_checkpoints(self, limit: int = 100, offset: int = 0) -> APIFuture[CheckpointsListResponse]:
+        """Checkpoints across the tenant's runs, newest first."""
+        return self._future(lambda: self._user_checkpoints(limit, offset))
+
+    async def list_user_checkpoints_async(self, limit: int = 100, offset: int = 0) -> CheckpointsListResponse:
+        """Async twin of :meth:`list_user_checkpoints`."""
+        return await asyncio.to_thread(self._user_checkpoints, limit, offset)
+
+    def _sessions(self, limit: int, offset: int) -> ListSessionsResponse:
+        return self._get("api/v1/sessions", ListSessionsResponse, limit=limit, offset=offset)
+
+    def list_sessions(self, limit: int = 20, offset: int = 0) -> APIFuture[ListSessionsResponse]:
+        """The tenant's session ids, newest first."""
+        return self._future(lambda: self._sessions(limit, offset))
+
+    async def list_sessions_async(self, limit: int = 20, offset: int = 0) -> ListSessionsResponse:
+        """Async twin of :meth:`list_sessions`."""
+        return await asyncio.to_thread(self._sessions, limit, offset)
+
+    def _session(self, session_id: str) -> GetSessionResponse:
+        return self._get(f"api/v1/sessions/{_segment(session_id)}", GetSessionResponse)
+
+    def get_session(self, session_id: str) -> APIFuture[GetSessionResponse]:
+        """One session and its training runs."""
+        return self._future(lambda: self._session(session_id))
+
+    async def get_session_async(self, session_id: str) -> GetSessionResponse:
+        """Async twin of :meth:`get_session`."""
+        return await asyncio.to_thread(self._session, session_id)
+
+    # -- TenSafe additions ---------------------------------------------------------------
+
+    def _audit(self, limit: int) -> AuditRecordsResponse:
+        return self._get("api/v1/tensafe/audit/records", AuditRecordsResponse, limit=limit)
+
+    def list_audit_records(self, limit: int = 100) -> APIFuture[AuditRecordsResponse]:
+        """The newest ``limit`` records of the tenant's audit chain (oldest first)."""
+        return self._future(lambda: self._audit(limit))
+
+    async def list_audit_records_async(self, limit: int = 100) -> AuditRecordsResponse:
+        """Async twin of :meth:`list_audit_records`."""
+        return await asyncio.to_thread(self._audit, limit)
+
+    def _verify(self) -> AuditVerification:
+        return self._get("api/v1/tensafe/audit/verify", AuditVerification)
+
+    def verify_audit(self) -> APIFuture[AuditVerification]:
+        """Have the server verify the tenant's audit chain and its signed checkpoints.
+
+        A broken chain is a result (``verified`` false, with the ``reason``), not an error.
+        For an independent check, export the chain with ``tensafe audit export`` and
+        verify the bundle offline.
+        """
+        return self._future(self._verify)
+
+    async def verify_audit_async(self) -> AuditVerification:
+        """Async twin of :meth:`verify_audit`."""
+        return await asyncio.to_thread(self._verify)
+
+    def _artifacts(self, limit: int, offset: int) -> ArtifactsResponse:
+        return self._get("api/v1/tensafe/artifacts", ArtifactsResponse, limit=limit, offset=offset)
+
+    def list_artifacts(self, limit: int = 100, offset: int = 0) -> APIFuture[ArtifactsResponse]:
+        """The tenant's encrypted artifacts and what references each one."""
+        return self._future(lambda: self._artifacts(limit, offset))
+
+    async def list_artifacts_async(self, limit: int = 100, offset: int = 0) -> ArtifactsResponse:
+        """Async twin of :meth:`list_artifacts`."""
+        return await asyncio.to_thread(self._artifacts, limit, offset)
+
+    def _privacy(self, training_run_id: str) -> PrivacyReport:
+        return self._get(f"api/v1/tensafe/training_runs/{_segment(training_run_id)}/privacy", PrivacyReport)
+
+    def get_privacy(self, training_run_id: str) -> APIFuture[PrivacyReport]:
+        """The privacy budget of a run (as ``TrainingClient.get_privacy``)."""
+        return self._future(lambda: self._privacy(training_run_id))
+
+    async def get_privacy_async(self, training_run_id: str) -> PrivacyReport:
+        """Async twin of :meth:`get_privacy`."""
+        return await asyncio.to_thread(self._privacy, training_run_id)

@@ -1,0 +1,76 @@
+"""Wire types of the TenSafe SDK, one module per type (names as in the Tinker SDK).
+
+Requests are strict (frozen, unknown fields refused); responses are tolerant (unknown
+fields ignored). The REST and model-info responses are the server's own models from
+:mod:`tensafe.protocol`.
+"""
+
+from __future__ import annotations
+
+from tensafe.client.types.adam_params import AdamParams
+from tensafe.client.types.artifact_info import ArtifactInfo, ArtifactsResponse
+from tensafe.client.types.audit_record import AuditRecord, AuditRecordsResponse
+from tensafe.client.types.audit_verification import AuditVerification
+from tensafe.client.types.datum import Datum
+from tensafe.client.types.encoded_text_chunk import EncodedTextChunk
+from tensafe.client.types.forward_backward_output import ForwardBackwardOutput
+from tensafe.client.types.load_weights_response import LoadWeightsResponse
+from tensafe.client.types.model_input import ModelInput
+from tensafe.client.types.optim_step_response import OptimStepResponse
+from tensafe.client.types.privacy_report import PrivacyReport
+from tensafe.client.types.sample_response import SampleResponse
+from tensafe.client.types.sampled_sequence import SampledSequence
+from tensafe.client.types.sampling_params import SamplingParams
+from tensafe.client.types.save_weights_for_sampler_response import SaveWeightsForSamplerResponse
+from tensafe.client.types.save_weights_response import SaveWeightsResponse
+from tensafe.client.types.tensor_data import TensorData
+from tensafe.protocol import (
+    Checkpoint,
+    CheckpointsListResponse,
+    Cursor,
+    GetInfoResponse,
+    GetSessionResponse,
+    ListSessionsResponse,
+    LoraConfig,
+    ModelData,
+    OptimizerConfig,
+    ServerCapabilities,
+    SupportedModel,
+    TrainingRun,
+    TrainingRunsResponse,
+)
+
+__all__ = [
+    "AdamParams",
+    "ArtifactInfo",
+    "ArtifactsResponse",
+    "AuditRecord",
+    "AuditRecordsResponse",
+    "AuditVerification",
+    "Checkpoint",
+    "CheckpointsListResponse",
+    "Cursor",
+    "Datum",
+    "EncodedTextChunk",
+    "ForwardBackwardOutput",
+    "GetInfoResponse",
+    "GetSessionResponse",
+    "ListSessionsResponse",
+    "LoadWeightsResponse",
+    "LoraConfig",
+    "ModelData",
+    "ModelInput",
+    "OptimStepResponse",
+    "OptimizerConfig",
+    "PrivacyReport",
+    "SampleResponse",
+    "SampledSequence",
+    "SamplingParams",
+    "SaveWeightsForSamplerResponse",
+    "SaveWeightsResponse",
+    "ServerCapabilities",
+    "SupportedModel",
+    "TensorData",
+    "TrainingRun",
+    "TrainingRunsResponse",
+]

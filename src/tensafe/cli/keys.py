@@ -33,6 +33,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     status.add_argument("--json", action="store_true", help="print JSON")
     status.set_defaults(handler=_status)
 
+    export = sub.add_parser(
+        "export-public-key",
+        help="write the deployment signing PUBLIC key (for audit and package verification)",
+    )
+    export.add_argument("--out", required=True, help="output file (refuses to overwrite)")
+    export.set_defaults(handler=_export_public_key)
+
     rotate_kek = sub.add_parser("rotate-kek", help="create a new KEK version and re-wrap every stored key")
     rotate_kek.set_defaults(handler=_rotate_kek)
 
@@ -108,6 +115,27 @@ def _status(args: argparse.Namespace) -> int:
     print(f"DEKs by state: {json.dumps(status['deks_by_state'], sort_keys=True)}")
     print(f"live DEKs by KEK version: {json.dumps(status['live_deks_by_kek_version'], sort_keys=True)}")
     print(f"deployment signing key: {status['signing_key_id'] or '(none; run tensafe keys init)'}")
+    return 0
+
+
+def _export_public_key(args: argparse.Namespace) -> int:
+    import os
+    from pathlib import Path
+
+    from tensafe.keys import KeyManagementError
+
+    out = Path(args.out)
+    if out.exists():
+        raise KeyManagementError(f"{out} already exists; choose another path")
+    manager = _manager(create=False)
+    try:
+        public = manager.deployment_verifying_key()
+    finally:
+        manager.close()
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_bytes(public.public_bytes())
+    os.replace(tmp, out)
+    print(f"deployment signing public key {public.key_id} written to {out}")
     return 0
 
 

@@ -20,6 +20,8 @@ __all__ = ["build_parser", "main"]
 _COMMAND_MODULES: tuple[str, ...] = (
     "demo",
     "train",
+    "server",
+    "admin",
     "data",
     "privacy",
     "model",
@@ -57,6 +59,12 @@ def _configure_logging(verbosity: int) -> None:
     elif verbosity >= 2:
         level = logging.DEBUG
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    if verbosity == 0:
+        # dp_accounting logs every RDP order it excludes (which can only raise ε): noise for users.
+        logging.getLogger("absl").setLevel(logging.ERROR)
+        import warnings
+
+        warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers\..*")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

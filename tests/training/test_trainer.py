@@ -148,6 +148,9 @@ def test_dp_training_lowers_held_out_loss(tmp_path: pathlib.Path, tiny_model_dir
         ({"privacy__delta": 0.5}, "delta"),
         ({"training__batch_size": 10_000}, "batch_size"),
         ({"privacy__clip_norm": -1}, "clip_norm"),
+        ({"privacy__noise_multiplier": 0}, "noise_multiplier"),
+        ({"privacy__target_epsilon": 0.01}, "target"),
+        ({"model": "no-such-org/no-such-model"}, "no-such-org/no-such-model"),
     ],
 )
 def test_bad_config_is_one_line_error_and_leaves_nothing(
@@ -266,3 +269,14 @@ def test_lora_layers_config_validated(tmp_path: pathlib.Path, tiny_model_dir: pa
     path = _write_run(tmp_path, tiny_model_dir, lora={"rank": 2, "layers": [-1]})
     with pytest.raises(TrainingConfigError, match=r"lora\.layers"):
         load_config(path)
+
+
+def test_empty_dataset_is_one_line_error(
+    tmp_path: pathlib.Path, tiny_model_dir: pathlib.Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = _write_run(tmp_path, tiny_model_dir)
+    (tmp_path / "data" / "train.jsonl").write_text("", encoding="utf-8")
+    assert main(["train", str(path), "--no-progress"]) != 0
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("tensafe: error:") and "train.jsonl" in last
+    assert not (tmp_path / "run" / "adapter").exists()

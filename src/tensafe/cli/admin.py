@@ -43,6 +43,35 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     keys.add_argument("--tenant", required=True, metavar="NAME")
     keys.set_defaults(handler=_list_keys)
 
+    policy = commands.add_parser(
+        "set-privacy-policy",
+        help="set a tenant's privacy policy (combined with the operator's TS_DP_* floor, stricter wins)",
+    )
+    _add_url(policy)
+    policy.add_argument("--tenant", required=True, metavar="NAME")
+    policy.add_argument(
+        "--target-epsilon", type=float, required=True, metavar="E", help="ε budget of every run"
+    )
+    policy.add_argument("--delta", type=float, required=True, metavar="D", help="δ (below 1/N)")
+    policy.add_argument("--clip-norm", type=float, required=True, metavar="C", help="per-example clip norm")
+    policy.add_argument("--accountant", default="rdp", metavar="A", help="rdp (default), moments, pld or prv")
+    policy.add_argument(
+        "--allow-non-private",
+        action="store_true",
+        help="let this tenant's clients train without DP (only if the operator allows it too)",
+    )
+    policy.add_argument(
+        "--dataset-size", type=int, default=None, metavar="N", help="largest N a run may claim"
+    )
+    policy.add_argument("--expected-batch-size", type=int, default=None, metavar="B")
+    policy.add_argument("--max-steps", type=int, default=None, metavar="S")
+    policy.set_defaults(handler=_set_policy)
+
+    show = commands.add_parser("show-privacy-policy", help="show a tenant's privacy policy")
+    _add_url(show)
+    show.add_argument("--tenant", required=True, metavar="NAME")
+    show.set_defaults(handler=_show_policy)
+
     revoke = commands.add_parser("revoke-api-key", help="revoke an API key by its id (key_...)")
     _add_url(revoke)
     revoke.add_argument("key_id", metavar="KEY_ID")
@@ -166,3 +195,49 @@ def _revoke_key(args: argparse.Namespace) -> int:
         _audit(session, info.tenant, "admin.revoke_api_key", info.key_id)
     print(f"revoked API key {info.key_id} of tenant {info.tenant}")
     return 0
+
+
+def _set_policy(args: argparse.Namespace) -> int:
+    from tensafe.server.privacy import set_tenant_policy
+
+    with _session(args) as session:
+        row = set_tenant_policy(
+            session,
+            args.tenant,
+            target_epsilon=args.target_epsilon,
+            delta=args.delta,
+            clip_norm=args.clip_norm,
+            accountant=args.accountant,
+            allow_non_private=args.allow_non_private,
+            dataset_size=args.dataset_size,
+            expected_batch_size=args.expected_batch_size,
+            max_steps=args.max_steps,
+        )
+        summary = _policy_text(row)
+        _audit(session, args.tenant, "admin.set_privacy_policy", args.tenant, policy=summary)
+    print(f"privacy policy of tenant {args.tenant}: {summary}")
+    return 0
+
+
+def _show_policy(args: argparse.Namespace) -> int:
+    from tensafe.server.privacy import tenant_row
+
+    with _session(args) as session:
+        row = tenant_row(session, args.tenant)
+        text = "none (the operator's TS_DP_* defaults apply)" if row is None else _policy_text(row)
+    print(f"privacy policy of tenant {args.tenant}: {text}")
+    return 0
+
+
+def _policy_text(row: object) -> str:
+    fields = (
+        "target_epsilon",
+        "delta",
+        "clip_norm",
+        "accountant",
+        "allow_non_private",
+        "dataset_size",
+        "expected_batch_size",
+        "max_steps",
+    )
+    return " ".join(f"{name}={getattr(row, name)}" for name in fields)

@@ -12,10 +12,13 @@ __all__ = [
     "AdamParams",
     "ApiError",
     "Checkpoint",
+    "CheckpointName",
     "CheckpointsListResponse",
     "ClientConfigRequest",
     "CreateModelRequest",
     "CreateModelResponse",
+    "CreateSamplingSessionRequest",
+    "CreateSamplingSessionResponse",
     "CreateSessionRequest",
     "CreateSessionResponse",
     "Cursor",
@@ -26,11 +29,19 @@ __all__ = [
     "GetInfoResponse",
     "GetSessionResponse",
     "ListSessionsResponse",
+    "LoadWeightsRequest",
     "LoraConfig",
     "ModelData",
+    "ModelInputBody",
+    "ModelInputChunk",
     "OptimStepRequest",
     "OptimizerConfig",
     "RetrieveFutureRequest",
+    "SampleRequest",
+    "SamplerInfo",
+    "SamplingParams",
+    "SaveWeightsForSamplerRequest",
+    "SaveWeightsRequest",
     "ServerCapabilities",
     "SessionHeartbeatRequest",
     "SupportedModel",
@@ -39,6 +50,8 @@ __all__ = [
     "TrainingRunsResponse",
     "TryAgain",
     "UntypedFuture",
+    "WeightsInfoRequest",
+    "WeightsInfoResponse",
     "model_id_for",
 ]
 
@@ -347,3 +360,148 @@ class GetSessionResponse(_Response):
     sampler_ids: list[str]
     user_metadata: dict[str, Any] | None = None
     display_name: str | None = None
+
+
+# --------------------------------------------------------------------------- weights and sampling
+
+#: A checkpoint name: the last part of ``tinker://<run>/<kind>/<name>`` (no ``/``).
+CheckpointName = Annotated[
+    str, StringConstraints(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+]
+TinkerPath = Annotated[str, StringConstraints(min_length=1, max_length=700)]
+TtlSeconds = Annotated[int, Field(ge=3600, le=10 * 366 * 86400)]
+
+
+class SaveWeightsRequest(_Request):
+    """``save_state``: the full training state under ``tinker://<model>/weights/<path>``."""
+
+    model_id: Ident
+    path: CheckpointName | None = None
+    seq_id: SeqId
+    ttl_seconds: TtlSeconds | None = None
+    overwrite: bool = False
+    user_metadata: dict[str, str] | None = None
+    type: Literal["save_weights"] | None = None
+
+
+class SaveWeightsForSamplerRequest(_Request):
+    """Sampler weights: named (``path``) or an ephemeral sampling session."""
+
+    model_id: Ident
+    path: CheckpointName | None = None
+    sampling_session_seq_id: SeqId | None = None
+    kind: Literal["snapshot", "inflight"] = "snapshot"
+    seq_id: SeqId
+    ttl_seconds: TtlSeconds | None = None
+    user_metadata: dict[str, str] | None = None
+    type: Literal["save_weights_for_sampler"] | None = None
+
+
+class LoadWeightsRequest(_Request):
+    """Create a model from a ``weights`` checkpoint (or, legacy, load into an existing one)."""
+
+    model_id: Ident | None = None
+    seq_id: SeqId | None = None
+    session_id: Ident | None = None
+    model_seq_id: SeqId | None = None
+    base_model: Annotated[str, StringConstraints(max_length=500)] | None = None
+    user_metadata: dict[str, Any] | None = None
+    path: TinkerPath
+    optimizer: bool
+    optimizer_config: OptimizerConfig | None = None
+    weights_access_token: Annotated[str, StringConstraints(max_length=4000)] | None = None
+    type: Literal["load_weights"] | None = None
+
+
+class CreateSamplingSessionRequest(_Request):
+    """A sampling session on a base model or on ``sampler_weights``."""
+
+    session_id: Ident
+    sampling_session_seq_id: SeqId
+    base_model: Annotated[str, StringConstraints(max_length=500)] | None = None
+    model_path: TinkerPath | None = None
+    type: Literal["create_sampling_session"] | None = None
+
+
+class CreateSamplingSessionResponse(_Response):
+    """``{"sampling_session_id": ...}``."""
+
+    sampling_session_id: str
+    type: Literal["create_sampling_session"] = "create_sampling_session"
+
+
+class SamplerInfo(_Response):
+    """``GET /samplers/{id}``."""
+
+    sampler_id: str
+    base_model: str
+    model_path: str | None = None
+
+
+class ModelInputChunk(_Request):
+    """A prompt chunk; only ``encoded_text`` is meaningful for text models."""
+
+    type: Literal["encoded_text", "image", "image_asset_pointer", "audio"] = "encoded_text"
+    tokens: list[Annotated[int, Field(ge=0, le=2**31 - 1)]] = Field(
+        default_factory=list, max_length=1_000_000
+    )
+    data: Any = None
+    format: Any = None
+    location: Any = None
+    expected_tokens: Any = None
+
+
+class ModelInputBody(_Request):
+    """A prompt: a list of chunks."""
+
+    chunks: list[ModelInputChunk] = Field(max_length=10_000)
+
+
+class SamplingParams(_Request):
+    """Tinker's sampling parameters."""
+
+    max_tokens: Annotated[int, Field(ge=1, le=1_000_000)] | None = None
+    seed: Annotated[int, Field(ge=0, le=2**63 - 1)] | None = None
+    stop: str | list[str] | list[int] | None = None
+    temperature: Annotated[float, Field(ge=0, le=100, allow_inf_nan=False)] = 1.0
+    top_k: Annotated[int, Field(ge=-1)] = -1
+    top_p: Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)] = 1.0
+
+
+class SampleRequest(_Request):
+    """``/asample``: ``num_samples`` completions of ``prompt`` from a sampling session."""
+
+    num_samples: Annotated[int, Field(ge=1, le=128)] = 1
+    prompt: ModelInputBody
+    sampling_params: SamplingParams
+    base_model: Annotated[str, StringConstraints(max_length=500)] | None = None
+    model_path: TinkerPath | None = None
+    sampling_session_id: Ident | None = None
+    seq_id: Annotated[int, Field(ge=0, le=2**62)] | None = None
+    prompt_logprobs: bool | None = None
+    topk_prompt_logprobs: Annotated[int, Field(ge=0, le=64)] = 0
+    topk_sample_logprobs: Annotated[int, Field(ge=0)] = 0
+    target_prompt_logprobs: dict[str, Any] | None = None
+    prompt_alt_tokens_k: Annotated[int, Field(ge=0)] = 0
+    prompt_logprobs_last_n: Annotated[int, Field(ge=1)] | None = None
+    record_stability_info: bool | None = None
+    type: Literal["sample"] | None = None
+
+
+class WeightsInfoRequest(_Request):
+    """``POST /weights_info``."""
+
+    tinker_path: TinkerPath
+    type: str | None = None
+
+
+class WeightsInfoResponse(_Response):
+    """What a checkpoint holds."""
+
+    base_model: str
+    is_lora: bool
+    lora_rank: int | None = None
+    train_unembed: bool | None = None
+    train_mlp: bool | None = None
+    train_attn: bool | None = None
+    optimizer_config: dict[str, Any] | None = None

@@ -26,8 +26,16 @@ from tensafe.db import create_engine_from_url, current_revision, head_revision, 
 from tensafe.protocol.wire import WireFormatError, decode_forward_backward_request, message_bytes
 from tensafe.server.errors import BadRequestError, NotFoundError, ServerError
 from tensafe.server.jobs import OperationRegistry, Services, Worker, load_future, stage_payload, submit_future
-from tensafe.server.models import FutureRow, ServerSession, TrainingCheckpoint, TrainingModel
-from tensafe.server.ops import default_registry
+from tensafe.server.models import (
+    FutureRow,
+    SamplingSessionRow,
+    ServerSession,
+    TrainingCheckpoint,
+    TrainingModel,
+)
+from tensafe.server.ops import _UNSUPPORTED_SAMPLE_KNOBS, ComputeOps, parse_tinker_path
+from tensafe.server.privacy import client_request, effective_policy, tenant_row
+from tensafe.server.routes_tensafe import router as tensafe_router
 from tensafe.server.settings import ServerSettings
 from tensafe.server.tenants import Principal, authenticate
 from tensafe.storage import EncryptedArtifactStore, LocalFilesystemBackend
@@ -118,7 +126,8 @@ def create_app(
             ``settings.data_dir/artifacts`` with keys from ``key_manager``).
         key_manager: A :class:`tensafe.keys.KeyManager` (default: from the environment).
             Its deployment signing key signs the audit checkpoints.
-        registry: Operations the worker executes (default: :func:`ops.default_registry`).
+        registry: Operations the worker executes (default: a fresh :class:`ops.ComputeOps`
+            table; ``app.state.compute`` is that object).
 
     Returns:
         The application. Its worker thread (when ``settings.run_worker``) starts and
@@ -141,9 +150,10 @@ def create_app(
         catalog=settings.catalog,
     )
     waiters = _Waiters()
+    compute = ComputeOps(auto_checkpoint=settings.auto_checkpoint)
     worker = Worker(
         services,
-        registry or default_registry(),
+        registry or compute.registry(),
         lease_seconds=settings.lease_seconds,
         poll_interval=settings.poll_interval_seconds,
         notify=waiters.notify,
@@ -168,6 +178,7 @@ def create_app(
     )
     app.state.services = services
     app.state.worker = worker
+    app.state.compute = compute
     app.state.settings = settings
 
     _install_error_handlers(app)
@@ -293,10 +304,14 @@ def create_app(
     def create_model(body: p.CreateModelRequest, who: Caller) -> p.UntypedFuture:
         """Create a LoRA training model ``{session_id}:train:{model_seq_id}`` (a future)."""
         services.catalog.get(body.base_model)  # unknown models: 400 with a body, now
+        if body.optimizer_config.type != "adamw":
+            raise BadRequestError(f"optimizer {body.optimizer_config.type!r} is not supported; use AdamW")
         model_id = p.model_id_for(body.session_id, body.model_seq_id)
         payload = body.model_dump(mode="json", exclude_none=True, exclude={"type"})
+        request = client_request(body.user_metadata)
         with sessions.begin() as session:
             own_session(session, who, body.session_id)
+            policy = effective_policy(settings.privacy, tenant_row(session, who.tenant), request)
             existing = session.get(TrainingModel, model_id)
             if existing is not None and existing.tenant_id != who.tenant:
                 raise NotFoundError(f"unknown session {body.session_id!r}")
@@ -329,6 +344,8 @@ def create_app(
                         state="creating",
                         created_at=now,
                         last_request_time=now,
+                        dp_policy=policy.to_json(),
+                        step=0,
                     )
                 )
                 session.flush()
@@ -340,6 +357,7 @@ def create_app(
                     request_id=future.id,
                     request_sha256=future.request_sha256,
                     base_model=body.base_model,
+                    dp_policy=policy.to_json(),
                 )
         worker.wake()
         return p.UntypedFuture(request_id=future.id, model_id=model_id)
@@ -456,6 +474,272 @@ def create_app(
             who, model_id=body.model_id, seq_id=body.seq_id, request_type="optim_step", payload=payload
         )
 
+    # -- weights ---------------------------------------------------------------------------
+
+    @app.post("/api/v1/save_weights", tags=["weights"])
+    def save_weights(body: p.SaveWeightsRequest, who: Caller) -> p.UntypedFuture:
+        """``save_state``: the full training state, encrypted, as ``tinker://<model>/weights/<path>``."""
+        payload = body.model_dump(mode="json", exclude_none=True, exclude={"type", "model_id", "seq_id"})
+        return submit_model_request(
+            who, model_id=body.model_id, seq_id=body.seq_id, request_type="save_weights", payload=payload
+        )
+
+    @app.post("/api/v1/save_weights_for_sampler", tags=["weights"])
+    def save_weights_for_sampler(body: p.SaveWeightsForSamplerRequest, who: Caller) -> p.UntypedFuture:
+        """Sampler (PEFT adapter) weights: a named checkpoint or an ephemeral sampling session."""
+        if body.path is None and body.sampling_session_seq_id is None:
+            raise BadRequestError("save_weights_for_sampler needs a path or a sampling_session_seq_id")
+        payload = body.model_dump(mode="json", exclude_none=True, exclude={"type", "model_id", "seq_id"})
+        return submit_model_request(
+            who,
+            model_id=body.model_id,
+            seq_id=body.seq_id,
+            request_type="save_weights_for_sampler",
+            payload=payload,
+        )
+
+    def own_checkpoint(session: Session, who: Principal, path: str) -> TrainingCheckpoint:
+        run, kind, name = parse_tinker_path(path)
+        row = session.execute(
+            select(TrainingCheckpoint).where(
+                TrainingCheckpoint.model_id == run,
+                TrainingCheckpoint.kind == kind,
+                TrainingCheckpoint.name == name,
+            )
+        ).scalar_one_or_none()
+        if row is None or row.tenant_id != who.tenant:
+            raise NotFoundError(f"unknown checkpoint {path!r}")
+        return row
+
+    @app.post("/api/v1/load_weights", tags=["weights"])
+    def load_weights(body: p.LoadWeightsRequest, who: Caller) -> p.UntypedFuture:
+        """Create a training model from a ``weights`` checkpoint (or load into an existing one)."""
+        payload = body.model_dump(
+            mode="json", exclude_none=True, exclude={"type", "model_id", "seq_id", "weights_access_token"}
+        )
+        if body.session_id is None or body.model_seq_id is None:
+            if body.model_id is None or body.seq_id is None:
+                raise BadRequestError(
+                    "load_weights needs session_id and model_seq_id (or model_id and seq_id)"
+                )
+            with sessions() as session:
+                own_checkpoint(session, who, body.path)
+            return submit_model_request(
+                who, model_id=body.model_id, seq_id=body.seq_id, request_type="load_weights", payload=payload
+            )
+        model_id = p.model_id_for(body.session_id, body.model_seq_id)
+        with sessions.begin() as session:
+            own_session(session, who, body.session_id)
+            ckpt = own_checkpoint(session, who, body.path)
+            if ckpt.kind != "weights":
+                raise BadRequestError(f"{body.path!r} is not a training-state (weights) checkpoint")
+            source = session.get(TrainingModel, ckpt.model_id)
+            assert source is not None
+            if body.base_model is not None and body.base_model != source.base_model:
+                raise BadRequestError(
+                    f"{body.path!r} was trained on {source.base_model!r}, not {body.base_model!r}"
+                )
+            existing = session.get(TrainingModel, model_id)
+            if existing is not None and existing.tenant_id != who.tenant:
+                raise NotFoundError(f"unknown session {body.session_id!r}")
+            policy = effective_policy(settings.privacy, tenant_row(session, who.tenant))
+            future, created = submit_future(
+                services,
+                session,
+                tenant=who.tenant,
+                actor=who.actor,
+                request_type="load_weights",
+                model_id=model_id,
+                seq_id=0,
+                payload=payload,
+            )
+            if created:
+                now = utcnow()
+                session.add(
+                    TrainingModel(
+                        id=model_id,
+                        tenant_id=who.tenant,
+                        session_id=body.session_id,
+                        model_seq_id=body.model_seq_id,
+                        base_model=source.base_model,
+                        lora_rank=source.lora_rank,
+                        lora_config=source.lora_config,
+                        optimizer_config=source.optimizer_config,
+                        user_metadata=_dump(body.user_metadata),
+                        state="creating",
+                        created_at=now,
+                        last_request_time=now,
+                        dp_policy=policy.to_json(),
+                        step=0,
+                    )
+                )
+                session.flush()
+                audit(
+                    session,
+                    who,
+                    "api.load_weights",
+                    model_id,
+                    request_id=future.id,
+                    request_sha256=future.request_sha256,
+                    source_checkpoint=ckpt.id,
+                    optimizer=body.optimizer,
+                )
+        worker.wake()
+        return p.UntypedFuture(request_id=future.id, model_id=model_id)
+
+    @app.post("/api/v1/weights_info", tags=["rest"])
+    def weights_info(body: p.WeightsInfoRequest, who: Caller) -> p.WeightsInfoResponse:
+        """What a checkpoint holds: base model and LoRA configuration."""
+        with sessions() as session:
+            ckpt = own_checkpoint(session, who, body.tinker_path)
+            model = session.get(TrainingModel, ckpt.model_id)
+            assert model is not None
+            lora = json.loads(model.lora_config) or {}
+            return p.WeightsInfoResponse(
+                base_model=model.base_model,
+                is_lora=True,
+                lora_rank=model.lora_rank,
+                train_unembed=lora.get("train_unembed"),
+                train_mlp=lora.get("train_mlp"),
+                train_attn=lora.get("train_attn"),
+                optimizer_config=json.loads(model.optimizer_config) or None,
+            )
+
+    @app.delete("/api/v1/training_runs/{run_id}/checkpoints/{checkpoint_id:path}", tags=["rest"])
+    def delete_checkpoint(run_id: str, checkpoint_id: str, who: Caller) -> dict[str, str]:
+        """Delete a checkpoint and its encrypted files."""
+        path = f"tinker://{run_id}/{checkpoint_id}"
+        with sessions.begin() as session:
+            row = own_checkpoint(session, who, path)
+            ref, kind = row.artifact_id, row.kind
+            session.delete(row)
+            audit(session, who, "api.delete_checkpoint", path, artifact=ref or "")
+        if ref is not None:
+            names = [ref] if kind == "weights" else [f"{ref}.0", f"{ref}.1"]
+            for name in names:
+                services.store.delete(who.tenant, name)
+        return {"status": "deleted"}
+
+    # -- sampling --------------------------------------------------------------------------
+
+    def own_sampler(session: Session, who: Principal, sampler_id: str) -> SamplingSessionRow:
+        row = session.get(SamplingSessionRow, sampler_id)
+        if row is None or row.tenant_id != who.tenant:
+            raise NotFoundError(f"unknown sampling session {sampler_id!r}")
+        return row
+
+    @app.post("/api/v1/create_sampling_session", tags=["sampling"])
+    def create_sampling_session(
+        body: p.CreateSamplingSessionRequest, who: Caller
+    ) -> p.CreateSamplingSessionResponse:
+        """A sampling session on a base model or on ``sampler_weights`` (direct, not a future)."""
+        sampler_id = f"{body.session_id}:sample:{body.sampling_session_seq_id}"
+        with sessions.begin() as session:
+            own_session(session, who, body.session_id)
+            existing = session.get(SamplingSessionRow, sampler_id)
+            if existing is not None:
+                if existing.tenant_id != who.tenant:
+                    raise NotFoundError(f"unknown session {body.session_id!r}")
+                if existing.model_path == body.model_path and (
+                    body.base_model is None or body.base_model == existing.base_model
+                ):
+                    return p.CreateSamplingSessionResponse(sampling_session_id=sampler_id)
+                raise BadRequestError(f"sampling session {sampler_id!r} already exists with other weights")
+            ref = None
+            if body.model_path is not None:
+                ckpt = own_checkpoint(session, who, body.model_path)
+                if ckpt.kind != "sampler_weights":
+                    raise BadRequestError(
+                        f"{body.model_path!r} is not a sampler_weights checkpoint; save one with "
+                        "save_weights_for_sampler"
+                    )
+                model = session.get(TrainingModel, ckpt.model_id)
+                assert model is not None
+                base_model, ref = model.base_model, ckpt.artifact_id
+            elif body.base_model is not None:
+                services.catalog.get(body.base_model)
+                base_model = body.base_model
+            else:
+                raise BadRequestError("create_sampling_session needs model_path or base_model")
+            session.add(
+                SamplingSessionRow(
+                    id=sampler_id,
+                    tenant_id=who.tenant,
+                    session_id=body.session_id,
+                    seq_id=body.sampling_session_seq_id,
+                    base_model=base_model,
+                    model_path=body.model_path,
+                    weights_ref=ref,
+                    created_at=utcnow(),
+                )
+            )
+            session.flush()
+            audit(session, who, "api.create_sampling_session", sampler_id, model_path=body.model_path or "")
+        return p.CreateSamplingSessionResponse(sampling_session_id=sampler_id)
+
+    @app.get("/api/v1/samplers/{sampler_id}", tags=["sampling"])
+    def get_sampler(sampler_id: str, who: Caller) -> p.SamplerInfo:
+        """The base model (and weights path) of a sampling session."""
+        with sessions() as session:
+            row = own_sampler(session, who, sampler_id)
+            return p.SamplerInfo(sampler_id=row.id, base_model=row.base_model, model_path=row.model_path)
+
+    @app.post("/api/v1/asample", tags=["sampling"])
+    def asample(body: p.SampleRequest, who: Caller) -> p.UntypedFuture:
+        """Queue a sampling request (a future; its result is a protobuf ``SampleResponse``)."""
+        if body.sampling_session_id is None or body.seq_id is None:
+            raise BadRequestError("asample needs sampling_session_id and seq_id (create a sampling session)")
+        for knob in _UNSUPPORTED_SAMPLE_KNOBS:
+            value = getattr(body, knob)
+            if value not in (None, 0, False):
+                raise BadRequestError(f"{knob} is not supported by this server")
+        tokens: list[int] = []
+        for chunk in body.prompt.chunks:
+            if chunk.type != "encoded_text":
+                raise BadRequestError(
+                    f"prompt chunks of type {chunk.type!r} are not supported (text models only)"
+                )
+            tokens.extend(chunk.tokens)
+        if not tokens:
+            raise BadRequestError("the prompt is empty")
+        with sessions() as session:
+            own_sampler(session, who, body.sampling_session_id)
+        payload = {
+            "sampling_session_id": body.sampling_session_id,
+            "seq_id": body.seq_id,
+            "num_samples": body.num_samples,
+            "sampling_params": body.sampling_params.model_dump(mode="json", exclude_none=True),
+            "prompt_logprobs": bool(body.prompt_logprobs),
+            "topk_prompt_logprobs": body.topk_prompt_logprobs,
+        }
+        data = json.dumps(tokens).encode()
+        ref = stage_payload(services, who.tenant, data)
+        with sessions.begin() as session:
+            future, _ = submit_future(
+                services,
+                session,
+                tenant=who.tenant,
+                actor=who.actor,
+                request_type="sample",
+                model_id=None,
+                seq_id=None,
+                payload=payload,
+                payload_bytes=data,
+                payload_ref=ref,
+            )
+            audit(
+                session,
+                who,
+                "api.sample",
+                body.sampling_session_id,
+                request_id=future.id,
+                request_sha256=future.request_sha256,
+                num_samples=body.num_samples,
+            )
+        worker.wake()
+        ids = [f"{body.sampling_session_id}:{body.seq_id}:{i}" for i in range(body.num_samples)]
+        return p.UntypedFuture(request_id=future.id, sample_sequence_ids=ids)
+
     # -- futures ---------------------------------------------------------------------------
 
     @app.post(
@@ -487,7 +771,7 @@ def create_app(
         """Base models this server serves."""
         return p.ServerCapabilities(
             supported_models=[
-                p.SupportedModel(model_name=name, trainable=True, sampleable=False)
+                p.SupportedModel(model_name=name, trainable=True, sampleable=True)
                 for name in sorted(services.catalog.entries)
             ]
         )
@@ -616,13 +900,19 @@ def create_app(
                 .where(TrainingModel.session_id == row.id)
                 .order_by(TrainingModel.model_seq_id)
             ).scalars()
+            samplers = session.execute(
+                select(SamplingSessionRow.id)
+                .where(SamplingSessionRow.session_id == row.id)
+                .order_by(SamplingSessionRow.seq_id)
+            ).scalars()
             return p.GetSessionResponse(
                 training_run_ids=list(runs),
-                sampler_ids=[],
+                sampler_ids=list(samplers),
                 user_metadata=json.loads(row.user_metadata) or None,
                 display_name=row.display_name,
             )
 
+    app.include_router(tensafe_router)
     return app
 
 

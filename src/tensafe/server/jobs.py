@@ -123,6 +123,8 @@ class JobResult:
         content_type: Media type of ``data``.
         apply: Database changes that must commit together with the result.
         details: Extra audit details (hashes, counts, privacy spent).
+        after_commit: Called once the result is committed (e.g. delete a superseded
+            artifact); its errors are logged, never raised.
     """
 
     json: Mapping[str, Any] | None = None
@@ -130,6 +132,7 @@ class JobResult:
     content_type: str = "application/json"
     apply: Callable[[Session], None] | None = None
     details: Mapping[str, Any] = field(default_factory=dict)
+    after_commit: Callable[[], None] | None = None
 
 
 @dataclass(frozen=True)
@@ -584,6 +587,11 @@ class Worker:
                 resource=row.model_id or row.id,
                 details=details,
             )
+        if result.after_commit is not None:
+            try:
+                result.after_commit()
+            except Exception:
+                _log.exception("after-commit action of future %s failed", row.id)
         self._signal(row.id)
 
     def _fail(

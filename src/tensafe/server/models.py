@@ -1,9 +1,10 @@
 """Database tables of the training API server.
 
-Created by the migration ``0003_server`` (``tensafe/db/migrations/versions/v0003_server.py``),
-which must stay identical to these models (``tests/server/test_schema.py`` checks it on
-SQLite and PostgreSQL). Every resource row carries ``tenant_id``; queries always filter
-on it, so another tenant's rows are invisible (404, never 403).
+Created by the migrations ``0003_server`` and ``0004_privacy``
+(``tensafe/db/migrations/versions/``), which must stay identical to these models
+(``tests/server/test_schema.py`` checks it on SQLite and PostgreSQL). Every resource
+row carries ``tenant_id``; queries always filter on it, so another tenant's rows are
+invisible (404, never 403).
 
 Training data and weights never go into these tables: a future's sensitive payload or
 result is an artifact of the tenant's :class:`~tensafe.storage.EncryptedArtifactStore`,
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import datetime as _dt
 
-from sqlalchemy import BigInteger, Boolean, ForeignKey, Integer, String, Text, UniqueConstraint
+from sqlalchemy import BigInteger, Boolean, Float, ForeignKey, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column
 
 import tensafe.db.models  # noqa: F401  (registers the tenants table the foreign keys refer to)
@@ -24,6 +25,8 @@ __all__ = [
     "FUTURE_STATES",
     "ApiKey",
     "FutureRow",
+    "PrivacyPolicyRow",
+    "SamplingSessionRow",
     "ServerSession",
     "TrainingCheckpoint",
     "TrainingModel",
@@ -93,6 +96,14 @@ class TrainingModel(Base):
     last_request_time: Mapped[_dt.datetime] = mapped_column(UTCDateTime())
     worker_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
     lease_until: Mapped[_dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    # 0004_privacy: the effective DP policy (JSON ``{"policy": {...} | null}``), the number of
+    # completed optimizer steps, the encrypted auto-checkpoint that holds them (artifact id)
+    # and the seq_id of the request that produced it, and the privacy spent (JSON).
+    dp_policy: Mapped[str | None] = mapped_column(Text, nullable=True)
+    step: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    state_ref: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    state_seq_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    privacy_spent: Mapped[str | None] = mapped_column(Text, nullable=True)
 
 
 class FutureRow(Base):
@@ -146,3 +157,36 @@ class TrainingCheckpoint(Base):
     user_metadata: Mapped[str] = mapped_column(Text)
     created_at: Mapped[_dt.datetime] = mapped_column(UTCDateTime())
     expires_at: Mapped[_dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+
+
+class PrivacyPolicyRow(Base):
+    """A tenant's privacy policy, set with ``tensafe admin set-privacy-policy``."""
+
+    __tablename__ = "privacy_policies"
+
+    tenant_id: Mapped[str] = mapped_column(String(64), ForeignKey("tenants.id"), primary_key=True)
+    target_epsilon: Mapped[float] = mapped_column(Float)
+    delta: Mapped[float] = mapped_column(Float)
+    clip_norm: Mapped[float] = mapped_column(Float)
+    accountant: Mapped[str] = mapped_column(String(32))
+    allow_non_private: Mapped[bool] = mapped_column(Boolean)
+    dataset_size: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    expected_batch_size: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    max_steps: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    updated_at: Mapped[_dt.datetime] = mapped_column(UTCDateTime())
+
+
+class SamplingSessionRow(Base):
+    """A sampling session ``{session}:sample:{n}``: a base model, or sampler weights in the store."""
+
+    __tablename__ = "sampling_sessions"
+    __table_args__ = (UniqueConstraint("session_id", "seq_id"),)
+
+    id: Mapped[str] = mapped_column(String(200), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(String(64), ForeignKey("tenants.id"))
+    session_id: Mapped[str] = mapped_column(String(64), ForeignKey("server_sessions.id"))
+    seq_id: Mapped[int] = mapped_column(Integer)
+    base_model: Mapped[str] = mapped_column(String(500))
+    model_path: Mapped[str | None] = mapped_column(String(700), nullable=True)
+    weights_ref: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    created_at: Mapped[_dt.datetime] = mapped_column(UTCDateTime())

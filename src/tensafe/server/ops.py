@@ -1,59 +1,648 @@
-"""The asynchronous operations the worker executes (today: ``create_model``).
+"""The asynchronous operations the worker executes, on :mod:`tensafe.training.runtime` sessions.
 
-Compute operations (``forward_backward``, ``optim_step``, ``save_weights`` ...) are
-registered here once the training runtime (:mod:`tensafe.training.runtime`) exposes
-them; see ``docs/server.md`` for the status of each Tinker endpoint.
+A :class:`ComputeOps` holds the worker's in-memory table of loaded sessions (only the
+weights live in memory; everything else is in the database and the encrypted store):
+
+* training models, ``{session_id}:train:{n}`` -> :class:`LoraTrainingSession`;
+* sampling sessions, ``{session_id}:sample:{n}`` -> :class:`SamplingSession`.
+
+**Durability.** After ``create_model``, ``load_weights`` and every completed
+``optim_step`` the session's full state (adapter and optimizer) is written, encrypted
+under the tenant's DEK, as a new auto-checkpoint artifact; the ``training_models`` row
+points at it (``state_ref``, ``step``, ``state_seq_id``) in the same transaction that
+completes the future. A worker that executes a request of a model it has not loaded, or
+whose loaded copy is stale (another worker ran requests of the model since), reloads
+that auto-checkpoint first. Gradients accumulated by ``forward_backward`` since the last
+step are not persisted: when they are lost in a crash, the next ``optim_step`` fails with
+a ``server`` error that says which requests to resubmit.
 """
 
 from __future__ import annotations
 
+import json
+import logging
+import re
+import secrets
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from tensafe.db import utcnow
 from tensafe.server.jobs import JobContext, JobFailedError, JobResult, Operation, OperationRegistry
-from tensafe.server.models import TrainingModel
+from tensafe.server.models import FutureRow, SamplingSessionRow, TrainingCheckpoint, TrainingModel
+from tensafe.server.privacy import EffectivePolicy
 
-__all__ = ["default_registry"]
+__all__ = ["ComputeOps", "default_registry", "parse_tinker_path"]
+
+_log = logging.getLogger("tensafe.server.ops")
+
+#: Sampling knobs the runtime does not implement: refused as user errors, never ignored.
+_UNSUPPORTED_SAMPLE_KNOBS = (
+    "topk_sample_logprobs",
+    "prompt_alt_tokens_k",
+    "prompt_logprobs_last_n",
+    "target_prompt_logprobs",
+    "record_stability_info",
+)
+#: ``max_tokens`` when the client sends none.
+DEFAULT_MAX_TOKENS = 64
+_ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+_KINDS = ("weights", "sampler_weights", "external_weights")
+_PATH_PART = re.compile(r"[A-Za-z0-9][A-Za-z0-9:._-]{0,199}")
 
 
-def _create_model(ctx: JobContext) -> JobResult:
-    """Check that the base model is available (preparing a registered one once)."""
-    base_model = str(ctx.payload.get("base_model", ""))
-    entry = ctx.services.catalog.get(base_model)
-    directory = entry.directory()
-    if not (directory / "config.json").is_file():
-        raise JobFailedError(
-            f"base model {base_model!r} has no config.json on this server", category="server"
+def parse_tinker_path(path: str) -> tuple[str, str, str]:
+    """Split ``tinker://<run>/<kind>/<name>``.
+
+    Raises:
+        BadRequestError: The path is malformed (each part must be an identifier).
+    """
+    from tensafe.server.errors import BadRequestError
+
+    if not path.startswith("tinker://"):
+        raise BadRequestError(f"{path!r} is not a tinker:// path")
+    parts = path[len("tinker://") :].split("/")
+    if len(parts) != 3 or parts[1] not in _KINDS or not all(_PATH_PART.fullmatch(x) for x in parts):
+        raise BadRequestError(
+            f"{path!r} must look like tinker://<training_run_id>/<weights|sampler_weights>/<name>"
         )
-    model_id = ctx.model_id
-    assert model_id is not None
-
-    def apply(session: Session) -> None:
-        row = session.get(TrainingModel, model_id)
-        if row is not None:
-            row.state, row.last_request_time = "ready", utcnow()
-
-    return JobResult(
-        json={"model_id": model_id, "type": "create_model"},
-        apply=apply,
-        details={"base_model": base_model},
-    )
+    return parts[0], parts[1], parts[2]
 
 
-def _create_model_failed(session: Session, ctx: JobContext, message: str) -> None:
+@dataclass
+class _Loaded:
+    """A training session loaded in this worker."""
+
+    session: Any
+    step: int
+    last_seq: int
+    lost: list[int] = field(default_factory=list)
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    from tensafe.training.errors import TrainingError
+    from tensafe.training.runtime import USER_ERRORS
+
+    return (*USER_ERRORS, TrainingError)
+
+
+class ComputeOps:
+    """The compute operations of one worker, with its table of loaded sessions."""
+
+    def __init__(self, *, auto_checkpoint: bool = True) -> None:
+        """Create an empty table (``auto_checkpoint=False`` only for benchmarks)."""
+        self.auto_checkpoint = auto_checkpoint
+        self._training: dict[str, _Loaded] = {}
+        self._sampling: dict[str, Any] = {}
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"ComputeOps(training={len(self._training)}, sampling={len(self._sampling)})"
+
+    def loaded_models(self) -> list[str]:
+        """Return the ids of the training models loaded in memory."""
+        return sorted(self._training)
+
+    def registry(self) -> OperationRegistry:
+        """Return a registry with every operation this server version implements."""
+        registry = OperationRegistry()
+        for name, handler, idempotent, on_failure in (
+            ("create_model", self.create_model, True, _create_failed),
+            ("load_weights", self.load_weights, True, _create_failed),
+            ("forward_backward", self.forward_backward, False, None),
+            ("forward", self.forward, True, None),
+            ("optim_step", self.optim_step, False, None),
+            ("save_weights", self.save_weights, True, None),
+            ("save_weights_for_sampler", self.save_weights_for_sampler, True, None),
+            ("sample", self.sample, True, None),
+        ):
+            registry.register(
+                Operation(
+                    name=name, handler=self._guard(handler), idempotent=idempotent, on_failure=on_failure
+                )
+            )
+        return registry
+
+    @staticmethod
+    def _guard(handler: Callable[[JobContext], JobResult]) -> Callable[[JobContext], JobResult]:
+        """Map the runtime's request errors to user-error futures."""
+
+        def run(ctx: JobContext) -> JobResult:
+            try:
+                return handler(ctx)
+            except _user_errors() as exc:
+                raise JobFailedError(str(exc), category="user") from None
+
+        return run
+
+    # ------------------------------------------------------------------ loading
+
+    def _model_row(self, ctx: JobContext) -> TrainingModel:
+        with ctx.services.sessions() as session:
+            row = session.get(TrainingModel, ctx.model_id)
+            if row is None or row.tenant_id != ctx.tenant:
+                raise JobFailedError(f"unknown model {ctx.model_id!r}", category="user")
+            session.expunge(row)
+            return row
+
+    def _finished_seqs(self, ctx: JobContext) -> tuple[int, list[int]]:
+        """Return the highest completed seq_id of the model and its un-stepped forward_backwards.
+
+        Failed requests do not count: they leave the session as it was.
+        """
+        with ctx.services.sessions() as session:
+            last = session.execute(
+                select(func.max(FutureRow.seq_id)).where(
+                    FutureRow.model_id == ctx.model_id,
+                    FutureRow.state == "complete",
+                    FutureRow.id != ctx.future_id,
+                )
+            ).scalar_one()
+            last_step = session.execute(
+                select(func.max(FutureRow.seq_id)).where(
+                    FutureRow.model_id == ctx.model_id,
+                    FutureRow.request_type.in_(("optim_step", "load_weights", "create_model")),
+                    FutureRow.state.in_(("complete", "failed")),
+                )
+            ).scalar_one()
+            pending = session.execute(
+                select(FutureRow.seq_id).where(
+                    FutureRow.model_id == ctx.model_id,
+                    FutureRow.request_type == "forward_backward",
+                    FutureRow.state == "complete",
+                    FutureRow.seq_id > (last_step if last_step is not None else -1),
+                )
+            ).scalars()
+            return (int(last) if last is not None else 0), sorted(int(s) for s in pending if s is not None)
+
+    def _training_session(self, ctx: JobContext) -> _Loaded:
+        """The model's loaded session, (re)loaded from its auto-checkpoint when needed."""
+        assert ctx.model_id is not None
+        row = self._model_row(ctx)
+        last_seq, unstepped = self._finished_seqs(ctx)
+        loaded = self._training.get(ctx.model_id)
+        # Stale when another worker completed requests of this model since (its seq_ids are
+        # higher than any we ran) or the step moved; a request we ran that then failed is not.
+        if loaded is not None and loaded.step == (row.step or 0) and loaded.last_seq >= last_seq:
+            return loaded
+        if row.state_ref is None:
+            raise JobFailedError(
+                f"model {ctx.model_id!r} has no saved state on this server (it was created by an "
+                "older server version or its creation failed); create a new training client",
+                category="server",
+            )
+        if loaded is not None:
+            loaded.session.close()
+        _log.info("loading %s from its auto-checkpoint (step %s)", ctx.model_id, row.step)
+        session = self._restore(ctx, row.state_ref, base_model=row.base_model, restore_optimizer=True)
+        fresh = _Loaded(session=session, step=int(row.step or 0), last_seq=last_seq, lost=unstepped)
+        self._training[ctx.model_id] = fresh
+        return fresh
+
+    def _restore(self, ctx: JobContext, ref: str, *, base_model: str, restore_optimizer: bool) -> Any:
+        from tensafe.training.runtime import LoraTrainingSession
+
+        data = ctx.services.store.get_bytes(ctx.tenant, ref)
+        directory = str(ctx.services.catalog.get(base_model).directory())
+        return LoraTrainingSession.from_state_bytes(
+            data, restore_optimizer=restore_optimizer, base_model=directory
+        )
+
+    def _save_state(self, ctx: JobContext, session: Any) -> str | None:
+        """Write the auto-checkpoint (encrypted); return its artifact id."""
+        if not self.auto_checkpoint:
+            return None
+        ref = "state-" + secrets.token_hex(12)
+        ctx.services.store.put_bytes(
+            ctx.tenant, ref, session.state_bytes(include_optimizer=True), kind="training-state"
+        )
+        return ref
+
+    def _finish(self, ctx: JobContext, loaded: _Loaded) -> None:
+        """Record that ``loaded`` executed ``ctx`` successfully (call only on success)."""
+        assert ctx.seq_id is not None
+        loaded.last_seq = max(loaded.last_seq, ctx.seq_id)
+
+    def _state_result(
+        self,
+        ctx: JobContext,
+        session: Any,
+        *,
+        json_result: Mapping[str, Any],
+        old_ref: str | None,
+        ready: bool = False,
+        details: Mapping[str, Any] | None = None,
+    ) -> JobResult:
+        """A result that records the session's new auto-checkpoint with the future."""
+        ref = self._save_state(ctx, session)
+        step = int(session.step)
+        spent = json.dumps(_privacy_record(session), sort_keys=True)
+        model_id, seq_id, tenant, store = ctx.model_id, ctx.seq_id, ctx.tenant, ctx.services.store
+
+        def apply(db: Session) -> None:
+            row = db.get(TrainingModel, model_id)
+            if row is None:
+                return
+            if ref is not None:
+                row.state_ref, row.state_seq_id = ref, seq_id
+            row.step, row.privacy_spent, row.last_request_time = step, spent, utcnow()
+            if ready:
+                row.state = "ready"
+
+        def cleanup() -> None:
+            if ref is not None and old_ref is not None and old_ref != ref:
+                store.delete(tenant, old_ref)
+
+        return JobResult(
+            json=json_result, apply=apply, after_commit=cleanup, details={"step": step, **(details or {})}
+        )
+
+    # ------------------------------------------------------------------ creation
+
+    def create_model(self, ctx: JobContext) -> JobResult:
+        """Load the base model with fresh LoRA adapters under the model's effective policy."""
+        from tensafe.training.runtime import LoraTrainingSession
+
+        assert ctx.model_id is not None
+        row = self._model_row(ctx)
+        base_model = str(ctx.payload.get("base_model", row.base_model))
+        directory = ctx.services.catalog.get(base_model).directory()
+        if not (directory / "config.json").is_file():
+            raise JobFailedError(
+                f"base model {base_model!r} has no config.json on this server", category="server"
+            )
+        lora = dict(ctx.payload.get("lora_config") or {})
+        optimizer = dict(ctx.payload.get("optimizer_config") or {})
+        if optimizer.get("type", "adamw") != "adamw":
+            raise JobFailedError(
+                f"optimizer {optimizer.get('type')!r} is not supported; this server trains with AdamW",
+                category="user",
+            )
+        try:
+            effective = EffectivePolicy.from_json(row.dp_policy)
+        except ValueError as exc:
+            raise JobFailedError(str(exc), category="server") from None
+        session = LoraTrainingSession.create(
+            base_model=str(directory),
+            rank=int(lora.get("rank", 32)),
+            dp=effective.policy,
+            seed=lora.get("seed"),
+            train_mlp=bool(lora.get("train_mlp", True)),
+            train_attn=bool(lora.get("train_attn", True)),
+            train_unembed=bool(lora.get("train_unembed", False)),
+            allow_non_private=effective.policy is None,
+        )
+        old = self._training.pop(ctx.model_id, None)
+        if old is not None:
+            old.session.close()
+        self._training[ctx.model_id] = _Loaded(session=session, step=0, last_seq=0)
+        return self._state_result(
+            ctx,
+            session,
+            json_result={"model_id": ctx.model_id, "type": "create_model"},
+            old_ref=row.state_ref,
+            ready=True,
+            details={
+                "base_model": base_model,
+                "dp": effective.policy is not None,
+                "policy_source": effective.source,
+            },
+        )
+
+    def load_weights(self, ctx: JobContext) -> JobResult:
+        """Create a model from a ``weights`` checkpoint (or reload an existing model's state)."""
+        assert ctx.model_id is not None
+        row = self._model_row(ctx)
+        source = _checkpoint(ctx, str(ctx.payload["path"]), kinds=("weights",))
+        optimizer = bool(ctx.payload.get("optimizer", False))
+        session = self._restore(
+            ctx, source.artifact_id or "", base_model=row.base_model, restore_optimizer=optimizer
+        )
+        try:
+            effective = EffectivePolicy.from_json(row.dp_policy)
+        except ValueError as exc:
+            raise JobFailedError(str(exc), category="server") from None
+        restored = session.policy
+        if effective.policy is not None and (
+            restored is None or not restored.is_at_least_as_strict_as(effective.policy)
+        ):
+            session.close()
+            raise JobFailedError(
+                "this checkpoint was trained under a privacy policy that is looser than the one that "
+                "applies now; it cannot be resumed",
+                category="user",
+            )
+        old = self._training.pop(ctx.model_id, None)
+        if old is not None:
+            old.session.close()
+        loaded = _Loaded(session=session, step=int(session.step), last_seq=int(ctx.seq_id or 0))
+        self._training[ctx.model_id] = loaded
+        return self._state_result(
+            ctx,
+            session,
+            json_result={"model_id": ctx.model_id, "path": ctx.payload["path"], "type": "load_weights"},
+            old_ref=row.state_ref,
+            ready=True,
+            details={"source_checkpoint": source.id, "optimizer": optimizer},
+        )
+
+    # ------------------------------------------------------------------ training
+
+    def _forward(self, ctx: JobContext, *, backward: bool) -> JobResult:
+        from tensafe.protocol.wire import decode_forward_backward_request, encode_forward_backward_output
+        from tensafe.training.runtime import Datum
+
+        loaded = self._training_session(ctx)
+        assert ctx.payload_bytes is not None
+        req = decode_forward_backward_request(ctx.payload_bytes)
+        data = [
+            Datum(model_input=[int(t) for t in d.tokens], loss_fn_inputs=dict(d.loss_fn_inputs))
+            for d in req.data
+        ]
+        config = {str(k): v for k, v in req.loss_fn_config.items()} or None
+        run = loaded.session.forward_backward if backward else loaded.session.forward
+        result = run(data, req.loss_fn, loss_fn_config=config)
+        self._finish(ctx, loaded)
+        body = encode_forward_backward_output(
+            result.loss_fn_outputs, result.metrics, type_tag=result.loss_fn_output_type
+        )
+        return JobResult(
+            data=body,
+            content_type="application/x-protobuf",
+            details={"loss_fn": req.loss_fn, "num_datums": len(data)},
+        )
+
+    def forward_backward(self, ctx: JobContext) -> JobResult:
+        """Per-example clipped gradients accumulated until ``optim_step``; logprobs out."""
+        return self._forward(ctx, backward=True)
+
+    def forward(self, ctx: JobContext) -> JobResult:
+        """Outputs and metrics only: no gradient, no state change, no privacy cost."""
+        return self._forward(ctx, backward=False)
+
+    def optim_step(self, ctx: JobContext) -> JobResult:
+        """One (DP-)AdamW step, then an encrypted auto-checkpoint."""
+        from tensafe.training.runtime import AdamParams
+
+        if ctx.payload.get("optimizer_params") is not None or ctx.payload.get("adam_params") is None:
+            raise JobFailedError("this server supports only AdamW steps (adam_params)", category="user")
+        row = self._model_row(ctx)
+        loaded = self._training_session(ctx)
+        if loaded.lost:
+            lost, loaded.lost = loaded.lost, []
+            # Drop whatever accumulated since: reload the last completed step.
+            self._training.pop(str(ctx.model_id), None)
+            loaded.session.close()
+            raise JobFailedError(
+                "the server restarted after forward_backward request(s) with seq_id "
+                f"{', '.join(map(str, lost))} and lost their accumulated gradients; no step was taken: "
+                "run forward_backward again, then optim_step",
+                category="server",
+            )
+        adam = AdamParams(**dict(ctx.payload["adam_params"]))
+        metrics = loaded.session.optim_step(adam)
+        self._finish(ctx, loaded)
+        loaded.step = int(loaded.session.step)
+        spent = loaded.session.privacy_spent()
+        return self._state_result(
+            ctx,
+            loaded.session,
+            json_result={"metrics": {k: float(v) for k, v in metrics.items()}, "type": "optim_step"},
+            old_ref=row.state_ref,
+            details={
+                "epsilon_spent": repr(spent.get("epsilon")),
+                "dp_enabled": bool(spent.get("dp_enabled")),
+            },
+        )
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def save_weights(self, ctx: JobContext) -> JobResult:
+        """``save_state``: the full state (adapter and optimizer), encrypted, as a checkpoint."""
+        loaded = self._training_session(ctx)
+        data = loaded.session.state_bytes(include_optimizer=True)
+        self._finish(ctx, loaded)
+        name = str(ctx.payload.get("path") or f"step-{loaded.session.step:06d}")
+        return self._store_checkpoint(ctx, "weights", name, {"state": data})
+
+    def save_weights_for_sampler(self, ctx: JobContext) -> JobResult:
+        """PEFT adapter files for sampling: a named checkpoint or an ephemeral sampling session."""
+        loaded = self._training_session(ctx)
+        files = loaded.session.sampler_weights_files()
+        self._finish(ctx, loaded)
+        if ctx.payload.get("path"):
+            return self._store_checkpoint(ctx, "sampler_weights", str(ctx.payload["path"]), files)
+        seq = ctx.payload.get("sampling_session_seq_id")
+        if seq is None:
+            raise JobFailedError("save_weights_for_sampler needs a path or a sampling_session_seq_id")
+        model = self._model_row(ctx)
+        sampler_id = f"{model.session_id}:sample:{int(seq)}"
+        with ctx.services.sessions() as db:
+            if db.get(SamplingSessionRow, sampler_id) is not None:
+                raise JobFailedError(f"sampling session {sampler_id!r} already exists; use the next seq id")
+        ref = "sampler-" + secrets.token_hex(12)
+        _put_files(ctx, ref, files)
+        tenant, session_id, base_model = ctx.tenant, model.session_id, model.base_model
+
+        def apply(db: Session) -> None:
+            if db.get(SamplingSessionRow, sampler_id) is not None:
+                return  # a re-run after a crash: the row committed then
+            db.add(
+                SamplingSessionRow(
+                    id=sampler_id,
+                    tenant_id=tenant,
+                    session_id=session_id,
+                    seq_id=int(seq),
+                    base_model=base_model,
+                    model_path=None,
+                    weights_ref=ref,
+                    created_at=utcnow(),
+                )
+            )
+
+        return JobResult(
+            json={"sampling_session_id": sampler_id, "type": "save_weights_for_sampler"},
+            apply=apply,
+            details={"sampling_session_id": sampler_id, "artifact": ref},
+        )
+
+    def _store_checkpoint(
+        self, ctx: JobContext, kind: str, name: str, files: Mapping[str, bytes]
+    ) -> JobResult:
+        import datetime as _dt
+
+        model_id, tenant = str(ctx.model_id), ctx.tenant
+        overwrite = bool(ctx.payload.get("overwrite", False))
+        with ctx.services.sessions() as db:
+            existing = _find_checkpoint(db, model_id, kind, name)
+            if existing is not None and not overwrite:
+                raise JobFailedError(
+                    f"checkpoint tinker://{model_id}/{kind}/{name} already exists; choose another name "
+                    "or pass overwrite=True",
+                    category="user",
+                )
+            old_ref = None if existing is None else existing.artifact_id
+        ref = "ckpt-" + secrets.token_hex(12)
+        size = _put_files(ctx, ref, files)
+        ttl = ctx.payload.get("ttl_seconds")
+        metadata = json.dumps(ctx.payload.get("user_metadata") or {}, sort_keys=True)
+
+        def apply(db: Session) -> None:
+            now = utcnow()
+            row = _find_checkpoint(db, model_id, kind, name)
+            if row is None:
+                row = TrainingCheckpoint(
+                    id="ckpt-" + secrets.token_hex(10),
+                    tenant_id=tenant,
+                    model_id=model_id,
+                    kind=kind,
+                    name=name,
+                    public=False,
+                )
+                db.add(row)
+            row.artifact_id, row.size_bytes, row.user_metadata, row.created_at = ref, size, metadata, now
+            row.expires_at = None if ttl is None else now + _dt.timedelta(seconds=int(ttl))
+
+        def cleanup() -> None:
+            if old_ref is not None:
+                _delete_files(ctx, old_ref, kind)
+
+        path = f"tinker://{model_id}/{kind}/{name}"
+        return JobResult(
+            json={"path": path, "type": "save_weights" if kind == "weights" else "save_weights_for_sampler"},
+            apply=apply,
+            after_commit=cleanup,
+            details={"checkpoint": path, "artifact": ref, "size_bytes": size},
+        )
+
+    # ------------------------------------------------------------------ sampling
+
+    def _sampler(self, ctx: JobContext, sampler_id: str) -> Any:
+        from tensafe.training.runtime import SamplingSession
+
+        with self._lock:
+            cached = self._sampling.get(sampler_id)
+        if cached is not None:
+            return cached
+        with ctx.services.sessions() as db:
+            row = db.get(SamplingSessionRow, sampler_id)
+            if row is None or row.tenant_id != ctx.tenant:
+                raise JobFailedError(f"unknown sampling session {sampler_id!r}", category="user")
+            base_model, ref = row.base_model, row.weights_ref
+        directory = str(ctx.services.catalog.get(base_model).directory())
+        if ref is None:
+            sampler = SamplingSession.for_base_model(directory)
+        else:
+            files = {
+                name: ctx.services.store.get_bytes(ctx.tenant, f"{ref}.{i}")
+                for i, name in enumerate(_ADAPTER_FILES)
+            }
+            sampler = SamplingSession.from_adapter_files(directory, files)
+        with self._lock:
+            self._sampling[sampler_id] = sampler
+        return sampler
+
+    def sample(self, ctx: JobContext) -> JobResult:
+        """``asample`` / ``compute_logprobs``: protobuf ``SampleResponse``."""
+        from tensafe.protocol.wire import encode_sample_response
+
+        p = ctx.payload
+        sampler = self._sampler(ctx, str(p["sampling_session_id"]))
+        params = dict(p.get("sampling_params") or {})
+        result = sampler.sample(
+            [int(t) for t in json.loads(ctx.payload_bytes or b"[]")],
+            max_tokens=int(params.get("max_tokens") or DEFAULT_MAX_TOKENS),
+            temperature=float(params.get("temperature", 1.0)),
+            top_k=int(params.get("top_k", -1)),
+            top_p=float(params.get("top_p", 1.0)),
+            stop=params.get("stop"),
+            seed=params.get("seed"),
+            num_samples=int(p.get("num_samples", 1)),
+            include_prompt_logprobs=bool(p.get("prompt_logprobs") or False),
+            topk_prompt_logprobs=int(p.get("topk_prompt_logprobs", 0)),
+        )
+        body = encode_sample_response(
+            [(s.tokens, s.logprobs, s.stop_reason) for s in result.sequences],
+            prompt_logprobs=result.prompt_logprobs,
+        )
+        return JobResult(
+            data=body,
+            content_type="application/x-protobuf",
+            details={"sampling_session_id": p["sampling_session_id"], "num_samples": len(result.sequences)},
+        )
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _find_checkpoint(db: Session, model_id: str, kind: str, name: str) -> TrainingCheckpoint | None:
+    return db.execute(
+        select(TrainingCheckpoint).where(
+            TrainingCheckpoint.model_id == model_id,
+            TrainingCheckpoint.kind == kind,
+            TrainingCheckpoint.name == name,
+        )
+    ).scalar_one_or_none()
+
+
+def _checkpoint(ctx: JobContext, path: str, *, kinds: tuple[str, ...]) -> TrainingCheckpoint:
+    from tensafe.server.errors import BadRequestError
+
+    try:
+        run, kind, name = parse_tinker_path(path)
+    except BadRequestError as exc:
+        raise JobFailedError(str(exc), category="user") from None
+    with ctx.services.sessions() as db:
+        row = _find_checkpoint(db, run, kind, name)
+        if row is None or row.tenant_id != ctx.tenant or kind not in kinds:
+            raise JobFailedError(f"unknown checkpoint {path!r}", category="user")
+        db.expunge(row)
+        return row
+
+
+def _put_files(ctx: JobContext, ref: str, files: Mapping[str, bytes]) -> int:
+    """Store a checkpoint's files as encrypted artifacts ``<ref>.<i>``; return the total size."""
+    names = ["state"] if set(files) == {"state"} else list(_ADAPTER_FILES)
+    size = 0
+    for i, name in enumerate(names):
+        ctx.services.store.put_bytes(
+            ctx.tenant, f"{ref}.{i}" if len(names) > 1 else ref, files[name], kind="checkpoint"
+        )
+        size += len(files[name])
+    return size
+
+
+def _delete_files(ctx: JobContext, ref: str, kind: str) -> None:
+    if kind == "weights":
+        ctx.services.store.delete(ctx.tenant, ref)
+    else:
+        for i in range(len(_ADAPTER_FILES)):
+            ctx.services.store.delete(ctx.tenant, f"{ref}.{i}")
+
+
+def _privacy_record(session: Any) -> dict[str, Any]:
+    """What ``training_models.privacy_spent`` holds: the summary and the certificate so far."""
+    from tensafe.training.runtime import SessionStateError
+
+    try:
+        certificate: dict[str, Any] | None = session.privacy_certificate().to_dict()
+    except SessionStateError:
+        certificate = None
+    return {"spent": session.privacy_spent(), "certificate": certificate}
+
+
+def _create_failed(session: Session, ctx: JobContext, message: str) -> None:
     if ctx.model_id is None:
         return
     row = session.get(TrainingModel, ctx.model_id)
-    if row is not None:
+    if row is not None and row.state != "ready":
         row.state, row.error = "failed", message[:4000]
 
 
-def default_registry() -> OperationRegistry:
-    """Return a registry with every operation this server version implements."""
-    registry = OperationRegistry()
-    registry.register(
-        Operation(
-            name="create_model", handler=_create_model, idempotent=True, on_failure=_create_model_failed
-        )
-    )
-    return registry
+def default_registry(*, auto_checkpoint: bool = True) -> OperationRegistry:
+    """Return a registry with every operation this server version implements (a fresh table)."""
+    return ComputeOps(auto_checkpoint=auto_checkpoint).registry()

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tensafe.server.errors import BadRequestError, ServerConfigurationError
+from tensafe.server.privacy import OperatorPrivacy
 
 __all__ = ["CatalogEntry", "ModelCatalog", "ServerSettings"]
 
@@ -115,6 +116,11 @@ class ServerSettings:
             that another worker (or a restarted server) takes the model over.
         audit_checkpoint_every: Sign an audit checkpoint every this many records per tenant.
         session_expiry_seconds: Sessions without a heartbeat for this long answer 410.
+        privacy: The operator's privacy floor (``TS_DP_*``); tenants and clients can only
+            make it stricter.
+        auto_checkpoint: Persist the adapter and optimizer state, encrypted, after every
+            completed ``optim_step`` (so a crash loses no completed step). Disable only for
+            benchmarks.
     """
 
     database_url: str
@@ -126,6 +132,8 @@ class ServerSettings:
     lease_seconds: float = 30.0
     audit_checkpoint_every: int = 1000
     session_expiry_seconds: float = 3600.0
+    privacy: OperatorPrivacy = field(default_factory=OperatorPrivacy)
+    auto_checkpoint: bool = True
 
     def __post_init__(self) -> None:
         if not 0 < self.long_poll_seconds <= 40:
@@ -135,7 +143,8 @@ class ServerSettings:
 
     @classmethod
     def from_environment(cls, env: Mapping[str, str] | None = None) -> ServerSettings:
-        """Read ``DATABASE_URL``, ``TS_DATA_DIR``, ``TS_SERVER_MODELS`` and ``TS_SERVER_LONG_POLL_S``.
+        """Read ``DATABASE_URL``, ``TS_DATA_DIR``, ``TS_SERVER_MODELS``, ``TS_SERVER_LONG_POLL_S``,
+        ``TS_SERVER_LEASE_S``, ``TS_SERVER_POLL_INTERVAL_S`` and ``TS_DP_*``.
 
         Raises:
             ServerConfigurationError: A value is malformed.
@@ -147,9 +156,24 @@ class ServerSettings:
         data_dir = Path(env.get("TS_DATA_DIR", "").strip() or ".tensafe").expanduser().resolve()
         models = env.get("TS_SERVER_MODELS", "").strip()
         catalog = ModelCatalog.parse(models) if models else ModelCatalog.default()
-        poll = env.get("TS_SERVER_LONG_POLL_S", "").strip()
-        try:
-            long_poll = float(poll) if poll else 25.0
-        except ValueError:
-            raise ServerConfigurationError("TS_SERVER_LONG_POLL_S must be a number of seconds") from None
-        return cls(database_url=url, data_dir=data_dir, catalog=catalog, long_poll_seconds=long_poll)
+        seconds: dict[str, float] = {}
+        for name, default in (
+            ("TS_SERVER_LONG_POLL_S", 25.0),
+            ("TS_SERVER_LEASE_S", 30.0),
+            ("TS_SERVER_POLL_INTERVAL_S", 0.25),
+        ):
+            raw = env.get(name, "").strip()
+            try:
+                seconds[name] = float(raw) if raw else default
+            except ValueError:
+                raise ServerConfigurationError(f"{name} must be a number of seconds") from None
+        long_poll = seconds["TS_SERVER_LONG_POLL_S"]
+        return cls(
+            database_url=url,
+            data_dir=data_dir,
+            catalog=catalog,
+            long_poll_seconds=long_poll,
+            lease_seconds=seconds["TS_SERVER_LEASE_S"],
+            poll_interval_seconds=seconds["TS_SERVER_POLL_INTERVAL_S"],
+            privacy=OperatorPrivacy.from_environment(env),
+        )

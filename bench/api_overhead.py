@@ -1,0 +1,237 @@
+"""Overhead of the training API: the official tinker SDK against a live server vs in-process calls.
+
+The same supervised DP loop (tiny Llama, LoRA rank 8 on attention and MLP, batch 8,
+cross-entropy, AdamW) runs in one process, interleaved (local, API, local, API, local; the
+fastest run of each side counts, since the machine may be shared):
+
+* **in-process**: ``LoraTrainingSession.forward_backward`` + ``optim_step`` directly;
+* **API**: the official ``tinker==0.38.0`` SDK against ``tensafe server``'s application
+  (uvicorn on a loopback port, SQLite, encrypted store, auto-checkpoint after every step,
+  audit records), ``forward_backward(...).result()`` + ``optim_step(...).result()``.
+
+It prints the steps/s of each, their ratio (API / in-process; the goal is >= 0.9) and the
+latency the API adds per forward_backward + optim_step pair. The last line is JSON.
+
+Usage: ``python bench/api_overhead.py [--steps 20] [--batch 8] [--no-auto-checkpoint] [--model NAME]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+TINY_MODEL = "bench/tiny-llama"
+SENTENCE = [310, 4021, 77, 1500, 9, 2600]
+
+
+def _tiny_model(directory: Path) -> None:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tensafe.training.models import load_tokenizer
+
+    tokenizer = load_tokenizer("HuggingFaceTB/SmolLM2-135M-Instruct")
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).to(torch.float32).save_pretrained(str(directory), safe_serialization=True)
+    tokenizer.save_pretrained(str(directory))
+
+
+def _examples(n: int, seed: int) -> list[tuple[list[int], list[int], list[float]]]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        tokens = [int(x) for x in rng.integers(1000, 40000, size=2)] + SENTENCE
+        out.append((tokens, [*tokens[1:], SENTENCE[0]], [0.0] + [1.0] * (len(tokens) - 1)))
+    return out
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--no-auto-checkpoint", action="store_true")
+    parser.add_argument(
+        "--model",
+        default=None,
+        metavar="NAME",
+        help="a registered model (e.g. HuggingFaceTB/SmolLM2-135M-Instruct) instead of the tiny Llama",
+    )
+    args = parser.parse_args(argv)
+
+    import tinker
+    import uvicorn
+
+    from tensafe.crypto.kdf import Argon2idParams
+    from tensafe.db import create_engine_from_url, make_session_factory, upgrade
+    from tensafe.keys import KeyManager, LocalKekProvider
+    from tensafe.server import CatalogEntry, ModelCatalog, ServerSettings, create_app
+    from tensafe.server.privacy import OperatorPrivacy
+    from tensafe.server.tenants import create_api_key, create_tenant
+    from tensafe.storage import EncryptedArtifactStore, LocalFilesystemBackend
+    from tensafe.training.runtime import AdamParams, Datum, DpPolicy, LoraTrainingSession
+
+    n = 1024
+    data = _examples(n, 0)
+    operator = OperatorPrivacy(
+        target_epsilon=8.0,
+        delta=1e-5,
+        clip_norm=1.0,
+        dataset_size=n,
+        expected_batch_size=args.batch,
+        max_steps=args.steps,
+    )
+    rng = np.random.default_rng(1)
+    batches = [rng.choice(n, size=args.batch, replace=False) for _ in range(args.steps)]
+
+    with tempfile.TemporaryDirectory(prefix="tensafe-bench-") as tmp_name:
+        tmp = Path(tmp_name)
+        if args.model is None:
+            model_dir = tmp / "model"
+            _tiny_model(model_dir)
+        else:
+            from tensafe.training.models import prepare_model
+
+            model_dir = prepare_model(args.model)
+
+        # -- in-process baseline (run before and after the API loop; the faster one counts) --
+        def local_batch(idx: np.ndarray) -> list[Datum]:
+            return [
+                Datum(data[i][0], {"target_tokens": np.array(data[i][1]), "weights": np.array(data[i][2])})
+                for i in idx
+            ]
+
+        def run_local() -> float:
+            session = LoraTrainingSession.create(
+                base_model=str(model_dir), rank=8, dp=operator.policy(), seed=0, train_unembed=False
+            )
+            assert isinstance(session.policy, DpPolicy)
+            session.forward(local_batch(batches[0]), "cross_entropy")  # warm-up
+            t0 = time.perf_counter()
+            for idx in batches:
+                session.forward_backward(local_batch(idx), "cross_entropy")
+                session.optim_step(AdamParams(learning_rate=0.05))
+            elapsed = time.perf_counter() - t0
+            session.close()
+            return elapsed
+
+        local_runs = [run_local()]
+
+        # -- through the API -------------------------------------------------------------
+        url = f"sqlite:///{tmp / 'bench.db'}"
+        upgrade(url)
+        engine = create_engine_from_url(url)
+        keys = KeyManager(
+            engine,
+            LocalKekProvider.create(
+                tmp / "kek.json", passphrase=b"bench passphrase 1234", params=Argon2idParams.minimum()
+            ),
+        )
+        store = EncryptedArtifactStore(LocalFilesystemBackend(tmp / "artifacts"), keys)
+        with make_session_factory(engine).begin() as s:
+            create_tenant(s, "bench")
+            key, _ = create_api_key(s, "bench")
+        settings = ServerSettings(
+            database_url=url,
+            data_dir=tmp,
+            catalog=ModelCatalog({TINY_MODEL: CatalogEntry(name=TINY_MODEL, source=str(model_dir))}),
+            poll_interval_seconds=0.05,
+            privacy=operator,
+            auto_checkpoint=not args.no_auto_checkpoint,
+        )
+        app = create_app(settings, store=store, key_manager=keys)
+        port = _port()
+        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
+        while not server.started:
+            time.sleep(0.02)
+        service = tinker.ServiceClient(base_url=f"http://127.0.0.1:{port}", api_key=key)
+        try:
+
+            def api_batch(idx: np.ndarray) -> list[Any]:
+                return [
+                    tinker.types.Datum(
+                        model_input=tinker.types.ModelInput.from_ints(data[i][0]),
+                        loss_fn_inputs={"target_tokens": data[i][1], "weights": data[i][2]},
+                    )
+                    for i in idx
+                ]
+
+            def run_api() -> float:
+                training = service.create_lora_training_client(
+                    base_model=TINY_MODEL, rank=8, seed=0, train_unembed=False
+                ).result()
+                training.forward(api_batch(batches[0]), "cross_entropy").result()  # warm-up
+                t0 = time.perf_counter()
+                for idx in batches:
+                    training.forward_backward(api_batch(idx), "cross_entropy").result()
+                    training.optim_step(tinker.types.AdamParams(learning_rate=0.05)).result()
+                return time.perf_counter() - t0
+
+            # Interleave with the in-process runs; the machine may be shared, so the
+            # fastest run of each side counts.
+            api_runs = [run_api()]
+            local_runs.append(run_local())
+            api_runs.append(run_api())
+            api_s = min(api_runs)
+        finally:
+            service.close("success").result()
+            server.should_exit = True
+            thread.join(30)
+            keys.close()
+            engine.dispose()
+
+        local_runs.append(run_local())
+    local_s = min(local_runs)
+    local_sps, api_sps = args.steps / local_s, args.steps / api_s
+    figures = {
+        "benchmark": "api_overhead",
+        "steps": args.steps,
+        "batch": args.batch,
+        "auto_checkpoint": not args.no_auto_checkpoint,
+        "model": args.model or "tiny-llama",
+        "inprocess_steps_per_s": round(local_sps, 3),
+        "api_steps_per_s": round(api_sps, 3),
+        "ratio_api_over_inprocess": round(api_sps / local_sps, 3),
+        "added_ms_per_fb_optim_pair": round(1000 * (api_s - local_s) / args.steps, 1),
+    }
+    print(f"in-process: {local_sps:.2f} steps/s; API (official SDK): {api_sps:.2f} steps/s")
+    print(
+        f"ratio {figures['ratio_api_over_inprocess']}; "
+        f"added {figures['added_ms_per_fb_optim_pair']} ms per pair"
+    )
+    print(json.dumps(figures, sort_keys=True))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -803,7 +803,7 @@ def create_app(
     def training_runs(
         who: Caller,
         limit: Annotated[int, Query(ge=1, le=1000)] = 20,
-        offset: Annotated[int, Query(ge=0)] = 0,
+        offset: Annotated[int, Query(ge=0, le=2**31 - 1)] = 0,
         access_scope: str = "owned",
         project_id: str | None = None,
     ) -> p.TrainingRunsResponse:
@@ -858,7 +858,7 @@ def create_app(
     def all_checkpoints(
         who: Caller,
         limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-        offset: Annotated[int, Query(ge=0)] = 0,
+        offset: Annotated[int, Query(ge=0, le=2**31 - 1)] = 0,
     ) -> p.CheckpointsListResponse:
         """Checkpoints across the tenant's runs, newest first."""
         with sessions() as session:
@@ -876,7 +876,7 @@ def create_app(
     def list_sessions(
         who: Caller,
         limit: Annotated[int, Query(ge=1, le=1000)] = 20,
-        offset: Annotated[int, Query(ge=0)] = 0,
+        offset: Annotated[int, Query(ge=0, le=2**31 - 1)] = 0,
         access_scope: str = "owned",
     ) -> p.ListSessionsResponse:
         """The tenant's session ids, newest first."""

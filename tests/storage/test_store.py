@@ -337,3 +337,18 @@ def test_memory_is_constant_for_large_artifacts(tmp_path: Path, resolver) -> Non
     assert sink.n == size and info.sha256 == sink.hash.hexdigest() == hashlib.sha256(bytes(size)).hexdigest()
     assert put_peak < 12 << 20, put_peak
     assert get_peak < 12 << 20, get_peak
+
+
+def test_tampered_header_timestamp_is_integrity_error(store: EncryptedArtifactStore) -> None:
+    """Regression (found by Hypothesis): an invalid month in the header is tampering, not a crash."""
+    import re
+
+    store.put("t1", "stamp", io.BytesIO(b"payload"), kind="test")
+    path = blob_path(store, "t1", "stamp")
+    raw = bytearray(path.read_bytes())
+    match = re.search(rb"\d{4}-(\d{2})-\d{2}T", bytes(raw))
+    assert match is not None
+    raw[match.start(1)] = ord("3")  # month 3x: no such month
+    path.write_bytes(bytes(raw))
+    with pytest.raises(ArtifactIntegrityError):
+        store.get_bytes("t1", "stamp")

@@ -25,6 +25,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from tensafe._fsutil import fsync_dir
 from tensafe.audit.canonical import parse_json_strict
 from tensafe.audit.errors import AuditError
 from tensafe.audit.log import _iter_rows, _record_from_row, list_checkpoints
@@ -260,16 +261,5 @@ def export_bundle(session: Session, *, tenant: str, out: str | os.PathLike[str])
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
         raise
-    _fsync_dir(target.parent)
+    fsync_dir(target.parent)
     return count
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
+from tensafe._fsutil import fsync_dir
 from tensafe.storage._errors import ArtifactNotFoundError, StoreError
 
 __all__ = ["BlobBackend", "LocalFilesystemBackend", "validate_key"]
@@ -132,14 +133,6 @@ class _FullWriter:
         self._raw.flush()
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class LocalFilesystemBackend(BlobBackend):
     """Blobs as files under a root directory.
 
@@ -192,7 +185,7 @@ class LocalFilesystemBackend(BlobBackend):
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
             raise
-        _fsync_dir(directory)
+        fsync_dir(directory)
         return total
 
     @contextlib.contextmanager
@@ -216,7 +209,7 @@ class LocalFilesystemBackend(BlobBackend):
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
             raise
-        _fsync_dir(directory)
+        fsync_dir(directory)
 
     @contextlib.contextmanager
     def _open(self, key: str) -> Iterator[BinaryIO]:
@@ -240,7 +233,7 @@ class LocalFilesystemBackend(BlobBackend):
             path.unlink()
         except (FileNotFoundError, IsADirectoryError):
             return False
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
         return True
 
     def exists(self, key: str) -> bool:

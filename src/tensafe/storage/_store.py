@@ -490,13 +490,19 @@ class EncryptedArtifactStore:
             body_ad = _format.associated_data(
                 tenant, artifact_id, header.dek_version, header.salt, header.digest
             )
+            try:
+                # The header is authenticated only once the body is (its digest is in the body's
+                # associated data): a tampered timestamp must fail as tampering, not as a parse error.
+                created_at = datetime.strptime(header.created_at, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
+            except ValueError:
+                raise ArtifactIntegrityError() from None
             info = ArtifactInfo(
                 tenant=tenant,
                 artifact_id=artifact_id,
                 kind=str(meta["kind"]),
                 metadata=MappingProxyType(dict(meta["metadata"])),  # type: ignore[call-overload]
                 dek_version=header.dek_version,
-                created_at=datetime.strptime(header.created_at, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC),
+                created_at=created_at,
             )
             yield stream, header, subkey, body_ad, info
 

@@ -43,6 +43,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from tensafe._fsutil import fsync_dir
 from tensafe.training.errors import ModelLoadError, UnknownModelError
 
 if TYPE_CHECKING:
@@ -240,15 +241,7 @@ def _fsync_tree(directory: Path) -> None:
         if path.is_file():
             with path.open("rb") as fh:
                 os.fsync(fh.fileno())
-    _fsync_dir(directory)
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_dir(directory)
 
 
 def _write_json(path: Path, payload: dict[str, Any]) -> None:
@@ -263,7 +256,7 @@ def _publish(tmp: Path, final: Path) -> None:
     """Atomically move a fully written temporary directory to its final name."""
     _fsync_tree(tmp)
     os.rename(tmp, final)  # Atomic on one filesystem; fails if ``final`` exists.
-    _fsync_dir(final.parent)
+    fsync_dir(final.parent)
 
 
 # --------------------------------------------------------------------------- GGUF source

@@ -30,11 +30,11 @@ import json
 import os
 import random
 import secrets
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
+from tensafe._fsutil import atomic_write_bytes
 from tensafe.training.errors import TrainingConfigError
 
 __all__ = [
@@ -343,31 +343,10 @@ def synthesize(
 # --------------------------------------------------------------------------- files
 
 
-def _atomic_write(path: Path, data: bytes, *, mode: int) -> None:
-    path = Path(path)
-    directory = path.parent if str(path.parent) else Path(".")
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fchmod(fh.fileno(), mode)
-            os.fsync(fh.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
 def write_jsonl(path: str | os.PathLike[str], records: Sequence[dict[str, Any]]) -> None:
     """Write records as UTF-8 JSONL atomically (temporary file, fsync, rename)."""
     payload = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode("utf-8")
-    _atomic_write(Path(path), payload, mode=0o644)
+    atomic_write_bytes(Path(path), payload, mode=0o644)
 
 
 def write_canaries(
@@ -401,4 +380,4 @@ def write_canaries(
             for c in dataset.canaries
         ],
     }
-    _atomic_write(Path(path), (json.dumps(payload, indent=2) + "\n").encode("utf-8"), mode=0o600)
+    atomic_write_bytes(Path(path), (json.dumps(payload, indent=2) + "\n").encode("utf-8"), mode=0o600)

@@ -37,6 +37,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
+from tensafe._fsutil import atomic_write_json, fsync_dir
 from tensafe.privacy import (
     CERTIFICATE_FILENAME,
     BudgetExceededError,
@@ -225,33 +226,6 @@ def generate_sample(
 # --------------------------------------------------------------------------- files
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_json_atomic(path: Path, payload: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(payload, fh, indent=2, sort_keys=True)
-            fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
 def _library_versions() -> dict[str, str | None]:
     from importlib import metadata
 
@@ -306,11 +280,11 @@ class _Checkpoints:
             for name in ("trainable.safetensors", "optimizer.pt"):
                 with open(tmp / name, "rb") as fh:
                     os.fsync(fh.fileno())
-            _fsync_dir(tmp)
+            fsync_dir(tmp)
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
-            _fsync_dir(self.root)
+            fsync_dir(self.root)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -736,11 +710,11 @@ def train(
     try:
         staged = save_adapter(cast("PeftModel", model), staging / "adapter", base_model_id=cfg.model)
         certificate.write(staged / CERTIFICATE_FILENAME)
-        _write_json_atomic(staged / "evidence.json", evidence)
+        atomic_write_json(staged / "evidence.json", evidence)
         if adapter_dir.exists():
             shutil.rmtree(adapter_dir)
         os.replace(staged, adapter_dir)
-        _fsync_dir(out)
+        fsync_dir(out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     certificate.write(out / CERTIFICATE_FILENAME)
@@ -760,7 +734,7 @@ def train(
         "stopped_by_budget": stopped is not None,
         "statement": certificate.statement,
     }
-    _write_json_atomic(out / "summary.json", summary)
+    atomic_write_json(out / "summary.json", summary)
     plot_path = plot_metrics(
         metrics.read(), out / "training.png", target_epsilon=priv.target_epsilon if priv.enabled else None
     )

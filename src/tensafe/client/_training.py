@@ -22,8 +22,10 @@ from tensafe.client.types import (
     LoadWeightsResponse,
     OptimStepResponse,
     PrivacyReport,
+    RegisterDatasetResponse,
     SaveWeightsForSamplerResponse,
     SaveWeightsResponse,
+    TrainStepResponse,
 )
 from tensafe.protocol import UntypedFuture
 
@@ -196,6 +198,72 @@ class TrainingClient:
     ) -> APIFuture[OptimStepResponse]:
         """Async twin of :meth:`optim_step`."""
         return await self._thread(self.optim_step, optim_params, adam_params=adam_params)
+
+    # -- server-side Poisson sampling (TenSafe) ------------------------------------------
+
+    def register_dataset(self, data: Sequence[Datum]) -> APIFuture[RegisterDatasetResponse]:
+        """Register the run's training set, once, for server-side Poisson sampling.
+
+        The run must have been created with ``user_metadata={"tensafe.dp.sampling":
+        "server_poisson"}``; ``N`` (``tensafe.dp.dataset_size``) is then the number of
+        examples registered here. The server keeps the data set encrypted under the
+        tenant's key and draws every batch of :meth:`train_step` from it.
+        """
+        data = [d if isinstance(d, Datum) else Datum.model_validate(d) for d in data]
+        return self._submit(
+            "api/v1/tensafe/register_dataset",
+            "RegisterDataset",
+            lambda seq: encode_forward_backward_request(
+                model_id=self.model_id,
+                seq_id=seq,
+                data=data,
+                loss_fn="cross_entropy",
+                loss_fn_config=None,
+                forward_only=True,
+            ),
+            on_json=RegisterDatasetResponse.model_validate,
+        )
+
+    async def register_dataset_async(self, data: Sequence[Datum]) -> APIFuture[RegisterDatasetResponse]:
+        """Async twin of :meth:`register_dataset`."""
+        return await self._thread(self.register_dataset, data)
+
+    def train_step(
+        self,
+        loss_fn: str,
+        adam_params: AdamParams,
+        *,
+        loss_fn_config: Mapping[str, float | str] | None = None,
+    ) -> APIFuture[TrainStepResponse]:
+        """Run one full DP step on the server: Poisson batch, forward_backward, optim_step.
+
+        The engine draws the batch from the registered data set (see
+        :meth:`register_dataset`), so the certificate states Poisson sampling performed by
+        the engine.
+        """
+        return self._submit(
+            "api/v1/tensafe/train_step",
+            "TrainStep",
+            lambda seq: {
+                "model_id": self.model_id,
+                "seq_id": seq,
+                "loss_fn": loss_fn,
+                "loss_fn_config": None if loss_fn_config is None else dict(loss_fn_config),
+                "adam_params": adam_params.model_dump(mode="json"),
+                "type": "train_step",
+            },
+            on_json=TrainStepResponse.model_validate,
+        )
+
+    async def train_step_async(
+        self,
+        loss_fn: str,
+        adam_params: AdamParams,
+        *,
+        loss_fn_config: Mapping[str, float | str] | None = None,
+    ) -> APIFuture[TrainStepResponse]:
+        """Async twin of :meth:`train_step`."""
+        return await self._thread(self.train_step, loss_fn, adam_params, loss_fn_config=loss_fn_config)
 
     # -- checkpoints ---------------------------------------------------------------------
 

@@ -46,6 +46,7 @@ __all__ = [
     "SessionHeartbeatRequest",
     "SupportedModel",
     "TelemetryRequest",
+    "TrainStepRequest",
     "TrainingRun",
     "TrainingRunsResponse",
     "TryAgain",
@@ -236,6 +237,21 @@ class OptimStepRequest(_Request):
 
 
 # --------------------------------------------------------------------------- futures
+
+
+class TrainStepRequest(_Request):
+    """Body of ``/api/v1/tensafe/train_step``: one server-sampled DP step (``server_poisson`` runs).
+
+    The engine draws the Poisson batch from the registered data set, runs
+    ``forward_backward`` over it with ``loss_fn`` and applies ``optim_step`` with ``adam_params``.
+    """
+
+    model_id: Ident
+    seq_id: SeqId
+    loss_fn: Annotated[str, StringConstraints(min_length=1, max_length=64)]
+    loss_fn_config: dict[str, float | str] | None = None
+    adam_params: AdamParams
+    type: Literal["train_step"] | None = None
 
 
 class UntypedFuture(_Response):

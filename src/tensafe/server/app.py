@@ -5,6 +5,8 @@
 
 import asyncio
 import contextlib
+import hashlib
+import importlib
 import json
 import logging
 import secrets
@@ -33,7 +35,7 @@ from tensafe.server.models import (
     TrainingCheckpoint,
     TrainingModel,
 )
-from tensafe.server.ops import _UNSUPPORTED_SAMPLE_KNOBS, ComputeOps, parse_tinker_path
+from tensafe.server.ops import _UNSUPPORTED_SAMPLE_KNOBS, MAX_DATASET_SIZE, ComputeOps, parse_tinker_path
 from tensafe.server.privacy import client_request, effective_policy, tenant_row
 from tensafe.server.routes_tensafe import router as tensafe_router
 from tensafe.server.settings import ServerSettings
@@ -163,6 +165,10 @@ def create_app(
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         waiters.bind(asyncio.get_running_loop())
         if settings.run_worker:
+            # Import the compute stack (torch, transformers, peft) before taking any lease:
+            # a first import inside a job holds the GIL for seconds, which would starve the
+            # lease renewal and let another process take the model over mid-job.
+            await run_in_threadpool(importlib.import_module, "tensafe.training.runtime")
             worker.start()
         try:
             yield
@@ -465,6 +471,78 @@ def create_app(
             )
 
         return await run_in_threadpool(submit)
+
+    # -- TenSafe: server-side Poisson sampling ----------------------------------------------
+
+    def require_server_sampling(who: Principal, model_id: str) -> None:
+        from tensafe.server.privacy import EffectivePolicy
+
+        with sessions() as session:
+            row = own_model(session, who, model_id)
+            raw = row.dp_policy
+        policy = EffectivePolicy.from_json(raw).policy if raw else None
+        if policy is None or policy.sampling != "server_poisson":
+            raise BadRequestError(
+                f"model {model_id!r} does not use server-side sampling; create it with "
+                "user_metadata tensafe.dp.sampling=server_poisson"
+            )
+
+    @app.post(
+        "/api/v1/tensafe/register_dataset",
+        tags=["tensafe"],
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {"application/x-protobuf": {"schema": {"type": "string", "format": "binary"}}},
+            }
+        },
+    )
+    async def register_dataset(request: Request, who: Caller) -> p.UntypedFuture:
+        """Register the training set of a ``server_poisson`` run (a future; once per run).
+
+        The body is a ``ForwardBackwardRequest`` protobuf (the ``forward_backward``
+        encoding; ``loss_fn`` and ``forward_only`` are ignored) whose ``data`` is the whole
+        data set. It is kept only encrypted under the tenant's key, never in the database.
+        """
+        if "application/x-protobuf" not in request.headers.get("content-type", ""):
+            raise BadRequestError("/tensafe/register_dataset takes an application/x-protobuf body")
+        body = await request.body()
+
+        def submit() -> p.UntypedFuture:
+            try:
+                plain = message_bytes(body, request.headers.get("content-encoding"))
+                req = decode_forward_backward_request(plain, max_datums=MAX_DATASET_SIZE)
+            except WireFormatError as exc:
+                raise BadRequestError(str(exc)) from None
+            if not req.data:
+                raise BadRequestError("register_dataset needs at least one example")
+            require_server_sampling(who, req.model_id)
+            return submit_model_request(
+                who,
+                model_id=req.model_id,
+                seq_id=req.seq_id,
+                request_type="register_dataset",
+                payload={"num_datums": len(req.data)},
+                data=plain,
+                num_datums=len(req.data),
+                dataset_sha256=hashlib.sha256(plain).hexdigest(),
+            )
+
+        return await run_in_threadpool(submit)
+
+    @app.post("/api/v1/tensafe/train_step", tags=["tensafe"])
+    def train_step(body: p.TrainStepRequest, who: Caller) -> p.UntypedFuture:
+        """Queue one server-sampled DP step: Poisson batch, forward_backward, optim_step (a future)."""
+        require_server_sampling(who, body.model_id)
+        payload = body.model_dump(mode="json", exclude_none=True, exclude={"type", "model_id", "seq_id"})
+        return submit_model_request(
+            who,
+            model_id=body.model_id,
+            seq_id=body.seq_id,
+            request_type="train_step",
+            payload=payload,
+            loss_fn=body.loss_fn,
+        )
 
     @app.post("/api/v1/optim_step", tags=["training"])
     def optim_step(body: p.OptimStepRequest, who: Caller) -> p.UntypedFuture:

@@ -16,13 +16,14 @@ futures simply run.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import hashlib
 import json
 import logging
 import secrets
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -428,11 +429,42 @@ class Worker:
                 ).scalar_one_or_none()
             if row is None or not self._claim(row.id):
                 return ran
-            self._execute(row)
+            with self._keep_lease(model_id):
+                self._execute(row)
             ran += 1
             if not self._acquire(model_id):  # renew; another worker took over
                 return ran
         return ran
+
+    @contextlib.contextmanager
+    def _keep_lease(self, model_id: str) -> Iterator[None]:
+        """Renew the lease on ``model_id`` while a (possibly long) job runs.
+
+        Without this, a job longer than the lease (a first model load, a large batch) lets
+        another worker take the model over and run the same future a second time.
+        """
+        done = threading.Event()
+        period = max(self._lease.total_seconds() / 3.0, 0.05)
+
+        def renew() -> None:
+            while not done.wait(period):
+                try:
+                    with self.services.sessions.begin() as session:
+                        session.execute(
+                            update(TrainingModel)
+                            .where(TrainingModel.id == model_id, TrainingModel.worker_id == self.worker_id)
+                            .values(lease_until=utcnow() + self._lease)
+                        )
+                except Exception:  # the next renewal retries; the lease check at completion decides
+                    _log.warning("worker %s could not renew its lease on %s", self.worker_id, model_id)
+
+        keeper = threading.Thread(target=renew, name=f"tensafe-lease-{self.worker_id}", daemon=True)
+        keeper.start()
+        try:
+            yield
+        finally:
+            done.set()
+            keeper.join()
 
     def _run_unordered(self) -> int:
         with self.services.sessions() as session:

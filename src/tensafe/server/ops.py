@@ -19,6 +19,7 @@ a ``server`` error that says which requests to resubmit.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
@@ -36,7 +37,10 @@ from tensafe.server.jobs import JobContext, JobFailedError, JobResult, Operation
 from tensafe.server.models import FutureRow, SamplingSessionRow, TrainingCheckpoint, TrainingModel
 from tensafe.server.privacy import EffectivePolicy
 
-__all__ = ["ComputeOps", "default_registry", "parse_tinker_path"]
+__all__ = ["MAX_DATASET_SIZE", "ComputeOps", "default_registry", "parse_tinker_path"]
+
+#: Most examples one ``register_dataset`` request may carry.
+MAX_DATASET_SIZE = 1_000_000
 
 _log = logging.getLogger("tensafe.server.ops")
 
@@ -119,6 +123,8 @@ class ComputeOps:
             ("save_weights", self.save_weights, True, None),
             ("save_weights_for_sampler", self.save_weights_for_sampler, True, None),
             ("sample", self.sample, True, None),
+            ("register_dataset", self.register_dataset, False, None),
+            ("train_step", self.train_step, False, None),
         ):
             registry.register(
                 Operation(
@@ -392,17 +398,7 @@ class ComputeOps:
             raise JobFailedError("this server supports only AdamW steps (adam_params)", category="user")
         row = self._model_row(ctx)
         loaded = self._training_session(ctx)
-        if loaded.lost:
-            lost, loaded.lost = loaded.lost, []
-            # Drop whatever accumulated since: reload the last completed step.
-            self._training.pop(str(ctx.model_id), None)
-            loaded.session.close()
-            raise JobFailedError(
-                "the server restarted after forward_backward request(s) with seq_id "
-                f"{', '.join(map(str, lost))} and lost their accumulated gradients; no step was taken: "
-                "run forward_backward again, then optim_step",
-                category="server",
-            )
+        self._check_lost(ctx, loaded)
         adam = AdamParams(**dict(ctx.payload["adam_params"]))
         metrics = loaded.session.optim_step(adam)
         self._finish(ctx, loaded)
@@ -414,6 +410,85 @@ class ComputeOps:
             json_result={"metrics": {k: float(v) for k, v in metrics.items()}, "type": "optim_step"},
             old_ref=row.state_ref,
             details={
+                "epsilon_spent": repr(spent.get("epsilon")),
+                "dp_enabled": bool(spent.get("dp_enabled")),
+            },
+        )
+
+    def _check_lost(self, ctx: JobContext, loaded: _Loaded) -> None:
+        """Fail the step when a restart lost gradients accumulated since the last step."""
+        if not loaded.lost:
+            return
+        lost, loaded.lost = loaded.lost, []
+        # Drop whatever accumulated since: reload the last completed step.
+        self._training.pop(str(ctx.model_id), None)
+        loaded.session.close()
+        raise JobFailedError(
+            "the server restarted after forward_backward request(s) with seq_id "
+            f"{', '.join(map(str, lost))} and lost their accumulated gradients; no step was taken: "
+            "run forward_backward again, then optim_step",
+            category="server",
+        )
+
+    # ------------------------------------------------------------------ server-side sampling
+
+    def register_dataset(self, ctx: JobContext) -> JobResult:
+        """Register the run's training set (``server_poisson`` runs; once per run).
+
+        The data set becomes part of the session state, so it is persisted only inside the
+        encrypted auto-checkpoint (and the encrypted request payload), never in the database.
+        """
+        from tensafe.protocol.wire import decode_forward_backward_request
+        from tensafe.training.runtime import Datum
+
+        row = self._model_row(ctx)
+        loaded = self._training_session(ctx)
+        assert ctx.payload_bytes is not None
+        req = decode_forward_backward_request(ctx.payload_bytes, max_datums=MAX_DATASET_SIZE)
+        data = [
+            Datum(model_input=[int(t) for t in d.tokens], loss_fn_inputs=dict(d.loss_fn_inputs))
+            for d in req.data
+        ]
+        loaded.session.register_dataset(data)
+        self._finish(ctx, loaded)
+        return self._state_result(
+            ctx,
+            loaded.session,
+            json_result={"type": "register_dataset", "dataset_size": len(data)},
+            old_ref=row.state_ref,
+            details={
+                "dataset_size": len(data),
+                "dataset_sha256": hashlib.sha256(ctx.payload_bytes).hexdigest(),
+            },
+        )
+
+    def train_step(self, ctx: JobContext) -> JobResult:
+        """One DP step sampled by the engine: Poisson batch, ``forward_backward``, ``optim_step``."""
+        from tensafe.training.runtime import AdamParams
+
+        row = self._model_row(ctx)
+        loaded = self._training_session(ctx)
+        self._check_lost(ctx, loaded)
+        adam = AdamParams(**dict(ctx.payload["adam_params"]))
+        loss_fn = str(ctx.payload["loss_fn"])
+        config = ctx.payload.get("loss_fn_config") or None
+        batch = loaded.session.sample_batch()
+        metrics: dict[str, float] = {}
+        if batch:
+            result = loaded.session.forward_backward(batch, loss_fn, loss_fn_config=config)
+            metrics.update({k: float(v) for k, v in result.metrics.items()})
+        metrics.update({k: float(v) for k, v in loaded.session.optim_step(adam).items()})
+        self._finish(ctx, loaded)
+        loaded.step = int(loaded.session.step)
+        spent = loaded.session.privacy_spent()
+        return self._state_result(
+            ctx,
+            loaded.session,
+            json_result={"type": "train_step", "metrics": metrics, "batch_size": len(batch)},
+            old_ref=row.state_ref,
+            details={
+                "loss_fn": loss_fn,
+                "sampling": "poisson (engine)",
                 "epsilon_spent": repr(spent.get("epsilon")),
                 "dp_enabled": bool(spent.get("dp_enabled")),
             },

@@ -15,6 +15,7 @@ the client asks for it (``tensafe.dp.enabled = "false"``).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections.abc import Mapping
@@ -251,6 +252,9 @@ def effective_policy(
         if changes:
             base = base.tighten(**changes)
             source += "+client"
+        if base.sampling == "server_poisson" and "dataset_size" not in changes:
+            # N is the size of the data set the client registers, not a claim.
+            base = dataclasses.replace(base, dataset_size=None)
     except DpPolicyError as exc:  # PolicyLoosenedError included
         raise BadRequestError(f"privacy policy: {exc}") from None
     return EffectivePolicy(policy=base, source=source)
@@ -326,7 +330,8 @@ def model_certificate(row: TrainingModel) -> Any:
 
     It is issued by the training runtime after every completed ``optim_step`` (ε computed
     by the accountant) and stored with the model. It states the sampling honestly:
-    ``client_chosen_batches``, not performed by the engine. None before the model was created.
+    ``client_chosen_batches``, not performed by the engine, unless the run registered a data
+    set and the engine drew its batches (``poisson``). None before the model was created.
     """
     from tensafe.privacy import DpCertificate
 

@@ -23,6 +23,7 @@ from tensafe.client.types.sampled_sequence import SampledSequence
 from tensafe.client.types.sampling_params import SamplingParams
 from tensafe.client.types.save_weights_for_sampler_response import SaveWeightsForSamplerResponse
 from tensafe.client.types.save_weights_response import SaveWeightsResponse
+from tensafe.client.types.server_sampling import RegisterDatasetResponse, TrainStepResponse
 from tensafe.client.types.tensor_data import TensorData
 from tensafe.protocol import (
     Checkpoint,
@@ -63,6 +64,7 @@ __all__ = [
     "OptimStepResponse",
     "OptimizerConfig",
     "PrivacyReport",
+    "RegisterDatasetResponse",
     "SampleResponse",
     "SampledSequence",
     "SamplingParams",
@@ -71,6 +73,7 @@ __all__ = [
     "ServerCapabilities",
     "SupportedModel",
     "TensorData",
+    "TrainStepResponse",
     "TrainingRun",
     "TrainingRunsResponse",
 ]

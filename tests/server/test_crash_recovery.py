@@ -75,9 +75,10 @@ class _Server:
                 self.proc.wait(30)
 
 
-@pytest.fixture
-def server(tmp_path: pathlib.Path, tiny_model_dir: pathlib.Path) -> Iterator[tuple[_Server, str, Any]]:
-    url = f"sqlite:///{tmp_path / 'crash.db'}"
+def _server_env(
+    url: str, tmp_path: pathlib.Path, tiny_model_dir: pathlib.Path
+) -> tuple[dict[str, str], str, Any, Any]:
+    """Migrate ``url``, create tenant ``acme`` with an API key; return (env, key, sessions, engine)."""
     upgrade(url)
     engine = create_engine_from_url(url)
     sessions = make_session_factory(engine)
@@ -98,6 +99,12 @@ def server(tmp_path: pathlib.Path, tiny_model_dir: pathlib.Path) -> Iterator[tup
         "TS_DP_EXPECTED_BATCH_SIZE": "8",
         "TS_DP_MAX_STEPS": "40",
     }
+    return env, key, sessions, engine
+
+
+@pytest.fixture
+def server(tmp_path: pathlib.Path, tiny_model_dir: pathlib.Path) -> Iterator[tuple[_Server, str, Any]]:
+    env, key, sessions, engine = _server_env(f"sqlite:///{tmp_path / 'crash.db'}", tmp_path, tiny_model_dir)
     srv = _Server(env, _port(), tmp_path / "server.log")
     srv.start()
     try:

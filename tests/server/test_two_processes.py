@@ -11,7 +11,6 @@ futures finished, and the steps counted in order.
 from __future__ import annotations
 
 import itertools
-import os
 import pathlib
 import time
 from collections.abc import Iterator
@@ -22,12 +21,10 @@ import pytest
 from sqlalchemy import select
 
 from server.conftest import TINY_MODEL
-from server.test_crash_recovery import _port, _Server
+from server.test_crash_recovery import _port, _Server, _server_env
 from tensafe.client._wire import decode_forward_backward_output, encode_forward_backward_request
 from tensafe.client.types import Datum, ModelInput
-from tensafe.db import create_engine_from_url, make_session_factory, upgrade
 from tensafe.server.models import FutureRow, TrainingModel
-from tensafe.server.tenants import create_api_key, create_tenant
 
 tinker = pytest.importorskip("tinker", reason="the official tinker SDK is a test dependency (tinker==0.38.0)")
 
@@ -38,27 +35,7 @@ TOKENS = [1, 17, 23, 42, 99, 7]
 def two_processes(
     tmp_path: pathlib.Path, tiny_model_dir: pathlib.Path, postgres_database_url: str
 ) -> Iterator[tuple[_Server, _Server, str, Any]]:
-    url = postgres_database_url
-    upgrade(url)
-    engine = create_engine_from_url(url)
-    sessions = make_session_factory(engine)
-    with sessions.begin() as s:
-        create_tenant(s, "acme")
-        key, _ = create_api_key(s, "acme")
-    env = os.environ | {
-        "DATABASE_URL": url,
-        "TS_DATA_DIR": str(tmp_path / "data"),
-        "TS_SERVER_MODELS": f"{TINY_MODEL}={tiny_model_dir}",
-        "TS_SERVER_LEASE_S": "2",
-        "TS_SERVER_POLL_INTERVAL_S": "0.05",
-        "TS_SERVER_LONG_POLL_S": "5",
-        "TS_DP_TARGET_EPSILON": "50",
-        "TS_DP_DELTA": "1e-3",
-        "TS_DP_CLIP_NORM": "10",
-        "TS_DP_DATASET_SIZE": "64",
-        "TS_DP_EXPECTED_BATCH_SIZE": "8",
-        "TS_DP_MAX_STEPS": "40",
-    }
+    env, key, sessions, engine = _server_env(postgres_database_url, tmp_path, tiny_model_dir)
     a = _Server(env, _port(), tmp_path / "a.log")
     b = _Server(env, _port(), tmp_path / "b.log")
     a.start()  # A first: it creates the development KEK in the shared data directory.

@@ -150,3 +150,50 @@ def test_foreign_keys_are_enforced(migrated_database_url: str) -> None:
             )
         )
     engine.dispose()
+
+
+def test_read_sessions_do_not_wait_for_the_write_lock(tmp_path: Path) -> None:
+    """A read session reads its snapshot while a writer holds the lock (SQLite, WAL)."""
+    from tensafe.db import make_read_session_factory
+
+    url = f"sqlite:///{tmp_path / 'reads.db'}"
+    engine = create_engine_from_url(url, connect_args={"timeout": 0.1})
+    with engine.begin() as conn:
+        conn.exec_driver_sql("CREATE TABLE t (x INTEGER)")
+        conn.exec_driver_sql("INSERT INTO t VALUES (1)")
+    reads = make_read_session_factory(engine)
+    other = create_engine_from_url(url)
+    with other.begin() as writer:
+        writer.exec_driver_sql("INSERT INTO t VALUES (2)")  # holds the write lock, uncommitted
+        with reads() as session:
+            session.connection().exec_driver_sql("PRAGMA busy_timeout = 100")
+            assert session.execute(text("SELECT count(*) FROM t")).scalar_one() == 1
+    with reads() as session:
+        assert session.execute(text("SELECT count(*) FROM t")).scalar_one() == 2
+    other.dispose()
+    engine.dispose()
+
+
+def test_read_sessions_refuse_writes(migrated_database_url: str) -> None:
+    from sqlalchemy import update
+
+    from tensafe.db import DatabaseError, make_read_session_factory
+
+    engine = create_engine_from_url(migrated_database_url)
+    with make_session_factory(engine).begin() as session:
+        ensure_tenant(session, "acme", name="ACME")
+    reads = make_read_session_factory(engine)
+    with reads() as session, pytest.raises(DatabaseError, match="read-only"):
+        session.add(Tenant(id="x", name="X", created_at=dt.datetime.now(dt.UTC)))
+        session.flush()
+    with reads() as session, pytest.raises(DatabaseError, match="read-only"):
+        session.execute(update(Tenant).values(name="changed"))
+    with reads() as session:
+        row = session.get(Tenant, "acme")
+        assert row is not None and row.name == "ACME"
+        row.name = "changed"
+        with pytest.raises(DatabaseError, match="read-only"):
+            session.flush()
+    with reads() as session:
+        assert session.execute(select(Tenant.name).where(Tenant.id == "acme")).scalar_one() == "ACME"
+    engine.dispose()

@@ -19,6 +19,7 @@ from tensafe.db._engine import (
     DEFAULT_DATABASE_URL,
     create_engine_from_url,
     get_database_url,
+    make_read_session_factory,
     make_session_factory,
     safe_url,
 )
@@ -38,6 +39,7 @@ __all__ = [
     "ensure_tenant",
     "get_database_url",
     "head_revision",
+    "make_read_session_factory",
     "make_session_factory",
     "safe_url",
     "upgrade",

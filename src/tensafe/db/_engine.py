@@ -18,6 +18,7 @@ __all__ = [
     "SQLITE_BUSY_TIMEOUT_MS",
     "create_engine_from_url",
     "get_database_url",
+    "make_read_session_factory",
     "make_session_factory",
     "safe_url",
 ]
@@ -145,3 +146,31 @@ def _configure_sqlite(engine: Engine, *, default_begin: str, in_memory: bool) ->
 def make_session_factory(engine: Engine) -> sessionmaker[Session]:
     """Return a session factory bound to ``engine`` (objects stay usable after commit)."""
     return sessionmaker(bind=engine, expire_on_commit=False)
+
+
+def make_read_session_factory(engine: Engine) -> sessionmaker[Session]:
+    """Return a factory of read-only sessions bound to ``engine``.
+
+    On SQLite their transactions ``BEGIN DEFERRED``: with write-ahead logging a reader
+    sees a consistent snapshot and neither waits for nor holds the write lock, so hot
+    read paths (authentication, polling, queue scans) do not queue behind commits. A
+    read-then-write transaction must not use them (on SQLite its lock upgrade could fail
+    with "database is locked"), so any write in such a session raises
+    :class:`DatabaseError` before reaching the database. On PostgreSQL they behave like
+    ordinary sessions, with the same write guard.
+    """
+    factory = sessionmaker(
+        bind=engine.execution_options(tensafe_sqlite_begin="DEFERRED"), expire_on_commit=False
+    )
+
+    @event.listens_for(factory, "before_flush")
+    def _no_flush(session: Session, _context: Any, _instances: Any) -> None:
+        if session.new or session.dirty or session.deleted:
+            raise DatabaseError("internal error: a write was attempted in a read-only session")
+
+    @event.listens_for(factory, "do_orm_execute")
+    def _no_dml(state: Any) -> None:
+        if state.is_insert or state.is_update or state.is_delete:
+            raise DatabaseError("internal error: a write was attempted in a read-only session")
+
+    return factory

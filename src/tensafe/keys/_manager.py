@@ -173,9 +173,10 @@ class KeyManager:
     # -- helpers ------------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def _session(self) -> Iterator[Session]:
+    def _session(self, *, begin: str | None = None) -> Iterator[Session]:
+        bind = self._engine if begin is None else self._engine.execution_options(tensafe_sqlite_begin=begin)
         try:
-            with Session(self._engine, expire_on_commit=False) as session, session.begin():
+            with Session(bind, expire_on_commit=False) as session, session.begin():
                 yield session
         except (OperationalError, ProgrammingError) as exc:
             if "tenant_deks" in str(exc) or "deployment_keys" in str(exc):
@@ -183,6 +184,12 @@ class KeyManager:
                     "the database has no key tables; run 'tensafe db upgrade' first"
                 ) from None
             raise
+
+    @contextlib.contextmanager
+    def _read_session(self) -> Iterator[Session]:
+        """A read-only transaction: on SQLite it does not take (or wait for) the write lock."""
+        with self._session(begin="DEFERRED") as session:
+            yield session
 
     def _check_tenant(self, session: Session, tenant: str) -> None:
         row = session.get(Tenant, tenant)
@@ -262,6 +269,19 @@ class KeyManager:
             KeyNotFoundError: Unknown tenant.
             TenantShreddedError: The tenant was deleted.
         """
+        with self._read_session() as session:  # the common case: the DEK exists, no write
+            self._check_tenant(session, tenant)
+            active = session.execute(
+                select(TenantDek)
+                .where(TenantDek.tenant_id == tenant, TenantDek.state == "active")
+                .order_by(TenantDek.version.desc())
+                .limit(1)
+            ).scalar_one_or_none()
+            found = None if active is None else (active.version, active.kek_version, active.wrapped_dek)
+            found_provider = None if active is None else active.kek_provider
+        if found is not None and found[2] is not None and found_provider is not None:
+            self._check_provider(found_provider)
+            return found[0], self._unwrap(tenant, found[0], found[1], found[2])
         for attempt in range(2):
             try:
                 with self._session() as session:
@@ -301,7 +321,7 @@ class KeyManager:
             KeyNotFoundError: Unknown tenant or DEK version.
             TenantShreddedError: The tenant was deleted or this DEK destroyed.
         """
-        with self._session() as session:
+        with self._read_session() as session:
             row = session.get(TenantDek, (tenant, dek_version))
             if row is None or row.state == "destroyed" or row.wrapped_dek is None:
                 tenant_row = session.get(Tenant, tenant)

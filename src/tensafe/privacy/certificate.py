@@ -15,6 +15,7 @@ The JSON Schema is shipped as ``dp_certificate.schema.json`` next to this module
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import importlib.metadata
 import json
 import math
@@ -59,13 +60,23 @@ def schema_path() -> Path:
 
 
 def _library_versions() -> dict[str, str | None]:
+    return dict(_installed_versions())
+
+
+@functools.cache
+def _installed_versions() -> tuple[tuple[str, str | None], ...]:
+    """The versions of the libraries a certificate names, read once per process.
+
+    Reading package metadata costs milliseconds; the training API issues a certificate
+    after every step. Installed versions do not change under a running process.
+    """
     versions: dict[str, str | None] = {"tensafe": __version__}
     for dist in _TRACKED_DISTRIBUTIONS:
         try:
             versions[dist] = importlib.metadata.version(dist)
         except importlib.metadata.PackageNotFoundError:
             versions[dist] = None
-    return versions
+    return tuple(versions.items())
 
 
 def _now_rfc3339() -> str:

@@ -396,6 +396,62 @@ class EncryptedArtifactStore:
         meta_json = _check_metadata(kind, metadata)
         if not overwrite and self._backend.exists(key):
             raise StoreError(f"artifact {artifact_id!r} already exists for this tenant; pass overwrite=True")
+        with self._backend.open_atomic(key) as out:
+            return self._encrypt_into(
+                tenant, artifact_id, src, out, kind=kind, metadata=metadata, meta_json=meta_json
+            )
+
+    def seal_bytes(
+        self,
+        tenant: str,
+        artifact_id: str,
+        data: bytes,
+        *,
+        kind: str,
+        metadata: Mapping[str, str] | None = None,
+    ) -> tuple[bytes, ArtifactInfo]:
+        """Encrypt ``data`` into a complete TSAF v1 blob in memory, without storing it.
+
+        The blob is exactly what :meth:`put` would write for ``(tenant, artifact_id)``;
+        the caller keeps it (for instance in a database row, committed with the
+        transaction that needs it) and decrypts it with :meth:`unseal_bytes` under the
+        same tenant and artifact id. Meant for small records, where a file, its fsync and
+        a directory fsync would cost more than the data.
+
+        Raises:
+            StoreError: Invalid ids, kind or metadata.
+        """
+        self._key(tenant, artifact_id)  # validates the ids
+        meta_json = _check_metadata(kind, metadata)
+        out = io.BytesIO()
+        info = self._encrypt_into(
+            tenant, artifact_id, io.BytesIO(data), out, kind=kind, metadata=metadata, meta_json=meta_json
+        )
+        return out.getvalue(), info
+
+    def unseal_bytes(self, tenant: str, artifact_id: str, blob: bytes) -> bytes:
+        """Decrypt and verify a blob made by :meth:`seal_bytes` for ``(tenant, artifact_id)``.
+
+        Raises:
+            ArtifactIntegrityError: The blob was modified, truncated, made for another
+                tenant or artifact id, or is not a TSAF blob (one opaque error).
+        """
+        self._key(tenant, artifact_id)
+        out = io.BytesIO()
+        self._decrypt_to(tenant, artifact_id, out, blob=blob)
+        return out.getvalue()
+
+    def _encrypt_into(
+        self,
+        tenant: str,
+        artifact_id: str,
+        src: BinaryIO,
+        out: BinaryIO,
+        *,
+        kind: str,
+        metadata: Mapping[str, str] | None,
+        meta_json: bytes,
+    ) -> ArtifactInfo:
         dek_version, dek = self._keys.encryption_key(tenant)
         salt = secrets.token_bytes(16)
         created = datetime.now(UTC)
@@ -421,7 +477,7 @@ class EncryptedArtifactStore:
         # header | STREAM body (preallocated buffers, AES-GCM into place) | sealed trailer,
         # written straight to the backend's atomic writer; the plaintext SHA-256 runs on
         # a worker thread, overlapping encryption and writing.
-        with ThreadedSha256() as digest, self._backend.open_atomic(key) as out:
+        with ThreadedSha256() as digest:
             source = _HashingSource(src, digest)
             out.write(header.raw)
             encrypt_stream(
@@ -482,10 +538,13 @@ class EncryptedArtifactStore:
 
     @contextlib.contextmanager
     def _body(
-        self, tenant: str, artifact_id: str
+        self, tenant: str, artifact_id: str, blob: bytes | None = None
     ) -> Iterator[tuple[BinaryIO, _format.Header, bytes, bytes, ArtifactInfo]]:
         key = self._key(tenant, artifact_id)
-        with self._backend.get_stream(key) as stream:
+        source: contextlib.AbstractContextManager[BinaryIO] = (
+            self._backend.get_stream(key) if blob is None else contextlib.nullcontext(io.BytesIO(blob))
+        )
+        with source as stream:
             header, subkey, meta = self._open_header(tenant, artifact_id, stream)
             body_ad = _format.associated_data(
                 tenant, artifact_id, header.dek_version, header.salt, header.digest
@@ -515,9 +574,11 @@ class EncryptedArtifactStore:
             finally:
                 reader.close()
 
-    def _decrypt_to(self, tenant: str, artifact_id: str, dst: BinaryIO | None) -> ArtifactInfo:
+    def _decrypt_to(
+        self, tenant: str, artifact_id: str, dst: BinaryIO | None, *, blob: bytes | None = None
+    ) -> ArtifactInfo:
         """Decrypt into ``dst`` (or nowhere) with preallocated buffers; verify the trailer."""
-        with self._body(tenant, artifact_id) as (stream, header, subkey, body_ad, info):
+        with self._body(tenant, artifact_id, blob) as (stream, header, subkey, body_ad, info):
             body = _BodyReader(stream, header.trailer_len)
             with ThreadedSha256(max_in_flight=1) as digest:
                 sink = _HashingSink(dst, digest)

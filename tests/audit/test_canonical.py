@@ -1,10 +1,13 @@
-"""Canonical JSON: RFC 8785 vectors, an independent implementation as oracle, properties."""
+"""The audit log's canonical JSON (no floats): its vectors, its error type, its depth limit.
+
+The shared encoder (``tensafe._canonical``) is checked against the ``rfc8785`` package and the
+RFC's examples in both modes in ``tests/test_canonical.py``.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
-import random
 from pathlib import Path
 from typing import Any
 
@@ -25,14 +28,6 @@ VECTORS = Path(__file__).parent / "vectors"
 def test_rfc8785_vectors(vector: dict[str, str]) -> None:
     value = json.loads(vector["input_json"])
     assert canonical_json(value) == bytes.fromhex(vector["expected_hex"])
-
-
-def test_rfc8785_sorting_order_as_printed_in_the_rfc() -> None:
-    # RFC 8785 §3.2.3 lists the sorted keys: "\r", "1", "\u0080", "ö", "€", "😀", "\ufb33"
-    # (the emoji sorts before U+FB33 because keys compare as UTF-16 code units).
-    value = {k: 0 for k in ["\u20ac", "\r", "\ufb33", "1", "\U0001f600", "\u0080", "\u00f6"]}
-    keys = list(json.loads(canonical_json(value)))
-    assert keys == ["\r", "1", "\u0080", "\u00f6", "\u20ac", "\U0001f600", "\ufb33"]
 
 
 def test_record_v1_golden_vector() -> None:
@@ -59,12 +54,6 @@ json_values = st.recursive(
 
 @settings(max_examples=300, deadline=None)
 @given(json_values)
-def test_matches_the_independent_rfc8785_implementation(value: Any) -> None:
-    assert canonical_json(value) == rfc8785.dumps(value)
-
-
-@settings(max_examples=300, deadline=None)
-@given(json_values)
 def test_round_trip(value: Any) -> None:
     encoded = canonical_json(value)
     decoded = parse_json_strict(encoded)
@@ -72,14 +61,6 @@ def test_round_trip(value: Any) -> None:
     assert canonical_json(decoded) == encoded
     # No whitespace outside strings: re-serialising with Python's compact form agrees on length.
     assert len(encoded) == len(json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode("utf-8"))
-
-
-@settings(max_examples=200, deadline=None)
-@given(st.dictionaries(_text, json_values, min_size=1, max_size=8), st.randoms(use_true_random=False))
-def test_key_order_independence(value: dict[str, Any], rnd: random.Random) -> None:
-    items = list(value.items())
-    rnd.shuffle(items)
-    assert canonical_json(dict(items)) == canonical_json(value)
 
 
 @pytest.mark.parametrize(
@@ -103,10 +84,13 @@ def test_refuses_what_it_cannot_represent(bad: Any) -> None:
 
 def test_refuses_deep_nesting() -> None:
     deep: Any = 0
-    for _ in range(MAX_DEPTH + 2):
+    for _ in range(MAX_DEPTH):
         deep = [deep]
+    assert parse_json_strict(canonical_json(deep)) == deep
     with pytest.raises(AuditError, match="deeper"):
-        canonical_json(deep)
+        canonical_json([deep])
+    with pytest.raises(AuditError, match="deeper"):
+        parse_json_strict(b"[" + canonical_json(deep) + b"]")
 
 
 @pytest.mark.parametrize(

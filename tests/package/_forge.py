@@ -10,8 +10,8 @@ import io
 from dataclasses import dataclass, replace
 from typing import Any
 
+from tensafe._canonical import canonical_json
 from tensafe.crypto.signing import HybridSigningKey
-from tensafe.package._canonical import canonical_json
 from tensafe.package._format import (
     LABEL_SIGNATURE,
     ParsedHeader,
@@ -37,7 +37,7 @@ class Parts:
     header: ParsedHeader
 
     def with_manifest(self, doc: dict[str, Any]) -> Parts:
-        return replace(self, manifest=canonical_json(doc))
+        return replace(self, manifest=canonical_json(doc, allow_floats=True))
 
     def signed_part(self) -> bytes:
         return encode_signed_part(

@@ -17,8 +17,8 @@ from hypothesis import strategies as st
 
 from package._forge import split
 from package.tssp_helpers import Keys
+from tensafe._canonical import canonical_json
 from tensafe.package import PackageError, PackageFormatError, inspect, verify
-from tensafe.package._canonical import canonical_json
 from tensafe.package._format import read_header
 from tensafe.package._manifest import parse_manifest
 
@@ -149,7 +149,7 @@ def test_mutated_manifests(seed: bytes, data: st.DataObject) -> None:
     except PackageFormatError:
         pass
     try:
-        encoded = canonical_json(mutated)
+        encoded = canonical_json(mutated, allow_floats=True)
     except ValueError:
         return
     blob = parts.__class__(**{**parts.__dict__, "manifest": encoded}).encode()

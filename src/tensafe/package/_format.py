@@ -6,8 +6,8 @@ import hashlib
 from dataclasses import dataclass
 from typing import Any, BinaryIO, Final
 
+from tensafe._canonical import CanonicalJSONError, parse_json
 from tensafe.crypto.stream import HEADER_SIZE, TAG_SIZE
-from tensafe.package._canonical import parse_canonical_json
 from tensafe.package._manifest import Manifest, check_certificate, check_evidence, parse_manifest
 from tensafe.package.errors import PackageFormatError
 
@@ -26,6 +26,7 @@ __all__ = [
     "encode_signatures",
     "encode_signed_part",
     "expected_payload_length",
+    "parse_canonical_json",
     "read_header",
 ]
 
@@ -154,6 +155,18 @@ class _Reader:
 
     def at_end(self) -> bool:
         return self._pos == len(self._data)
+
+
+def parse_canonical_json(data: bytes, *, what: str) -> Any:
+    """Decode a canonical-JSON section (floats allowed), refusing anything but its canonical bytes.
+
+    Raises:
+        PackageFormatError: ``data`` is not UTF-8, not JSON, has duplicate members, or is not canonical.
+    """
+    try:
+        return parse_json(data, allow_floats=True, require_canonical=True)
+    except CanonicalJSONError as exc:
+        raise PackageFormatError(f"{what}: {exc}") from None
 
 
 def _read_exact(fh: BinaryIO, n: int, *, what: str) -> bytes:

@@ -14,13 +14,13 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from tensafe._canonical import canonical_json
 from tensafe.crypto.aead import seal
 from tensafe.crypto.hashing import ThreadedSha256
 from tensafe.crypto.kdf import hkdf_sha256
 from tensafe.crypto.kem import HybridKemPublicKey
 from tensafe.crypto.signing import HybridSigningKey
 from tensafe.crypto.stream import CHUNK_SIZE, encrypt_stream
-from tensafe.package._canonical import canonical_json
 from tensafe.package._format import (
     LABEL_CONTENT_KEY_WRAP,
     LABEL_KEY_COMMITMENT,
@@ -219,7 +219,7 @@ class _ConcatReader:
 
 def _canonical_section(doc: Mapping[str, Any], *, what: str) -> bytes:
     try:
-        data = canonical_json(dict(doc))
+        data = canonical_json(dict(doc), allow_floats=True)
     except (ValueError, RecursionError) as exc:
         raise PackageInputError(f"{what} cannot be encoded as canonical JSON: {exc}") from None
     if len(data) > MAX_SECTION:

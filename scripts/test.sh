@@ -9,6 +9,7 @@ if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = "0" ]; then
   command -v softhsm2-util >/dev/null 2>&1 || need+=(softhsm2)
   command -v pkcs11-tool >/dev/null 2>&1 || need+=(opensc)
   command -v initdb >/dev/null 2>&1 || [ -x /usr/lib/postgresql/15/bin/initdb ] || need+=(postgresql)
+  command -v age >/dev/null 2>&1 || need+=(age)  # independent age decryption in the server tests
   if ((${#need[@]})); then
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}"

@@ -26,6 +26,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from tensafe import protocol as p
 from tensafe.db import create_engine_from_url, current_revision, head_revision, make_session_factory, utcnow
 from tensafe.protocol.wire import WireFormatError, decode_forward_backward_request, message_bytes
+from tensafe.server.checkpoints import checkpoint_is_live, delete_checkpoint_artifacts
+from tensafe.server.checkpoints import router as checkpoints_router
 from tensafe.server.errors import BadRequestError, NotFoundError, ServerError
 from tensafe.server.jobs import OperationRegistry, Services, Worker, load_future, stage_payload, submit_future
 from tensafe.server.models import (
@@ -188,11 +190,13 @@ def create_app(
     app.state.settings = settings
 
     _install_error_handlers(app)
+    # First: its .../publish and .../ttl routes must precede DELETE .../checkpoints/{path}.
+    app.include_router(checkpoints_router)
 
     # -- dependencies ---------------------------------------------------------------------
 
     def principal(x_api_key: Annotated[str | None, Header(alias="X-API-Key")] = None) -> Principal:
-        with sessions() as session:
+        with services.reads() as session:
             return authenticate(session, x_api_key)
 
     Caller = Annotated[Principal, Depends(principal)]
@@ -399,7 +403,7 @@ def create_app(
         """Queue a request of a training model, in order, de-duplicated by ``(model_id, seq_id)``."""
         if seq_id < 1:
             raise BadRequestError("seq_id must be at least 1 (0 is the model's creation)")
-        with sessions() as session:
+        with services.reads() as session:
             row = own_model(session, who, model_id)
             if row.state == "failed":
                 raise BadRequestError(f"model {model_id!r} could not be created: {row.error}")
@@ -583,6 +587,7 @@ def create_app(
                 TrainingCheckpoint.model_id == run,
                 TrainingCheckpoint.kind == kind,
                 TrainingCheckpoint.name == name,
+                checkpoint_is_live(),
             )
         ).scalar_one_or_none()
         if row is None or row.tenant_id != who.tenant:
@@ -592,6 +597,8 @@ def create_app(
     @app.post("/api/v1/load_weights", tags=["weights"])
     def load_weights(body: p.LoadWeightsRequest, who: Caller) -> p.UntypedFuture:
         """Create a training model from a ``weights`` checkpoint (or load into an existing one)."""
+        if body.optimizer_config is not None and body.optimizer_config.type != "adamw":
+            raise BadRequestError(f"optimizer {body.optimizer_config.type!r} is not supported; use AdamW")
         payload = body.model_dump(
             mode="json", exclude_none=True, exclude={"type", "model_id", "seq_id", "weights_access_token"}
         )
@@ -689,13 +696,10 @@ def create_app(
         path = f"tinker://{run_id}/{checkpoint_id}"
         with sessions.begin() as session:
             row = own_checkpoint(session, who, path)
-            ref, kind = row.artifact_id, row.kind
+            ref = row.artifact_id
             session.delete(row)
             audit(session, who, "api.delete_checkpoint", path, artifact=ref or "")
-        if ref is not None:
-            names = [ref] if kind == "weights" else [f"{ref}.0", f"{ref}.1"]
-            for name in names:
-                services.store.delete(who.tenant, name)
+        delete_checkpoint_artifacts(services.store, who.tenant, ref)
         return {"status": "deleted"}
 
     # -- sampling --------------------------------------------------------------------------
@@ -829,7 +833,7 @@ def create_app(
         """Long-poll a future: its result, its failure, or 408 ``try_again`` after ~25 s."""
 
         def load() -> FutureRow:
-            with sessions() as session:
+            with services.reads() as session:
                 return load_future(session, who.tenant, body.request_id)
 
         deadline = time.monotonic() + settings.long_poll_seconds
@@ -859,7 +863,11 @@ def create_app(
         for kind in last:
             ck = session.execute(
                 select(TrainingCheckpoint)
-                .where(TrainingCheckpoint.model_id == row.id, TrainingCheckpoint.kind == kind)
+                .where(
+                    TrainingCheckpoint.model_id == row.id,
+                    TrainingCheckpoint.kind == kind,
+                    checkpoint_is_live(),
+                )
                 .order_by(TrainingCheckpoint.created_at.desc())
                 .limit(1)
             ).scalar_one_or_none()
@@ -928,6 +936,7 @@ def create_app(
             rows = session.execute(
                 select(TrainingCheckpoint)
                 .where(TrainingCheckpoint.model_id == run_id, TrainingCheckpoint.tenant_id == who.tenant)
+                .where(checkpoint_is_live())
                 .order_by(TrainingCheckpoint.created_at)
             ).scalars()
             return p.CheckpointsListResponse(checkpoints=[checkpoint_view(r) for r in rows])
@@ -940,7 +949,9 @@ def create_app(
     ) -> p.CheckpointsListResponse:
         """Checkpoints across the tenant's runs, newest first."""
         with sessions() as session:
-            query = select(TrainingCheckpoint).where(TrainingCheckpoint.tenant_id == who.tenant)
+            query = select(TrainingCheckpoint).where(
+                TrainingCheckpoint.tenant_id == who.tenant, checkpoint_is_live()
+            )
             total = session.execute(select(func.count()).select_from(query.subquery())).scalar_one()
             rows = session.execute(
                 query.order_by(TrainingCheckpoint.created_at.desc()).limit(limit).offset(offset)

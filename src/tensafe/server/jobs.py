@@ -33,7 +33,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from tensafe.audit import append_record
 from tensafe.audit.signer import CheckpointSigner
-from tensafe.db import utcnow
+from tensafe.db import make_read_session_factory, utcnow
 from tensafe.server.errors import BadRequestError, NotFoundError, ServerError
 from tensafe.server.models import FutureRow, TrainingModel
 from tensafe.server.settings import ModelCatalog
@@ -66,6 +66,14 @@ class Services:
     signer: CheckpointSigner | None
     checkpoint_every: int | None
     catalog: ModelCatalog = field(default_factory=ModelCatalog)
+    #: Read-only sessions (on SQLite they never wait for the write lock); default: on
+    #: the engine of ``sessions``.
+    reads: sessionmaker[Session] = field(default=None)  # type: ignore[arg-type]
+
+    def __post_init__(self) -> None:
+        """Derive the read-only session factory from ``sessions`` when none is given."""
+        if self.reads is None:
+            object.__setattr__(self, "reads", make_read_session_factory(self.sessions.kw["bind"]))
 
     def audit(
         self,
@@ -334,6 +342,10 @@ class Worker:
         self._notify = notify
         self._wake = threading.Event()
         self._stop = threading.Event()
+        # Leases this worker holds (model id -> expiry it wrote) and models taken over but
+        # not yet checked for futures a previous holder left running.
+        self._held: dict[str, _dt.datetime] = {}
+        self._fresh: set[str] = set()
         self._thread: threading.Thread | None = None
 
     def __repr__(self) -> str:
@@ -357,6 +369,7 @@ class Worker:
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
+        self._held.clear()
         try:
             with self.services.sessions.begin() as session:
                 session.execute(
@@ -368,7 +381,11 @@ class Worker:
             _log.exception("could not release the model leases of %s", self.worker_id)
 
     def _loop(self) -> None:
+        from tensafe.server.checkpoints import sweep_when_due  # deferred: that module imports this one
+
+        next_sweep = 0.0  # expired checkpoints: swept at start, then periodically
         while not self._stop.is_set():
+            next_sweep = sweep_when_due(self.services, next_sweep)
             try:
                 ran = self.run_pending()
             except Exception:
@@ -393,14 +410,24 @@ class Worker:
         return ran
 
     def _models_with_work(self) -> list[str | None]:
-        with self.services.sessions() as session:
+        with self.services.reads() as session:
             rows = session.execute(
                 select(FutureRow.model_id).where(FutureRow.state.in_(("queued", "running"))).distinct()
             ).scalars()
             return list(rows)
 
     def _acquire(self, model_id: str) -> bool:
+        """Take or renew the lease on ``model_id``; False if another worker holds it.
+
+        A lease this worker wrote recently is trusted without a database round trip: no
+        other worker can take a model before its lease expires, so renewal is needed only
+        once half of the lease has passed.
+        """
         now = utcnow()
+        held = self._held.get(model_id)
+        if held is not None and held - now > self._lease / 2:
+            return True
+        self._held.pop(model_id, None)
         with self.services.sessions.begin() as session:
             result = session.execute(
                 update(TrainingModel)
@@ -414,13 +441,20 @@ class Worker:
                 )
                 .values(worker_id=self.worker_id, lease_until=now + self._lease)
             )
-            return bool(result.rowcount)  # type: ignore[attr-defined]
+            if not result.rowcount:  # type: ignore[attr-defined]
+                return False
+        if held is None or held <= now:
+            self._fresh.add(model_id)  # newly taken: look for futures a dead worker left running
+        self._held[model_id] = now + self._lease
+        return True
 
     def _run_model(self, model_id: str) -> int:
-        self._recover(model_id)
+        if model_id in self._fresh:
+            self._recover(model_id)
+            self._fresh.discard(model_id)
         ran = 0
         while not self._stop.is_set():
-            with self.services.sessions() as session:
+            with self.services.reads() as session:
                 row = session.execute(
                     select(FutureRow)
                     .where(FutureRow.model_id == model_id, FutureRow.state == "queued")
@@ -449,12 +483,15 @@ class Worker:
         def renew() -> None:
             while not done.wait(period):
                 try:
+                    until = utcnow() + self._lease
                     with self.services.sessions.begin() as session:
-                        session.execute(
+                        renewed = session.execute(
                             update(TrainingModel)
                             .where(TrainingModel.id == model_id, TrainingModel.worker_id == self.worker_id)
-                            .values(lease_until=utcnow() + self._lease)
+                            .values(lease_until=until)
                         )
+                    if renewed.rowcount:  # type: ignore[attr-defined]
+                        self._held[model_id] = until
                 except Exception:  # the next renewal retries; the lease check at completion decides
                     _log.warning("worker %s could not renew its lease on %s", self.worker_id, model_id)
 
@@ -467,7 +504,7 @@ class Worker:
             keeper.join()
 
     def _run_unordered(self) -> int:
-        with self.services.sessions() as session:
+        with self.services.reads() as session:
             rows = list(
                 session.execute(
                     select(FutureRow)
@@ -495,6 +532,7 @@ class Worker:
                     )
                 ).scalars()
             )
+            dropped: list[tuple[str, str | None]] = []
             for row in stale:
                 op = self.registry.get(row.request_type)
                 if op is not None and op.idempotent:
@@ -507,7 +545,10 @@ class Worker:
                     f"the server stopped while this {row.request_type} request was running; it was "
                     "not completed and cannot be safely repeated automatically: submit it again"
                 )
-                self._finish_failed(session, row, message, "server", ctx=None)
+                ref = self._finish_failed(session, row, message, "server", ctx=None)
+                dropped.append((row.tenant_id, ref))
+        for tenant, ref in dropped:
+            self._drop_payload(tenant, ref)
         for row in stale:
             self._signal(row.id)
 
@@ -599,6 +640,7 @@ class Worker:
                 )
                 .values(
                     state="complete",
+                    payload_ref=None,  # the staged payload is deleted below: no copy outlives the job
                     result_json=None if result.data is not None else json.dumps(dict(result.json or {})),
                     result_ref=result_ref,
                     result_content_type=result.content_type,
@@ -624,6 +666,7 @@ class Worker:
                 result.after_commit()
             except Exception:
                 _log.exception("after-commit action of future %s failed", row.id)
+        self._drop_payload(row.tenant_id, row.payload_ref)
         self._signal(row.id)
 
     def _fail(
@@ -633,7 +676,8 @@ class Worker:
             fresh = session.get(FutureRow, row.id)
             if fresh is None or fresh.state != "running" or fresh.worker_id != self.worker_id:
                 return
-            self._finish_failed(session, fresh, message, category, ctx=ctx, op=op)
+            dropped = self._finish_failed(session, fresh, message, category, ctx=ctx, op=op)
+        self._drop_payload(row.tenant_id, dropped)
         self._signal(row.id)
 
     def _finish_failed(
@@ -645,10 +689,12 @@ class Worker:
         *,
         ctx: JobContext | None,
         op: Operation | None = None,
-    ) -> None:
+    ) -> str | None:
+        """Mark ``row`` failed (the caller commits); return its staged payload to delete after commit."""
         now = utcnow()
         row.state, row.error, row.error_category = "failed", message[:4000], category
         row.finished_at = row.updated_at = now
+        payload_ref, row.payload_ref = row.payload_ref, None
         if op is None:
             op = self.registry.get(row.request_type)
         if op is not None and op.on_failure is not None:
@@ -661,6 +707,21 @@ class Worker:
             resource=row.model_id or row.id,
             details={"request_id": row.id, "request_sha256": row.request_sha256, "category": category},
         )
+        return payload_ref
+
+    def _drop_payload(self, tenant: str, ref: str | None) -> None:
+        """Delete a finished future's staged request payload (its row no longer points at it).
+
+        Called only after the future's terminal state is committed: until then a worker that
+        re-runs the future after a crash still needs the payload. A failure to delete leaves
+        an unreferenced encrypted artifact behind; it is logged, never raised.
+        """
+        if ref is None:
+            return
+        try:
+            self.services.store.delete(tenant, ref)
+        except Exception:
+            _log.exception("could not delete the staged payload %s of tenant %s", ref, tenant)
 
     def _bare_context(self, row: FutureRow) -> JobContext:
         return JobContext(

@@ -1,6 +1,6 @@
 """Database tables of the training API server.
 
-Created by the migrations ``0003_server`` and ``0004_privacy``
+Created by the migrations ``0003_server``, ``0004_privacy`` and ``0005_downloads``
 (``tensafe/db/migrations/versions/``), which must stay identical to these models
 (``tests/server/test_schema.py`` checks it on SQLite and PostgreSQL). Every resource
 row carries ``tenant_id``; queries always filter on it, so another tenant's rows are
@@ -24,6 +24,7 @@ from tensafe.db import Base, UTCDateTime
 __all__ = [
     "FUTURE_STATES",
     "ApiKey",
+    "DownloadToken",
     "FutureRow",
     "PrivacyPolicyRow",
     "SamplingSessionRow",
@@ -190,3 +191,26 @@ class SamplingSessionRow(Base):
     model_path: Mapped[str | None] = mapped_column(String(700), nullable=True)
     weights_ref: Mapped[str | None] = mapped_column(String(128), nullable=True)
     created_at: Mapped[_dt.datetime] = mapped_column(UTCDateTime())
+
+
+class DownloadToken(Base):
+    """A short-lived download URL of one exported file (migration ``0005_downloads``).
+
+    Only the SHA-256 of the bearer token is stored. ``checkpoint_id`` and ``artifact_id``
+    are checked against the live checkpoint at download time, so a deleted, expired or
+    overwritten checkpoint makes its tokens useless (no foreign key: the rows outlive it
+    until the expiry sweeper removes them).
+    """
+
+    __tablename__ = "download_tokens"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    tenant_id: Mapped[str] = mapped_column(String(64), ForeignKey("tenants.id"))
+    checkpoint_id: Mapped[str] = mapped_column(String(64))
+    artifact_id: Mapped[str] = mapped_column(String(128))
+    file_name: Mapped[str] = mapped_column(String(300))
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    created_by: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[_dt.datetime] = mapped_column(UTCDateTime())
+    expires_at: Mapped[_dt.datetime] = mapped_column(UTCDateTime())

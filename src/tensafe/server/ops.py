@@ -33,6 +33,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from tensafe.db import utcnow
+from tensafe.server.checkpoints import export_external_weights
 from tensafe.server.jobs import JobContext, JobFailedError, JobResult, Operation, OperationRegistry
 from tensafe.server.models import FutureRow, SamplingSessionRow, TrainingCheckpoint, TrainingModel
 from tensafe.server.privacy import EffectivePolicy
@@ -122,6 +123,7 @@ class ComputeOps:
             ("optim_step", self.optim_step, False, None),
             ("save_weights", self.save_weights, True, None),
             ("save_weights_for_sampler", self.save_weights_for_sampler, True, None),
+            ("save_weights_external", self.save_weights_external, True, None),
             ("sample", self.sample, True, None),
             ("register_dataset", self.register_dataset, False, None),
             ("train_step", self.train_step, False, None),
@@ -148,7 +150,7 @@ class ComputeOps:
     # ------------------------------------------------------------------ loading
 
     def _model_row(self, ctx: JobContext) -> TrainingModel:
-        with ctx.services.sessions() as session:
+        with ctx.services.reads() as session:
             row = session.get(TrainingModel, ctx.model_id)
             if row is None or row.tenant_id != ctx.tenant:
                 raise JobFailedError(f"unknown model {ctx.model_id!r}", category="user")
@@ -160,7 +162,7 @@ class ComputeOps:
 
         Failed requests do not count: they leave the session as it was.
         """
-        with ctx.services.sessions() as session:
+        with ctx.services.reads() as session:
             last = session.execute(
                 select(func.max(FutureRow.seq_id)).where(
                     FutureRow.model_id == ctx.model_id,
@@ -504,6 +506,13 @@ class ComputeOps:
         name = str(ctx.payload.get("path") or f"step-{loaded.session.step:06d}")
         return self._store_checkpoint(ctx, "weights", name, {"state": data})
 
+    def save_weights_external(self, ctx: JobContext) -> JobResult:
+        """The PEFT adapter (and DP certificate) as ``external_weights`` (see ``server/checkpoints.py``)."""
+        loaded = self._training_session(ctx)
+        result = export_external_weights(ctx, loaded.session)
+        self._finish(ctx, loaded)
+        return result
+
     def save_weights_for_sampler(self, ctx: JobContext) -> JobResult:
         """PEFT adapter files for sampling: a named checkpoint or an ephemeral sampling session."""
         loaded = self._training_session(ctx)
@@ -554,7 +563,7 @@ class ComputeOps:
         overwrite = bool(ctx.payload.get("overwrite", False))
         with ctx.services.sessions() as db:
             existing = _find_checkpoint(db, model_id, kind, name)
-            if existing is not None and not overwrite:
+            if existing is not None and not overwrite and not _is_expired(existing):
                 raise JobFailedError(
                     f"checkpoint tinker://{model_id}/{kind}/{name} already exists; choose another name "
                     "or pass overwrite=True",
@@ -654,6 +663,10 @@ class ComputeOps:
 # --------------------------------------------------------------------------- helpers
 
 
+def _is_expired(row: TrainingCheckpoint) -> bool:
+    return row.expires_at is not None and row.expires_at <= utcnow()
+
+
 def _find_checkpoint(db: Session, model_id: str, kind: str, name: str) -> TrainingCheckpoint | None:
     return db.execute(
         select(TrainingCheckpoint).where(
@@ -673,7 +686,7 @@ def _checkpoint(ctx: JobContext, path: str, *, kinds: tuple[str, ...]) -> Traini
         raise JobFailedError(str(exc), category="user") from None
     with ctx.services.sessions() as db:
         row = _find_checkpoint(db, run, kind, name)
-        if row is None or row.tenant_id != ctx.tenant or kind not in kinds:
+        if row is None or row.tenant_id != ctx.tenant or kind not in kinds or _is_expired(row):
             raise JobFailedError(f"unknown checkpoint {path!r}", category="user")
         db.expunge(row)
         return row

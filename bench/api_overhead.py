@@ -6,8 +6,9 @@ fastest run of each side counts, since the machine may be shared):
 
 * **in-process**: ``LoraTrainingSession.forward_backward`` + ``optim_step`` directly;
 * **API**: the official ``tinker==0.38.0`` SDK against ``tensafe server``'s application
-  (uvicorn on a loopback port, SQLite, encrypted store, auto-checkpoint after every step,
-  audit records), ``forward_backward(...).result()`` + ``optim_step(...).result()``.
+  running in its own process, as deployed (uvicorn on a loopback port, SQLite, encrypted
+  store, auto-checkpoint after every step, audit records),
+  ``forward_backward(...).result()`` + ``optim_step(...).result()``.
 
 It prints the steps/s of each, their ratio (API / in-process; the goal is >= 0.9) and the
 latency the API adds per forward_backward + optim_step pair. The last line is JSON.
@@ -18,11 +19,12 @@ Usage: ``python bench/api_overhead.py [--steps 20] [--batch 8] [--no-auto-checkp
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import socket
+import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -74,6 +76,34 @@ def _port() -> int:
         return port
 
 
+def _serve(config_path: str) -> int:
+    """Run the server of one benchmark (a child process: the SDK client stays in the parent)."""
+    import uvicorn
+
+    from tensafe.db import create_engine_from_url
+    from tensafe.keys import KeyManager, LocalKekProvider
+    from tensafe.server import CatalogEntry, ModelCatalog, ServerSettings, create_app
+    from tensafe.server.privacy import OperatorPrivacy
+    from tensafe.storage import EncryptedArtifactStore, LocalFilesystemBackend
+
+    config = json.loads(Path(config_path).read_text())
+    tmp = Path(config["tmp"])
+    engine = create_engine_from_url(config["url"])
+    keys = KeyManager(engine, LocalKekProvider.open(tmp / "kek.json", passphrase=b"bench passphrase 1234"))
+    store = EncryptedArtifactStore(LocalFilesystemBackend(tmp / "artifacts"), keys)
+    settings = ServerSettings(
+        database_url=config["url"],
+        data_dir=tmp,
+        catalog=ModelCatalog({TINY_MODEL: CatalogEntry(name=TINY_MODEL, source=config["model_dir"])}),
+        poll_interval_seconds=0.05,
+        privacy=OperatorPrivacy(**config["privacy"]),
+        auto_checkpoint=config["auto_checkpoint"],
+    )
+    app = create_app(settings, store=store, key_manager=keys)
+    uvicorn.run(app, host="127.0.0.1", port=config["port"], log_level="warning")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=20)
@@ -85,18 +115,18 @@ def main(argv: list[str] | None = None) -> int:
         metavar="NAME",
         help="a registered model (e.g. HuggingFaceTB/SmolLM2-135M-Instruct) instead of the tiny Llama",
     )
+    parser.add_argument("--serve", metavar="CONFIG", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.serve:
+        return _serve(args.serve)
 
     import tinker
-    import uvicorn
 
     from tensafe.crypto.kdf import Argon2idParams
     from tensafe.db import create_engine_from_url, make_session_factory, upgrade
-    from tensafe.keys import KeyManager, LocalKekProvider
-    from tensafe.server import CatalogEntry, ModelCatalog, ServerSettings, create_app
+    from tensafe.keys import LocalKekProvider
     from tensafe.server.privacy import OperatorPrivacy
     from tensafe.server.tenants import create_api_key, create_tenant
-    from tensafe.storage import EncryptedArtifactStore, LocalFilesystemBackend
     from tensafe.training.runtime import AdamParams, Datum, DpPolicy, LoraTrainingSession
 
     n = 1024
@@ -145,35 +175,41 @@ def main(argv: list[str] | None = None) -> int:
 
         local_runs = [run_local()]
 
-        # -- through the API -------------------------------------------------------------
+        # -- through the API: the server in its own process, as deployed -------------------
         url = f"sqlite:///{tmp / 'bench.db'}"
         upgrade(url)
         engine = create_engine_from_url(url)
-        keys = KeyManager(
-            engine,
-            LocalKekProvider.create(
-                tmp / "kek.json", passphrase=b"bench passphrase 1234", params=Argon2idParams.minimum()
-            ),
-        )
-        store = EncryptedArtifactStore(LocalFilesystemBackend(tmp / "artifacts"), keys)
+        LocalKekProvider.create(
+            tmp / "kek.json", passphrase=b"bench passphrase 1234", params=Argon2idParams.minimum()
+        ).close()
         with make_session_factory(engine).begin() as s:
             create_tenant(s, "bench")
             key, _ = create_api_key(s, "bench")
-        settings = ServerSettings(
-            database_url=url,
-            data_dir=tmp,
-            catalog=ModelCatalog({TINY_MODEL: CatalogEntry(name=TINY_MODEL, source=str(model_dir))}),
-            poll_interval_seconds=0.05,
-            privacy=operator,
-            auto_checkpoint=not args.no_auto_checkpoint,
-        )
-        app = create_app(settings, store=store, key_manager=keys)
+        engine.dispose()
         port = _port()
-        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-        thread = threading.Thread(target=server.run, daemon=True)
-        thread.start()
-        while not server.started:
-            time.sleep(0.02)
+        config = tmp / "serve.json"
+        config.write_text(
+            json.dumps(
+                {
+                    "tmp": str(tmp),
+                    "url": url,
+                    "model_dir": str(model_dir),
+                    "port": port,
+                    "auto_checkpoint": not args.no_auto_checkpoint,
+                    "privacy": dataclasses.asdict(operator),
+                }
+            )
+        )
+        server = subprocess.Popen([sys.executable, __file__, "--serve", str(config)])
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1):
+                    break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise SystemExit("the benchmark server did not start") from None
+                time.sleep(0.1)
         service = tinker.ServiceClient(base_url=f"http://127.0.0.1:{port}", api_key=key)
         try:
 
@@ -205,10 +241,8 @@ def main(argv: list[str] | None = None) -> int:
             api_s = min(api_runs)
         finally:
             service.close("success").result()
-            server.should_exit = True
-            thread.join(30)
-            keys.close()
-            engine.dispose()
+            server.terminate()
+            server.wait(60)
 
         local_runs.append(run_local())
     local_s = min(local_runs)

@@ -156,3 +156,13 @@ def start_server(server_env: ServerEnv) -> Iterator[Callable[..., LiveServer]]:
 @pytest.fixture
 def live_server(start_server: Callable[..., LiveServer]) -> LiveServer:
     return start_server()
+
+
+@pytest.fixture(params=["inline", "store"])
+def payload_storage(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run a test with small payloads sealed in the futures table, then with every payload in the store."""
+    import tensafe.server.jobs
+
+    if request.param == "store":
+        monkeypatch.setattr(tensafe.server.jobs, "INLINE_MAX_BYTES", -1)
+    return str(request.param)

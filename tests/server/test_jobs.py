@@ -24,6 +24,7 @@ from tensafe.server.jobs import (
     OperationRegistry,
     Services,
     Worker,
+    open_record,
     stage_payload,
     submit_future,
 )
@@ -90,7 +91,7 @@ def _registry(recorder: Recorder, *, idempotent: bool) -> OperationRegistry:
 def _submit(
     env: ServerEnv, services: Services, model_id: str, seq: int, data: bytes, **payload: object
 ) -> str:
-    ref = stage_payload(services, "acme", data)
+    staged = stage_payload(services, "acme", data)
     with env.sessions.begin() as s:
         row, _ = submit_future(
             services,
@@ -102,7 +103,7 @@ def _submit(
             seq_id=seq,
             payload=dict(payload),
             payload_bytes=data,
-            payload_ref=ref,
+            staged=staged,
         )
         return row.id
 
@@ -123,7 +124,9 @@ def test_per_model_order_follows_seq_id_and_payloads_are_encrypted(server_env: S
     for seq, rid in ids.items():
         row = rows[seq]
         assert row.id == rid and row.state == "complete" and row.result_json is None
-        assert server_env.store.get_bytes("acme", row.result_ref) == f"result:secret-datum-{seq}".encode()
+        assert row.result_ref is not None
+        result = open_record(services, "acme", row.result_ref, row.result_blob)
+        assert result == f"result:secret-datum-{seq}".encode()
     # Neither the database nor the blob files hold the plaintext.
     raw_db = json.dumps(
         [[str(getattr(r, c.name)) for c in FutureRow.__table__.columns] for r in rows.values()]
@@ -134,6 +137,18 @@ def test_per_model_order_follows_seq_id_and_payloads_are_encrypted(server_env: S
             assert b"secret-datum" not in path.read_bytes()
 
 
+def staged_payloads(env: ServerEnv, tenant: str = "acme") -> list[str]:
+    """Every staged payload still held: store files plus records sealed in futures rows."""
+    with env.sessions() as s:
+        inline = [
+            r.payload_ref
+            for r in s.execute(select(FutureRow).where(FutureRow.payload_blob.is_not(None))).scalars()
+        ]
+    files = [a for a in env.store.list(tenant) if a.startswith("payload-")]
+    return sorted(files + [r for r in inline if r is not None])
+
+
+@pytest.mark.usefixtures("payload_storage")
 def test_resubmission_is_idempotent_and_a_different_body_is_refused(server_env: ServerEnv) -> None:
     services = _services(server_env)
     model = _model(server_env)
@@ -144,7 +159,7 @@ def test_resubmission_is_idempotent_and_a_different_body_is_refused(server_env: 
     # The duplicates' staged payloads were deleted; only the first one remains.
     with server_env.sessions() as s:
         kept = s.get(FutureRow, first).payload_ref
-    assert [a for a in server_env.store.list("acme") if a.startswith("payload-")] == [kept]
+    assert staged_payloads(server_env) == [kept]
 
 
 def test_failed_job_fails_its_future_and_later_jobs_still_run(server_env: ServerEnv) -> None:

@@ -1,4 +1,4 @@
-"""The hand-written migrations 0003_server to 0005_downloads match tensafe.server.models exactly."""
+"""The hand-written server migrations (0003_server onwards) match tensafe.server.models exactly."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from alembic.runtime.migration import MigrationContext
 from sqlalchemy import inspect
 
 import tensafe.server.models  # noqa: F401  (registers the server tables)
-from tensafe.db import Base, create_engine_from_url, upgrade
+from tensafe.db import Base, create_engine_from_url, head_revision, upgrade
 from tensafe.db._migrate import alembic_config
 
 SERVER_TABLES = {"api_keys", "server_sessions", "training_models", "futures", "training_checkpoints"}
@@ -38,7 +38,7 @@ def test_downgrade_to_0002_and_up_again(migrated_database_url: str) -> None:
         assert not SERVER_TABLES & set(inspect(engine).get_table_names())
     finally:
         engine.dispose()
-    assert upgrade(migrated_database_url) == "0005_downloads"
+    assert upgrade(migrated_database_url) == head_revision()
 
 
 def test_downgrade_to_0003_keeps_server_tables(migrated_database_url: str) -> None:
@@ -51,4 +51,4 @@ def test_downgrade_to_0003_keeps_server_tables(migrated_database_url: str) -> No
         assert "step" not in {c["name"] for c in inspect(engine).get_columns("training_models")}
     finally:
         engine.dispose()
-    assert upgrade(migrated_database_url) == "0005_downloads"
+    assert upgrade(migrated_database_url) == head_revision()

@@ -18,15 +18,18 @@ from sqlalchemy import select, update
 import tensafe.client as ts
 from server.conftest import TINY_MODEL, LiveServer, ServerEnv
 from server.test_datasets import POLICY, SERVER_SAMPLING, N, _dataset, _needles
-from server.test_jobs import Recorder, _model, _registry, _services, _submit
+from server.test_jobs import Recorder, _model, _registry, _services, _submit, staged_payloads
 from tensafe.client.types import AdamParams
 from tensafe.db import utcnow
-from tensafe.server.jobs import JobContext, JobResult, Operation, OperationRegistry, Worker
+from tensafe.server.jobs import JobContext, JobResult, Operation, OperationRegistry, Worker, open_record
 from tensafe.server.models import FutureRow, TrainingModel
 
 
 def _payloads(env: ServerEnv, tenant: str = "acme") -> list[str]:
-    return sorted(a for a in env.store.list(tenant) if a.startswith("payload-"))
+    return staged_payloads(env, tenant)
+
+
+pytestmark = pytest.mark.usefixtures("payload_storage")
 
 
 def test_completed_and_failed_futures_leave_no_payload(server_env: ServerEnv) -> None:
@@ -47,7 +50,7 @@ def test_completed_and_failed_futures_leave_no_payload(server_env: ServerEnv) ->
     assert _payloads(server_env) == []
     # The result is kept (the client fetches it), and de-duplication still works without
     # the payload: the same request is answered by the same future, a different one refused.
-    assert server_env.store.get_bytes("acme", rows[ok].result_ref) == b"result:secret-1"
+    assert open_record(services, "acme", rows[ok].result_ref, rows[ok].result_blob) == b"result:secret-1"
     assert _submit(server_env, services, model, 1, b"secret-1") == ok
     assert _payloads(server_env) == []  # the duplicate's own staged copy was deleted too
 

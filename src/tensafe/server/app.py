@@ -29,7 +29,15 @@ from tensafe.protocol.wire import WireFormatError, decode_forward_backward_reque
 from tensafe.server.checkpoints import checkpoint_is_live, delete_checkpoint_artifacts
 from tensafe.server.checkpoints import router as checkpoints_router
 from tensafe.server.errors import BadRequestError, NotFoundError, ServerError
-from tensafe.server.jobs import OperationRegistry, Services, Worker, load_future, stage_payload, submit_future
+from tensafe.server.jobs import (
+    OperationRegistry,
+    Services,
+    Worker,
+    load_future,
+    open_record,
+    stage_payload,
+    submit_future,
+)
 from tensafe.server.models import (
     FutureRow,
     SamplingSessionRow,
@@ -39,6 +47,7 @@ from tensafe.server.models import (
 )
 from tensafe.server.ops import _UNSUPPORTED_SAMPLE_KNOBS, MAX_DATASET_SIZE, ComputeOps, parse_tinker_path
 from tensafe.server.privacy import client_request, effective_policy, tenant_row
+from tensafe.server.retention import RESULT_EXPIRED, ResultExpiredError
 from tensafe.server.routes_tensafe import router as tensafe_router
 from tensafe.server.settings import ServerSettings
 from tensafe.server.tenants import Principal, authenticate
@@ -152,6 +161,7 @@ def create_app(
         signer=signer,
         checkpoint_every=settings.audit_checkpoint_every,
         catalog=settings.catalog,
+        result_ttl_seconds=settings.result_ttl_seconds,
     )
     waiters = _Waiters()
     compute = ComputeOps(auto_checkpoint=settings.auto_checkpoint)
@@ -408,7 +418,7 @@ def create_app(
             if row.state == "failed":
                 raise BadRequestError(f"model {model_id!r} could not be created: {row.error}")
         # Stage training data in the encrypted store before taking the database write lock.
-        ref = None if data is None else stage_payload(services, who.tenant, data)
+        staged = None if data is None else stage_payload(services, who.tenant, data)
         with sessions.begin() as session:
             future, created = submit_future(
                 services,
@@ -420,7 +430,7 @@ def create_app(
                 seq_id=seq_id,
                 payload=payload,
                 payload_bytes=data,
-                payload_ref=ref,
+                staged=staged,
             )
             if created:
                 model = session.get(TrainingModel, model_id)
@@ -795,7 +805,7 @@ def create_app(
             "topk_prompt_logprobs": body.topk_prompt_logprobs,
         }
         data = json.dumps(tokens).encode()
-        ref = stage_payload(services, who.tenant, data)
+        staged = stage_payload(services, who.tenant, data)
         with sessions.begin() as session:
             future, _ = submit_future(
                 services,
@@ -807,7 +817,7 @@ def create_app(
                 seq_id=None,
                 payload=payload,
                 payload_bytes=data,
-                payload_ref=ref,
+                staged=staged,
             )
             audit(
                 session,
@@ -1006,11 +1016,16 @@ def create_app(
 
 
 def _result_response(services: Services, row: FutureRow) -> Response:
+    if row.result_content_type == RESULT_EXPIRED:
+        raise ResultExpiredError(
+            f"the result of request {row.id!r} was deleted: results are kept for "
+            f"{services.result_ttl_seconds:g} s after the request finished"
+        )
     if row.state == "failed":
         body = p.FutureFailed(error=row.error or "request failed", category=row.error_category or "unknown")  # type: ignore[arg-type]
         return JSONResponse(body.model_dump())
     if row.result_ref is not None:
-        data = services.store.get_bytes(row.tenant_id, row.result_ref)
+        data = open_record(services, row.tenant_id, row.result_ref, row.result_blob)
         return Response(data, media_type=row.result_content_type or "application/octet-stream")
     return JSONResponse(json.loads(row.result_json or "{}"))
 

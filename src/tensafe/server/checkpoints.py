@@ -53,6 +53,7 @@ from tensafe.db import utcnow
 from tensafe.server.errors import BadRequestError, NotFoundError
 from tensafe.server.jobs import JobContext, JobFailedError, JobResult, Services, Worker, submit_future
 from tensafe.server.models import DownloadToken, TrainingCheckpoint, TrainingModel
+from tensafe.server.retention import run_retention_sweeps
 from tensafe.server.tenants import Principal, authenticate
 from tensafe.storage import EncryptedArtifactStore
 
@@ -411,7 +412,9 @@ def sweep_expired_checkpoints(
 
 
 def sweep_when_due(services: Services, due: float) -> float:
-    """Run :func:`sweep_expired_checkpoints` if the monotonic time ``due`` has come.
+    """Run :func:`sweep_expired_checkpoints` and the retention sweeps
+    (:func:`tensafe.server.retention.run_retention_sweeps`) if the monotonic time ``due``
+    has come.
 
     Called from the worker loop; never raises. Returns when the next sweep is due.
     """
@@ -424,6 +427,7 @@ def sweep_when_due(services: Services, due: float) -> float:
             _log.info("deleted %d expired checkpoint(s)", removed)
     except Exception:
         _log.exception("the expired-checkpoint sweep failed; retrying later")
+    run_retention_sweeps(services)
     return now + SWEEP_INTERVAL_SECONDS
 
 
@@ -438,7 +442,7 @@ def _services(request: Request) -> Services:
 def _principal(
     request: Request, x_api_key: Annotated[str | None, Header(alias="X-API-Key")] = None
 ) -> Principal:
-    with _services(request).sessions() as session:
+    with _services(request).reads() as session:
         return authenticate(session, x_api_key)
 
 

@@ -36,18 +36,21 @@ from tensafe.audit.signer import CheckpointSigner
 from tensafe.db import make_read_session_factory, utcnow
 from tensafe.server.errors import BadRequestError, NotFoundError, ServerError
 from tensafe.server.models import FutureRow, TrainingModel
-from tensafe.server.settings import ModelCatalog
+from tensafe.server.settings import DEFAULT_RESULT_TTL_SECONDS, ModelCatalog
 from tensafe.storage import EncryptedArtifactStore
 
 __all__ = [
+    "INLINE_MAX_BYTES",
     "JobContext",
     "JobFailedError",
     "JobResult",
     "Operation",
     "OperationRegistry",
     "Services",
+    "StagedPayload",
     "Worker",
     "load_future",
+    "open_record",
     "stage_payload",
     "submit_future",
 ]
@@ -69,6 +72,9 @@ class Services:
     #: Read-only sessions (on SQLite they never wait for the write lock); default: on
     #: the engine of ``sessions``.
     reads: sessionmaker[Session] = field(default=None)  # type: ignore[arg-type]
+    #: How long a finished future's result is kept before the sweeper deletes it (seconds;
+    #: :mod:`tensafe.server.retention`).
+    result_ttl_seconds: float = DEFAULT_RESULT_TTL_SECONDS
 
     def __post_init__(self) -> None:
         """Derive the read-only session factory from ``sessions`` when none is given."""
@@ -192,17 +198,39 @@ def request_digest(request_type: str, payload: Mapping[str, Any] | None, data: b
     return h.hexdigest()
 
 
-def stage_payload(services: Services, tenant: str, data: bytes) -> str:
-    """Encrypt a sensitive request payload into the tenant's store; return its artifact id.
+#: Request payloads and results up to this size are sealed into the future's row (one
+#: database commit) instead of written as store files (a file, its fsync and a directory
+#: fsync each); larger ones go to the store.
+INLINE_MAX_BYTES = 1 << 20
+
+
+@dataclass(frozen=True)
+class StagedPayload:
+    """A request's sensitive bytes, encrypted under the tenant's DEK, ready to submit.
+
+    ``blob`` is the sealed record for a small payload (kept in the future's row); it is
+    None when the payload was written to the store as artifact ``ref``.
+    """
+
+    ref: str
+    blob: bytes | None = field(default=None, repr=False)
+
+
+def stage_payload(services: Services, tenant: str, data: bytes) -> StagedPayload:
+    """Encrypt a sensitive request payload for :func:`submit_future`.
 
     Call this *before* opening the database transaction that submits the future: the
     key manager needs its own connection (on SQLite an open write transaction would
-    block it). :func:`submit_future` deletes the staged artifact when the submission
-    turns out to be a duplicate.
+    block it). Payloads up to :data:`INLINE_MAX_BYTES` are sealed in memory (the future's
+    row will hold them); larger ones are written to the store, and :func:`submit_future`
+    deletes that artifact when the submission turns out to be a duplicate.
     """
     ref = "payload-" + secrets.token_hex(12)
+    if len(data) <= INLINE_MAX_BYTES:
+        blob, _ = services.store.seal_bytes(tenant, ref, data, kind="request-payload")
+        return StagedPayload(ref=ref, blob=blob)
     services.store.put_bytes(tenant, ref, data, kind="request-payload")
-    return ref
+    return StagedPayload(ref=ref)
 
 
 def submit_future(
@@ -216,7 +244,7 @@ def submit_future(
     seq_id: int | None,
     payload: Mapping[str, Any] | None = None,
     payload_bytes: bytes | None = None,
-    payload_ref: str | None = None,
+    staged: StagedPayload | None = None,
 ) -> tuple[FutureRow, bool]:
     """Record a request as a queued future, or return the existing one for ``(model_id, seq_id)``.
 
@@ -230,8 +258,8 @@ def submit_future(
         seq_id: The client's sequence number within ``model_id``.
         payload: Non-sensitive JSON parameters (stored in the row).
         payload_bytes: Sensitive bytes (training data), hashed here for de-duplication;
-            they must already be staged with :func:`stage_payload` as ``payload_ref``.
-        payload_ref: The staged artifact id of ``payload_bytes``.
+            they must already be staged with :func:`stage_payload` as ``staged``.
+        staged: ``payload_bytes`` as encrypted by :func:`stage_payload`.
 
     Returns:
         ``(future, created)``; ``created`` is False for an idempotent re-submission.
@@ -239,13 +267,13 @@ def submit_future(
     Raises:
         BadRequestError: ``(model_id, seq_id)`` was already used by a different request.
     """
-    if (payload_bytes is None) != (payload_ref is None):
-        raise ValueError("payload_bytes must be staged with stage_payload() and passed with payload_ref")
+    if (payload_bytes is None) != (staged is None):
+        raise ValueError("payload_bytes must be staged with stage_payload() and passed as staged")
     digest = request_digest(request_type, payload, payload_bytes)
 
     def duplicate(existing: FutureRow) -> tuple[FutureRow, bool]:
-        if payload_ref is not None:
-            services.store.delete(tenant, payload_ref)
+        if staged is not None and staged.blob is None:
+            services.store.delete(tenant, staged.ref)
         return _same(existing, tenant, digest, model_id or "", seq_id or 0), False
 
     if model_id is not None and seq_id is not None:
@@ -263,7 +291,8 @@ def submit_future(
         actor=actor,
         request_sha256=digest,
         payload_json=None if payload is None else json.dumps(payload, sort_keys=True),
-        payload_ref=payload_ref,
+        payload_ref=None if staged is None else staged.ref,
+        payload_blob=None if staged is None else staged.blob,
         attempts=0,
         created_at=now,
         updated_at=now,
@@ -310,6 +339,13 @@ def load_future(session: Session, tenant: str, future_id: str) -> FutureRow:
     if row is None or row.tenant_id != tenant:
         raise NotFoundError(f"unknown request_id {future_id!r}")
     return row
+
+
+def open_record(services: Services, tenant: str, ref: str, blob: bytes | None) -> bytes:
+    """Decrypt a payload or result: sealed in its row when ``blob`` is set, else a store artifact."""
+    if blob is not None:
+        return services.store.unseal_bytes(tenant, ref, blob)
+    return services.store.get_bytes(tenant, ref)
 
 
 # --------------------------------------------------------------------------- worker
@@ -572,7 +608,7 @@ class Worker:
         payload = json.loads(row.payload_json) if row.payload_json else {}
         data = None
         if row.payload_ref is not None:
-            data = self.services.store.get_bytes(row.tenant_id, row.payload_ref)
+            data = open_record(self.services, row.tenant_id, row.payload_ref, row.payload_blob)
         return JobContext(
             future_id=row.id,
             tenant=row.tenant_id,
@@ -615,14 +651,20 @@ class Worker:
 
     def _complete(self, row: FutureRow, result: JobResult) -> None:
         result_ref = None
+        result_blob = None
         details: dict[str, Any] = {"request_id": row.id, "request_sha256": row.request_sha256}
         if row.seq_id is not None:
             details["seq_id"] = row.seq_id
         if result.data is not None:
             result_ref = f"{row.id}.result"
-            info = self.services.store.put_bytes(
-                row.tenant_id, result_ref, result.data, kind="request-result"
-            )
+            if len(result.data) <= INLINE_MAX_BYTES:
+                result_blob, info = self.services.store.seal_bytes(
+                    row.tenant_id, result_ref, result.data, kind="request-result"
+                )
+            else:
+                info = self.services.store.put_bytes(
+                    row.tenant_id, result_ref, result.data, kind="request-result"
+                )
             details["result_sha256"] = info.sha256
             details["result_artifact"] = result_ref
         else:
@@ -641,8 +683,10 @@ class Worker:
                 .values(
                     state="complete",
                     payload_ref=None,  # the staged payload is deleted below: no copy outlives the job
+                    payload_blob=None,
                     result_json=None if result.data is not None else json.dumps(dict(result.json or {})),
                     result_ref=result_ref,
+                    result_blob=result_blob,
                     result_content_type=result.content_type,
                     finished_at=now,
                     updated_at=now,
@@ -666,7 +710,7 @@ class Worker:
                 result.after_commit()
             except Exception:
                 _log.exception("after-commit action of future %s failed", row.id)
-        self._drop_payload(row.tenant_id, row.payload_ref)
+        self._drop_payload(row.tenant_id, None if row.payload_blob is not None else row.payload_ref)
         self._signal(row.id)
 
     def _fail(
@@ -695,6 +739,8 @@ class Worker:
         row.state, row.error, row.error_category = "failed", message[:4000], category
         row.finished_at = row.updated_at = now
         payload_ref, row.payload_ref = row.payload_ref, None
+        if row.payload_blob is not None:  # sealed in the row: cleared with it, no file to delete
+            row.payload_blob, payload_ref = None, None
         if op is None:
             op = self.registry.get(row.request_type)
         if op is not None and op.on_failure is not None:

@@ -1,6 +1,7 @@
 """Database tables of the training API server.
 
-Created by the migrations ``0003_server``, ``0004_privacy`` and ``0005_downloads``
+Created by the migrations ``0003_server``, ``0004_privacy``, ``0005_downloads`` and
+``0006_inline_records``
 (``tensafe/db/migrations/versions/``), which must stay identical to these models
 (``tests/server/test_schema.py`` checks it on SQLite and PostgreSQL). Every resource
 row carries ``tenant_id``; queries always filter on it, so another tenant's rows are
@@ -8,14 +9,26 @@ invisible (404, never 403).
 
 Training data and weights never go into these tables: a future's sensitive payload or
 result is an artifact of the tenant's :class:`~tensafe.storage.EncryptedArtifactStore`,
-referenced by ``payload_ref`` / ``result_ref``.
+referenced by ``payload_ref`` / ``result_ref``; small ones (see
+``tensafe.server.jobs.INLINE_MAX_BYTES``) are sealed into the row itself
+(``payload_blob`` / ``result_blob``, the same TSAF v1 encryption as the store).
 """
 
 from __future__ import annotations
 
 import datetime as _dt
 
-from sqlalchemy import BigInteger, Boolean, Float, ForeignKey, Integer, String, Text, UniqueConstraint
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Float,
+    ForeignKey,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+    UniqueConstraint,
+)
 from sqlalchemy.orm import Mapped, mapped_column
 
 import tensafe.db.models  # noqa: F401  (registers the tenants table the foreign keys refer to)
@@ -128,6 +141,10 @@ class FutureRow(Base):
     request_sha256: Mapped[str] = mapped_column(String(64))
     payload_json: Mapped[str | None] = mapped_column(Text, nullable=True)
     payload_ref: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    # 0006_inline_records: a small payload / result sealed in the row (TSAF v1 under the
+    # tenant's DEK, bound to the tenant and to payload_ref / result_ref as record id).
+    payload_blob: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+    result_blob: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
     result_json: Mapped[str | None] = mapped_column(Text, nullable=True)
     result_ref: Mapped[str | None] = mapped_column(String(128), nullable=True)
     result_content_type: Mapped[str | None] = mapped_column(String(64), nullable=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -11,7 +12,18 @@ from pathlib import Path
 from tensafe.server.errors import BadRequestError, ServerConfigurationError
 from tensafe.server.privacy import OperatorPrivacy
 
-__all__ = ["CatalogEntry", "ModelCatalog", "ServerSettings"]
+__all__ = [
+    "DEFAULT_RESULT_TTL_SECONDS",
+    "MIN_RESULT_TTL_SECONDS",
+    "CatalogEntry",
+    "ModelCatalog",
+    "ServerSettings",
+]
+
+#: How long a finished future's result is kept by default (``TS_SERVER_RESULT_TTL_S``): 7 days.
+DEFAULT_RESULT_TTL_SECONDS = 7 * 86400.0
+#: The shortest result retention accepted (seconds).
+MIN_RESULT_TTL_SECONDS = 60.0
 
 
 @dataclass(frozen=True)
@@ -121,6 +133,11 @@ class ServerSettings:
         auto_checkpoint: Persist the adapter and optimizer state, encrypted, after every
             completed ``optim_step`` (so a crash loses no completed step). Disable only for
             benchmarks.
+        result_ttl_seconds: How long the result of a finished future is kept
+            (``TS_SERVER_RESULT_TTL_S``, at least 60 s, default 7 days). After that the
+            sweeper deletes it and ``retrieve_future`` answers 410 ``result_expired``; the
+            future's row stays, so re-submitting the same ``(model_id, seq_id)`` still
+            returns the same future (see :mod:`tensafe.server.retention`).
     """
 
     database_url: str
@@ -134,17 +151,23 @@ class ServerSettings:
     session_expiry_seconds: float = 3600.0
     privacy: OperatorPrivacy = field(default_factory=OperatorPrivacy)
     auto_checkpoint: bool = True
+    result_ttl_seconds: float = DEFAULT_RESULT_TTL_SECONDS
 
     def __post_init__(self) -> None:
         if not 0 < self.long_poll_seconds <= 40:
             raise ServerConfigurationError("long_poll_seconds must be in (0, 40] (the SDK times out at 45 s)")
         if self.poll_interval_seconds <= 0 or self.lease_seconds <= 0:
             raise ServerConfigurationError("poll_interval_seconds and lease_seconds must be positive")
+        if not MIN_RESULT_TTL_SECONDS <= self.result_ttl_seconds < math.inf:
+            raise ServerConfigurationError(
+                f"result_ttl_seconds (TS_SERVER_RESULT_TTL_S) must be a finite number of seconds, at least "
+                f"{MIN_RESULT_TTL_SECONDS:g}; got {self.result_ttl_seconds!r}"
+            )
 
     @classmethod
     def from_environment(cls, env: Mapping[str, str] | None = None) -> ServerSettings:
         """Read ``DATABASE_URL``, ``TS_DATA_DIR``, ``TS_SERVER_MODELS``, ``TS_SERVER_LONG_POLL_S``,
-        ``TS_SERVER_LEASE_S``, ``TS_SERVER_POLL_INTERVAL_S`` and ``TS_DP_*``.
+        ``TS_SERVER_LEASE_S``, ``TS_SERVER_POLL_INTERVAL_S``, ``TS_SERVER_RESULT_TTL_S`` and ``TS_DP_*``.
 
         Raises:
             ServerConfigurationError: A value is malformed.
@@ -161,6 +184,7 @@ class ServerSettings:
             ("TS_SERVER_LONG_POLL_S", 25.0),
             ("TS_SERVER_LEASE_S", 30.0),
             ("TS_SERVER_POLL_INTERVAL_S", 0.25),
+            ("TS_SERVER_RESULT_TTL_S", DEFAULT_RESULT_TTL_SECONDS),
         ):
             raw = env.get(name, "").strip()
             try:
@@ -175,5 +199,6 @@ class ServerSettings:
             long_poll_seconds=long_poll,
             lease_seconds=seconds["TS_SERVER_LEASE_S"],
             poll_interval_seconds=seconds["TS_SERVER_POLL_INTERVAL_S"],
+            result_ttl_seconds=seconds["TS_SERVER_RESULT_TTL_S"],
             privacy=OperatorPrivacy.from_environment(env),
         )

@@ -18,6 +18,7 @@ called. See ``docs/sdk.md``.
 from __future__ import annotations
 
 from tensafe.client import types
+from tensafe.client._custom_loss import CustomLossFn
 from tensafe.client._exceptions import (
     APIConnectionError,
     APIError,
@@ -57,6 +58,7 @@ __all__ = [
     "BadRequestError",
     "ClientConfigurationError",
     "ConflictError",
+    "CustomLossFn",
     "FutureStatus",
     "GoneError",
     "InternalServerError",

@@ -17,12 +17,16 @@ from tensafe.client.types import (
     AuditRecordsResponse,
     AuditVerification,
     CheckpointsListResponse,
+    ExternalWeightsUrlsResponse,
+    GetSamplerResponse,
     GetSessionResponse,
     ListSessionsResponse,
+    ParsedCheckpointTinkerPath,
     PrivacyReport,
     ServerCapabilities,
     TrainingRun,
     TrainingRunsResponse,
+    WeightsInfoResponse,
 )
 
 __all__ = ["RestClient"]
@@ -33,6 +37,38 @@ T = TypeVar("T")
 
 def _segment(value: str) -> str:
     return quote(value, safe=":")
+
+
+_KINDS = ("weights", "sampler_weights", "external_weights")
+
+
+def _checkpoint_url(training_run_id: str, checkpoint_id: str) -> str:
+    """``api/v1/training_runs/<run>/checkpoints/<kind>/<name>`` with each segment quoted.
+
+    Raises:
+        ValueError: ``checkpoint_id`` is not ``<kind>/<name>`` (checked before any request).
+    """
+    parts = checkpoint_id.split("/")
+    if (
+        not training_run_id
+        or len(parts) != 2
+        or parts[0] not in _KINDS
+        or not parts[1]
+        or parts[1] in (".", "..")
+    ):
+        raise ValueError(
+            f"invalid checkpoint id {checkpoint_id[:80]!r}: the form is <kind>/<name> with kind one of "
+            f"{', '.join(_KINDS)}"
+        )
+    return (
+        f"api/v1/training_runs/{_segment(training_run_id)}/checkpoints/"
+        f"{_segment(parts[0])}/{_segment(parts[1])}"
+    )
+
+
+def _checkpoint_url_of(tinker_path: str) -> str:
+    parsed = ParsedCheckpointTinkerPath.from_tinker_path(tinker_path)
+    return _checkpoint_url(parsed.training_run_id, parsed.checkpoint_id)
 
 
 def run_id_of(tinker_path: str) -> str:
@@ -50,7 +86,7 @@ def run_id_of(tinker_path: str) -> str:
 
 
 class RestClient:
-    """Read-only views of the tenant's resources. Sync methods return futures, ``*_async`` values.
+    """The tenant's runs, checkpoints, sessions and audit. Sync methods return futures, ``*_async`` values.
 
     Args:
         base_url: Server URL (default ``$TENSAFE_BASE_URL``, then ``http://127.0.0.1:8000``).
@@ -97,6 +133,9 @@ class RestClient:
         return self._transport.call(
             "GET", path, model, params={k: v for k, v in params.items() if v is not None} or None
         )
+
+    def _send(self, method: str, path: str, json: Any = None) -> None:
+        self._transport.request(method, path, json=json)
 
     def _future(self, fn: Callable[[], T]) -> APIFuture[T]:
         return APIFuture(self._executor, lambda _cancelled: fn())
@@ -190,6 +229,117 @@ class RestClient:
     async def get_session_async(self, session_id: str) -> GetSessionResponse:
         """Async twin of :meth:`get_session`."""
         return await asyncio.to_thread(self._session, session_id)
+
+    def _weights_info(self, tinker_path: str) -> WeightsInfoResponse:
+        return self._transport.call(
+            "POST", "api/v1/weights_info", WeightsInfoResponse, json={"tinker_path": tinker_path}
+        )
+
+    def get_weights_info_by_tinker_path(self, tinker_path: str) -> APIFuture[WeightsInfoResponse]:
+        """What a checkpoint holds: base model, LoRA rank and trained modules (any kind of path)."""
+        ParsedCheckpointTinkerPath.from_tinker_path(tinker_path)
+        return self._future(lambda: self._weights_info(tinker_path))
+
+    async def get_weights_info_by_tinker_path_async(self, tinker_path: str) -> WeightsInfoResponse:
+        """Async twin of :meth:`get_weights_info_by_tinker_path`."""
+        ParsedCheckpointTinkerPath.from_tinker_path(tinker_path)
+        return await asyncio.to_thread(self._weights_info, tinker_path)
+
+    @staticmethod
+    def _external_url(tinker_path: str) -> str:
+        parsed = ParsedCheckpointTinkerPath.from_tinker_path(tinker_path)
+        if parsed.checkpoint_type != "external":
+            raise ValueError(
+                "get_external_weights_urls only accepts external weights checkpoints "
+                f"(tinker://<training_run_id>/external_weights/<name>), got {tinker_path[:80]!r}"
+            )
+        return _checkpoint_url(parsed.training_run_id, parsed.checkpoint_id) + "/external_weights_urls"
+
+    def get_external_weights_urls(self, tinker_path: str) -> APIFuture[ExternalWeightsUrlsResponse]:
+        """Short-lived download URLs, one per file, of an ``external_weights`` checkpoint.
+
+        Each URL is a bearer capability (a plain GET downloads the file, no API key) until
+        ``expires``: keep the URLs out of logs.
+
+        Raises:
+            ValueError: (at once) ``tinker_path`` is not ``tinker://<run>/external_weights/<name>``.
+        """
+        url = self._external_url(tinker_path)
+        return self._future(lambda: self._get(url, ExternalWeightsUrlsResponse))
+
+    async def get_external_weights_urls_async(self, tinker_path: str) -> ExternalWeightsUrlsResponse:
+        """Async twin of :meth:`get_external_weights_urls`."""
+        url = self._external_url(tinker_path)
+        return await asyncio.to_thread(self._get, url, ExternalWeightsUrlsResponse)
+
+    def delete_checkpoint(self, training_run_id: str, checkpoint_id: str) -> APIFuture[None]:
+        """Delete a checkpoint (``checkpoint_id`` is ``<kind>/<name>``) and its encrypted files."""
+        url = _checkpoint_url(training_run_id, checkpoint_id)
+        return self._future(lambda: self._send("DELETE", url))
+
+    async def delete_checkpoint_async(self, training_run_id: str, checkpoint_id: str) -> None:
+        """Async twin of :meth:`delete_checkpoint`."""
+        await asyncio.to_thread(self._send, "DELETE", _checkpoint_url(training_run_id, checkpoint_id))
+
+    def delete_checkpoint_from_tinker_path(self, tinker_path: str) -> APIFuture[None]:
+        """Delete the checkpoint a ``tinker://`` path names."""
+        url = _checkpoint_url_of(tinker_path)
+        return self._future(lambda: self._send("DELETE", url))
+
+    async def delete_checkpoint_from_tinker_path_async(self, tinker_path: str) -> None:
+        """Async twin of :meth:`delete_checkpoint_from_tinker_path`."""
+        await asyncio.to_thread(self._send, "DELETE", _checkpoint_url_of(tinker_path))
+
+    def publish_checkpoint_from_tinker_path(self, tinker_path: str) -> APIFuture[None]:
+        """Mark a checkpoint public.
+
+        TenSafe publishes only checkpoints of runs trained with differential privacy
+        (``BadRequestError`` otherwise), and ``public`` grants **no** access to other
+        tenants: they still get ``NotFoundError``.
+        """
+        url = _checkpoint_url_of(tinker_path) + "/publish"
+        return self._future(lambda: self._send("POST", url))
+
+    async def publish_checkpoint_from_tinker_path_async(self, tinker_path: str) -> None:
+        """Async twin of :meth:`publish_checkpoint_from_tinker_path`."""
+        await asyncio.to_thread(self._send, "POST", _checkpoint_url_of(tinker_path) + "/publish")
+
+    def unpublish_checkpoint_from_tinker_path(self, tinker_path: str) -> APIFuture[None]:
+        """Clear a checkpoint's ``public`` flag (a no-op when it is not public)."""
+        url = _checkpoint_url_of(tinker_path) + "/publish"
+        return self._future(lambda: self._send("DELETE", url))
+
+    async def unpublish_checkpoint_from_tinker_path_async(self, tinker_path: str) -> None:
+        """Async twin of :meth:`unpublish_checkpoint_from_tinker_path`."""
+        await asyncio.to_thread(self._send, "DELETE", _checkpoint_url_of(tinker_path) + "/publish")
+
+    def set_checkpoint_ttl_from_tinker_path(
+        self, tinker_path: str, ttl_seconds: int | None
+    ) -> APIFuture[None]:
+        """Expire a checkpoint ``ttl_seconds`` from now (3600 s to 10 years), or never (``None``).
+
+        An expired checkpoint is invisible at once and deleted by the server's sweeper.
+        """
+        url = _checkpoint_url_of(tinker_path) + "/ttl"
+        return self._future(lambda: self._send("PUT", url, {"ttl_seconds": ttl_seconds}))
+
+    async def set_checkpoint_ttl_from_tinker_path_async(
+        self, tinker_path: str, ttl_seconds: int | None
+    ) -> None:
+        """Async twin of :meth:`set_checkpoint_ttl_from_tinker_path`."""
+        url = _checkpoint_url_of(tinker_path) + "/ttl"
+        await asyncio.to_thread(self._send, "PUT", url, {"ttl_seconds": ttl_seconds})
+
+    def _sampler(self, sampler_id: str) -> GetSamplerResponse:
+        return self._get(f"api/v1/samplers/{_segment(sampler_id)}", GetSamplerResponse)
+
+    def get_sampler(self, sampler_id: str) -> APIFuture[GetSamplerResponse]:
+        """A sampling session (``<session>:sample:<n>``): its base model and weights path."""
+        return self._future(lambda: self._sampler(sampler_id))
+
+    async def get_sampler_async(self, sampler_id: str) -> GetSamplerResponse:
+        """Async twin of :meth:`get_sampler`."""
+        return await asyncio.to_thread(self._sampler, sampler_id)
 
     # -- TenSafe additions ---------------------------------------------------------------
 

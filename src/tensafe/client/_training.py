@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import threading
 from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 from urllib.parse import quote
 
-from tensafe.client._exceptions import APIResponseValidationError
+from tensafe.client._custom_loss import (
+    CustomLossFn,
+    backward_data,
+    compute_custom_loss,
+    forward_data,
+    merge_metrics,
+)
+from tensafe.client._exceptions import APIResponseValidationError, RequestFailedError
 from tensafe.client._futures import APIFuture, retrieve
 from tensafe.client._holder import Holder
 from tensafe.client._http import parse
@@ -23,6 +31,7 @@ from tensafe.client.types import (
     OptimStepResponse,
     PrivacyReport,
     RegisterDatasetResponse,
+    SaveWeightsExternalResponse,
     SaveWeightsForSamplerResponse,
     SaveWeightsResponse,
     TrainStepResponse,
@@ -44,6 +53,17 @@ def _json_only(what: str) -> Callable[[dict[str, Any]], Any]:
     return reject
 
 
+def _settle(gate: concurrent.futures.Future[None], error: BaseException | None) -> None:
+    """Resolve ``gate`` unless it already is (a cancellation may race the work's own outcome)."""
+    try:
+        if error is None:
+            gate.set_result(None)
+        else:
+            gate.set_exception(error)
+    except concurrent.futures.InvalidStateError:
+        pass
+
+
 class TrainingClient:
     """A LoRA training run on the server (its id is the model id ``<session>:train:<n>``).
 
@@ -59,36 +79,57 @@ class TrainingClient:
         self._info = info
         self._seq = 0
         self._submit_lock = threading.Lock()
+        # Set while a forward_backward_custom has not yet submitted its backward pass: later
+        # requests wait for it (the server runs a model's queued requests in seq_id order).
+        self._gate: concurrent.futures.Future[None] | None = None
 
     def __repr__(self) -> str:
         return f"TrainingClient(model_id={self.model_id!r})"
 
     # -- plumbing ------------------------------------------------------------------------
 
-    def _submit(
+    def _post(self, path: str, body: dict[str, Any] | bytes) -> str:
+        """Send one submission; return the server's request id."""
+        transport = self._holder.transport
+        if isinstance(body, bytes):
+            answer = transport.call(
+                "POST", path, UntypedFuture, content=body, headers={"Content-Type": "application/x-protobuf"}
+            )
+        else:
+            answer = transport.call("POST", path, UntypedFuture, json=body)
+        return answer.request_id
+
+    def _wait_turn(self) -> None:
+        """Wait (submit lock held) until an earlier ``forward_backward_custom`` submitted its backward.
+
+        Raises:
+            RequestFailedError: That custom loss failed or was cancelled before its backward
+                pass was submitted; as in the Tinker SDK, this client then accepts no further
+                training requests.
+        """
+        gate = self._gate
+        if gate is None:
+            return
+        try:
+            gate.result()
+        except BaseException as exc:
+            raise RequestFailedError(
+                f"an earlier forward_backward_custom failed before its backward pass was submitted "
+                f"({type(exc).__name__}); this TrainingClient accepts no more training requests "
+                "(create a new one, e.g. from a saved state)",
+                category="user",
+            ) from exc
+        self._gate = None
+
+    def _track(
         self,
-        path: str,
+        request_id: str,
         request_type: str,
-        build: Callable[[int], dict[str, Any] | bytes],
         *,
         on_json: Callable[[dict[str, Any]], T],
         on_proto: Callable[[bytes], T] | None = None,
     ) -> APIFuture[T]:
         transport = self._holder.transport
-        with self._submit_lock:
-            self._seq += 1
-            body = build(self._seq)
-            if isinstance(body, bytes):
-                answer = transport.call(
-                    "POST",
-                    path,
-                    UntypedFuture,
-                    content=body,
-                    headers={"Content-Type": "application/x-protobuf"},
-                )
-            else:
-                answer = transport.call("POST", path, UntypedFuture, json=body)
-        request_id = answer.request_id
         return APIFuture(
             self._holder.executor,
             lambda cancelled: retrieve(
@@ -101,6 +142,21 @@ class TrainingClient:
             ),
             request_id=request_id,
         )
+
+    def _submit(
+        self,
+        path: str,
+        request_type: str,
+        build: Callable[[int], dict[str, Any] | bytes],
+        *,
+        on_json: Callable[[dict[str, Any]], T],
+        on_proto: Callable[[bytes], T] | None = None,
+    ) -> APIFuture[T]:
+        with self._submit_lock:
+            self._wait_turn()
+            self._seq += 1
+            request_id = self._post(path, build(self._seq))
+        return self._track(request_id, request_type, on_json=on_json, on_proto=on_proto)
 
     @staticmethod
     async def _thread(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -175,6 +231,128 @@ class TrainingClient:
     ) -> APIFuture[ForwardBackwardOutput]:
         """Async twin of :meth:`forward`."""
         return await self._thread(self.forward, data, loss_fn, loss_fn_config)
+
+    def forward_backward_custom(
+        self,
+        data: Sequence[Datum],
+        loss_fn: CustomLossFn,
+        *,
+        loss_type_input: Literal["logprobs"] | None = None,
+    ) -> APIFuture[ForwardBackwardOutput]:
+        """Forward/backward with a loss computed on this machine from the logprobs (NumPy, no torch).
+
+        As in the Tinker SDK: a ``forward`` with ``cross_entropy`` (``target_tokens`` and the
+        given ``weights``, zeros when absent), then ``loss_fn`` on the logprobs, then a
+        ``forward_backward`` with ``cross_entropy`` and ``weights = -dC/dlogprobs``. Unlike
+        Tinker's torch callable, ``loss_fn(data, logprobs)`` returns ``(loss, metrics,
+        grads)``: ``logprobs[i]`` is datum ``i``'s float64 array and ``grads[i]`` its
+        gradient ``dC/dlogprobs[i]`` (same shape). Only ``target_tokens`` and the weights
+        are sent; ``loss_fn`` sees every ``loss_fn_inputs`` field.
+
+        The two requests take consecutive seq_ids. Training requests made after this call
+        wait (in the caller's thread) until the backward pass has been submitted; if the
+        loss fails or the future is cancelled first, they raise ``RequestFailedError``, and
+        so does every later training request of this client (as in the Tinker SDK).
+
+        Args:
+            data: The batch.
+            loss_fn: ``(data, logprobs) -> (loss, metrics, grads)`` on NumPy arrays.
+            loss_type_input: Only ``"logprobs"`` (or ``None``), for Tinker compatibility.
+
+        Returns:
+            A future (its ``request_id`` is the forward pass's) of the backward pass's
+            output; ``metrics["loss:sum"]`` is the custom
+            loss, ``metrics["surrogate_loss:sum"]`` the server's weighted cross-entropy, and
+            the loss function's metrics are merged in.
+
+        Raises:
+            ValueError: (at once) An empty batch, a datum without ``target_tokens``, or an
+                unsupported ``loss_type_input``.
+        """
+        if loss_type_input not in (None, "logprobs"):
+            raise ValueError(f"loss_type_input must be 'logprobs' or None, not {loss_type_input!r}")
+        data = [d if isinstance(d, Datum) else Datum.model_validate(d) for d in data]
+        if not data:
+            raise ValueError("forward_backward_custom needs at least one datum")
+        fwd_data = forward_data(data)
+        gate: concurrent.futures.Future[None] = concurrent.futures.Future()
+        with self._submit_lock:
+            self._wait_turn()
+            self._seq += 2
+            fwd_seq, bwd_seq = self._seq - 1, self._seq
+            fwd_id = self._post(
+                "api/v1/forward_backward",
+                encode_forward_backward_request(
+                    model_id=self.model_id,
+                    seq_id=fwd_seq,
+                    data=fwd_data,
+                    loss_fn="cross_entropy",
+                    forward_only=True,
+                ),
+            )
+            self._gate = gate
+        transport = self._holder.transport
+
+        def work(cancelled: threading.Event) -> ForwardBackwardOutput:
+            try:
+                forward = retrieve(
+                    transport,
+                    fwd_id,
+                    cancelled,
+                    on_json=_json_only("forward"),
+                    on_proto=decode_forward_backward_output,
+                    request_type="Forward",
+                )
+                custom = compute_custom_loss(loss_fn, data, forward)
+                if cancelled.is_set():
+                    raise concurrent.futures.CancelledError()
+                bwd_id = self._post(
+                    "api/v1/forward_backward",
+                    encode_forward_backward_request(
+                        model_id=self.model_id,
+                        seq_id=bwd_seq,
+                        data=backward_data(data, custom.grads),
+                        loss_fn="cross_entropy",
+                    ),
+                )
+            except BaseException as exc:
+                _settle(gate, exc)
+                raise
+            _settle(gate, None)
+            backward = retrieve(
+                transport,
+                bwd_id,
+                cancelled,
+                on_json=_json_only("forward_backward"),
+                on_proto=decode_forward_backward_output,
+                request_type="ForwardBackward",
+            )
+            return merge_metrics(backward, custom)
+
+        try:
+            future = APIFuture(self._holder.executor, work, request_id=fwd_id)
+        except BaseException as exc:  # e.g. the client was closed: never leave the gate open
+            _settle(gate, exc)
+            raise
+
+        def on_done(done: concurrent.futures.Future[ForwardBackwardOutput]) -> None:
+            # Cancelled before the backward pass was submitted: later requests must not wait forever.
+            _settle(gate, concurrent.futures.CancelledError())
+
+        future.future().add_done_callback(on_done)
+        return future
+
+    async def forward_backward_custom_async(
+        self,
+        data: Sequence[Datum],
+        loss_fn: CustomLossFn,
+        *,
+        loss_type_input: Literal["logprobs"] | None = None,
+    ) -> APIFuture[ForwardBackwardOutput]:
+        """Async twin of :meth:`forward_backward_custom`."""
+        return await self._thread(
+            self.forward_backward_custom, data, loss_fn, loss_type_input=loss_type_input
+        )
 
     def optim_step(
         self, optim_params: AdamParams | None = None, *, adam_params: AdamParams | None = None
@@ -365,6 +543,60 @@ class TrainingClient:
     ) -> APIFuture[SaveWeightsForSamplerResponse]:
         """Async twin of :meth:`save_weights_for_sampler`."""
         return await self._thread(self.save_weights_for_sampler, name, ttl_seconds, user_metadata)
+
+    def save_weights_external(
+        self,
+        name: str,
+        ttl_seconds: int | None = None,
+        age_encryption_recipients: list[str] | None = None,
+    ) -> APIFuture[SaveWeightsExternalResponse]:
+        """Export the adapter in PEFT format as ``tinker://<run>/external_weights/<name>``.
+
+        The export holds ``adapter_model.safetensors`` and ``adapter_config.json`` (plus
+        ``dp_certificate.json`` for a run trained with DP), stored encrypted on the server;
+        download it with ``RestClient.get_external_weights_urls``.
+
+        Args:
+            name: The checkpoint name (letters, digits, ``.``, ``_``, ``-``).
+            ttl_seconds: Expire the export after this many seconds (3600 s to 10 years);
+                ``None``: never.
+            age_encryption_recipients: Up to 10 age recipients (``age1...`` X25519 keys or
+                ``ssh-ed25519``/``ssh-rsa`` public keys); every file is then age-encrypted to
+                them and named ``<file>.age``. ``None``: the files are downloaded in clear
+                (over the transport's TLS).
+        """
+        recipients = (
+            None if age_encryption_recipients is None else [str(r) for r in age_encryption_recipients]
+        )
+
+        def build(seq: int) -> dict[str, Any]:
+            body: dict[str, Any] = {
+                "model_id": self.model_id,
+                "path": name,
+                "seq_id": seq,
+                "type": "save_weights_external",
+            }
+            if ttl_seconds is not None:
+                body["ttl_seconds"] = ttl_seconds
+            if recipients is not None:
+                body["age_encryption_recipients"] = recipients
+            return body
+
+        return self._submit(
+            "api/v1/save_weights_external",
+            "SaveWeightsExternal",
+            build,
+            on_json=SaveWeightsExternalResponse.model_validate,
+        )
+
+    async def save_weights_external_async(
+        self,
+        name: str,
+        ttl_seconds: int | None = None,
+        age_encryption_recipients: list[str] | None = None,
+    ) -> APIFuture[SaveWeightsExternalResponse]:
+        """Async twin of :meth:`save_weights_external`."""
+        return await self._thread(self.save_weights_external, name, ttl_seconds, age_encryption_recipients)
 
     def save_weights_and_get_sampling_client(self, name: str | None = None) -> APIFuture[SamplingClient]:
         """Snapshot the current weights and return a future of a SamplingClient on them.

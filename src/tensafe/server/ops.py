@@ -37,6 +37,7 @@ from tensafe.server.checkpoints import export_external_weights
 from tensafe.server.jobs import JobContext, JobFailedError, JobResult, Operation, OperationRegistry
 from tensafe.server.models import FutureRow, SamplingSessionRow, TrainingCheckpoint, TrainingModel
 from tensafe.server.privacy import EffectivePolicy
+from tensafe.training._heap import settle_heap
 
 __all__ = ["MAX_DATASET_SIZE", "ComputeOps", "default_registry", "parse_tinker_path"]
 
@@ -209,6 +210,7 @@ class ComputeOps:
         session = self._restore(ctx, row.state_ref, base_model=row.base_model, restore_optimizer=True)
         fresh = _Loaded(session=session, step=int(row.step or 0), last_seq=last_seq, lost=unstepped)
         self._training[ctx.model_id] = fresh
+        settle_heap()  # keep the loaded model out of later garbage collections
         return fresh
 
     def _restore(self, ctx: JobContext, ref: str, *, base_model: str, restore_optimizer: bool) -> Any:
@@ -308,6 +310,7 @@ class ComputeOps:
         if old is not None:
             old.session.close()
         self._training[ctx.model_id] = _Loaded(session=session, step=0, last_seq=0)
+        settle_heap()  # keep the loaded model out of later garbage collections
         return self._state_result(
             ctx,
             session,
@@ -349,6 +352,7 @@ class ComputeOps:
             old.session.close()
         loaded = _Loaded(session=session, step=int(session.step), last_seq=int(ctx.seq_id or 0))
         self._training[ctx.model_id] = loaded
+        settle_heap()  # keep the loaded model out of later garbage collections
         return self._state_result(
             ctx,
             session,
@@ -628,6 +632,7 @@ class ComputeOps:
             sampler = SamplingSession.from_adapter_files(directory, files)
         with self._lock:
             self._sampling[sampler_id] = sampler
+            settle_heap()  # keep the loaded model out of later garbage collections
         return sampler
 
     def sample(self, ctx: JobContext) -> JobResult:

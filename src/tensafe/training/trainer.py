@@ -436,6 +436,7 @@ def train(
     """
     import torch
 
+    from tensafe.training._heap import settle_heap
     from tensafe.training.data import (
         collate,
         load_jsonl,
@@ -477,6 +478,7 @@ def train(
         )
 
     model, tokenizer = (model_loader or _default_loader)(cfg.model)
+    settle_heap()  # the model's objects stay out of every later garbage collection
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     train_ex = tokenize_examples(train_records, tokenizer, max_length=cfg.data.max_length)
     eval_ex = (

@@ -13,14 +13,18 @@ from tensafe.client.types.audit_record import AuditRecord, AuditRecordsResponse
 from tensafe.client.types.audit_verification import AuditVerification
 from tensafe.client.types.datum import Datum
 from tensafe.client.types.encoded_text_chunk import EncodedTextChunk
+from tensafe.client.types.external_weights_urls_response import ExternalWeightsUrlsResponse
 from tensafe.client.types.forward_backward_output import ForwardBackwardOutput
+from tensafe.client.types.get_sampler_response import GetSamplerResponse
 from tensafe.client.types.load_weights_response import LoadWeightsResponse
 from tensafe.client.types.model_input import ModelInput
 from tensafe.client.types.optim_step_response import OptimStepResponse
+from tensafe.client.types.parsed_checkpoint_tinker_path import CheckpointType, ParsedCheckpointTinkerPath
 from tensafe.client.types.privacy_report import PrivacyReport
 from tensafe.client.types.sample_response import SampleResponse
 from tensafe.client.types.sampled_sequence import SampledSequence
 from tensafe.client.types.sampling_params import SamplingParams
+from tensafe.client.types.save_weights_external_response import SaveWeightsExternalResponse
 from tensafe.client.types.save_weights_for_sampler_response import SaveWeightsForSamplerResponse
 from tensafe.client.types.save_weights_response import SaveWeightsResponse
 from tensafe.client.types.server_sampling import RegisterDatasetResponse, TrainStepResponse
@@ -39,6 +43,7 @@ from tensafe.protocol import (
     SupportedModel,
     TrainingRun,
     TrainingRunsResponse,
+    WeightsInfoResponse,
 )
 
 __all__ = [
@@ -49,12 +54,15 @@ __all__ = [
     "AuditRecordsResponse",
     "AuditVerification",
     "Checkpoint",
+    "CheckpointType",
     "CheckpointsListResponse",
     "Cursor",
     "Datum",
     "EncodedTextChunk",
+    "ExternalWeightsUrlsResponse",
     "ForwardBackwardOutput",
     "GetInfoResponse",
+    "GetSamplerResponse",
     "GetSessionResponse",
     "ListSessionsResponse",
     "LoadWeightsResponse",
@@ -63,11 +71,13 @@ __all__ = [
     "ModelInput",
     "OptimStepResponse",
     "OptimizerConfig",
+    "ParsedCheckpointTinkerPath",
     "PrivacyReport",
     "RegisterDatasetResponse",
     "SampleResponse",
     "SampledSequence",
     "SamplingParams",
+    "SaveWeightsExternalResponse",
     "SaveWeightsForSamplerResponse",
     "SaveWeightsResponse",
     "ServerCapabilities",
@@ -76,4 +86,5 @@ __all__ = [
     "TrainStepResponse",
     "TrainingRun",
     "TrainingRunsResponse",
+    "WeightsInfoResponse",
 ]

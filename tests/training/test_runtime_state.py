@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import pathlib
 import struct
@@ -288,4 +289,12 @@ def test_encoder_matches_the_safetensors_library(
     reference = save({k: v.contiguous() for k, v in tensors.items()}, metadata=meta)
     (n,) = struct.unpack("<Q", ours[:8])
     assert json.loads(ours[8 : 8 + n])["__metadata__"] == meta
+    # The digest as the format's docstring defines it, computed naively.
+    naive = hashlib.sha256(b"tensafe-lora-session/v1\0" + header_json.encode() + b"\0")
+    for name in sorted(tensors):
+        t = tensors[name].contiguous()
+        dtype = str(t.dtype).removeprefix("torch.")
+        naive.update(f"{name}\0{dtype}\0{json.dumps(list(t.shape))}\0".encode())
+        naive.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() + b"\0")
+    assert meta["digest"] == naive.hexdigest()
     assert decode_state(bytes(reference))[0] == header

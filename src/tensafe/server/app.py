@@ -14,7 +14,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Annotated, Any, TypeVar
 
-from fastapi import Depends, FastAPI, Header, Query, Request
+from fastapi import FastAPI, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -28,6 +28,7 @@ from tensafe.db import create_engine_from_url, current_revision, head_revision, 
 from tensafe.protocol.wire import WireFormatError, decode_forward_backward_request, message_bytes
 from tensafe.server.checkpoints import checkpoint_is_live, delete_checkpoint_artifacts
 from tensafe.server.checkpoints import router as checkpoints_router
+from tensafe.server.deps import Caller
 from tensafe.server.errors import BadRequestError, NotFoundError, ServerError
 from tensafe.server.jobs import (
     OperationRegistry,
@@ -50,7 +51,7 @@ from tensafe.server.privacy import client_request, effective_policy, tenant_row
 from tensafe.server.retention import RESULT_EXPIRED, ResultExpiredError
 from tensafe.server.routes_tensafe import router as tensafe_router
 from tensafe.server.settings import ServerSettings
-from tensafe.server.tenants import Principal, authenticate
+from tensafe.server.tenants import Principal
 from tensafe.storage import EncryptedArtifactStore, LocalFilesystemBackend
 
 __all__ = ["create_app"]
@@ -204,12 +205,6 @@ def create_app(
     app.include_router(checkpoints_router)
 
     # -- dependencies ---------------------------------------------------------------------
-
-    def principal(x_api_key: Annotated[str | None, Header(alias="X-API-Key")] = None) -> Principal:
-        with services.reads() as session:
-            return authenticate(session, x_api_key)
-
-    Caller = Annotated[Principal, Depends(principal)]
 
     def audit(session: Session, who: Principal, action: str, resource: str, **details: Any) -> None:
         services.audit(

@@ -42,7 +42,7 @@ import time
 from collections.abc import Iterator, Sequence
 from typing import Annotated, Any, Literal, cast
 
-from fastapi import APIRouter, Depends, Header, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 from sqlalchemy import ColumnElement, CursorResult, delete, or_, select
@@ -50,11 +50,12 @@ from sqlalchemy.orm import Session
 
 from tensafe import protocol as p
 from tensafe.db import utcnow
+from tensafe.server.deps import Caller, Svc
 from tensafe.server.errors import BadRequestError, NotFoundError
 from tensafe.server.jobs import JobContext, JobFailedError, JobResult, Services, Worker, submit_future
 from tensafe.server.models import DownloadToken, TrainingCheckpoint, TrainingModel
 from tensafe.server.retention import run_retention_sweeps
-from tensafe.server.tenants import Principal, authenticate
+from tensafe.server.tenants import Principal
 from tensafe.storage import EncryptedArtifactStore
 
 __all__ = [
@@ -186,7 +187,8 @@ def delete_checkpoint_artifacts(store: EncryptedArtifactStore, tenant: str, ref:
     return sum(1 for name in names if store.delete(tenant, name))
 
 
-def _find(session: Session, model_id: str, kind: str, name: str) -> TrainingCheckpoint | None:
+def find_checkpoint(session: Session, model_id: str, kind: str, name: str) -> TrainingCheckpoint | None:
+    """The row of ``tinker://{model_id}/{kind}/{name}``, live or expired, if any."""
     return session.execute(
         select(TrainingCheckpoint).where(
             TrainingCheckpoint.model_id == model_id,
@@ -196,12 +198,47 @@ def _find(session: Session, model_id: str, kind: str, name: str) -> TrainingChec
     ).scalar_one_or_none()
 
 
+def record_checkpoint(
+    session: Session,
+    *,
+    tenant: str,
+    model_id: str,
+    kind: str,
+    name: str,
+    artifact_id: str,
+    size_bytes: int,
+    user_metadata: str,
+    ttl_seconds: int | None,
+) -> TrainingCheckpoint:
+    """Create the row of a new checkpoint, or replace an existing (expired or overwritten) one.
+
+    A replaced row keeps only its id: the new content is not published and gets its own
+    creation time and expiry.
+    """
+    now = utcnow()
+    row = find_checkpoint(session, model_id, kind, name)
+    if row is None:
+        row = TrainingCheckpoint(
+            id="ckpt-" + secrets.token_hex(10), tenant_id=tenant, model_id=model_id, kind=kind, name=name
+        )
+        session.add(row)
+    row.public = False
+    row.artifact_id, row.size_bytes, row.user_metadata, row.created_at = (
+        artifact_id,
+        size_bytes,
+        user_metadata,
+        now,
+    )
+    row.expires_at = None if ttl_seconds is None else now + _dt.timedelta(seconds=int(ttl_seconds))
+    return row
+
+
 def _own_live(session: Session, who: Principal, run_id: str, kind: str, name: str) -> TrainingCheckpoint:
     """The caller's live checkpoint, else 404 (also for another tenant's or an expired one)."""
     path = f"tinker://{run_id}/{kind}/{name}"
     if kind not in _KINDS:
         raise BadRequestError(f"{path!r}: the checkpoint kind must be one of {', '.join(_KINDS)}")
-    row = _find(session, run_id, kind, name)
+    row = find_checkpoint(session, run_id, kind, name)
     if row is None or row.tenant_id != who.tenant or _expired(row):
         raise NotFoundError(f"unknown checkpoint {path!r}")
     return row
@@ -281,7 +318,7 @@ def export_external_weights(ctx: JobContext, session: Any) -> JobResult:
     raw_recipients = ctx.payload.get("age_encryption_recipients") or []
     recipients = _age_recipients(raw_recipients) if raw_recipients else []
     with ctx.services.sessions() as db:
-        existing = _find(db, model_id, _KIND, name)
+        existing = find_checkpoint(db, model_id, _KIND, name)
         if existing is not None and not _expired(existing):
             raise JobFailedError(
                 f"checkpoint tinker://{model_id}/{_KIND}/{name} already exists; choose another name",
@@ -313,22 +350,17 @@ def export_external_weights(ctx: JobContext, session: Any) -> JobResult:
     ttl = ctx.payload.get("ttl_seconds")
 
     def apply(db: Session) -> None:
-        now = utcnow()
-        row = _find(db, model_id, _KIND, name)
-        if row is None:
-            row = TrainingCheckpoint(
-                id="ckpt-" + secrets.token_hex(10),
-                tenant_id=tenant,
-                model_id=model_id,
-                kind=_KIND,
-                name=name,
-                public=False,
-            )
-            db.add(row)
-        else:
-            row.public = False  # replaces an expired checkpoint: nothing of it carries over
-        row.artifact_id, row.size_bytes, row.user_metadata, row.created_at = ref, size, "{}", now
-        row.expires_at = None if ttl is None else now + _dt.timedelta(seconds=int(ttl))
+        record_checkpoint(
+            db,
+            tenant=tenant,
+            model_id=model_id,
+            kind=_KIND,
+            name=name,
+            artifact_id=ref,
+            size_bytes=size,
+            user_metadata="{}",
+            ttl_seconds=None if ttl is None else int(ttl),
+        )
 
     def cleanup() -> None:
         if old_ref is not None and old_ref != ref:
@@ -433,21 +465,6 @@ def sweep_when_due(services: Services, due: float) -> float:
 
 # --------------------------------------------------------------------------- routes
 
-
-def _services(request: Request) -> Services:
-    services: Services = request.app.state.services
-    return services
-
-
-def _principal(
-    request: Request, x_api_key: Annotated[str | None, Header(alias="X-API-Key")] = None
-) -> Principal:
-    with _services(request).reads() as session:
-        return authenticate(session, x_api_key)
-
-
-Caller = Annotated[Principal, Depends(_principal)]
-Svc = Annotated[Services, Depends(_services)]
 
 router = APIRouter(prefix="/api/v1")
 

@@ -33,7 +33,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from tensafe.db import utcnow
-from tensafe.server.checkpoints import export_external_weights
+from tensafe.server.checkpoints import export_external_weights, find_checkpoint, record_checkpoint
 from tensafe.server.jobs import JobContext, JobFailedError, JobResult, Operation, OperationRegistry
 from tensafe.server.models import FutureRow, SamplingSessionRow, TrainingCheckpoint, TrainingModel
 from tensafe.server.privacy import EffectivePolicy
@@ -561,12 +561,11 @@ class ComputeOps:
     def _store_checkpoint(
         self, ctx: JobContext, kind: str, name: str, files: Mapping[str, bytes]
     ) -> JobResult:
-        import datetime as _dt
-
+        """Encrypt ``files`` as checkpoint ``kind/name`` (a live one is replaced only with overwrite)."""
         model_id, tenant = str(ctx.model_id), ctx.tenant
         overwrite = bool(ctx.payload.get("overwrite", False))
         with ctx.services.sessions() as db:
-            existing = _find_checkpoint(db, model_id, kind, name)
+            existing = find_checkpoint(db, model_id, kind, name)
             if existing is not None and not overwrite and not _is_expired(existing):
                 raise JobFailedError(
                     f"checkpoint tinker://{model_id}/{kind}/{name} already exists; choose another name "
@@ -580,20 +579,17 @@ class ComputeOps:
         metadata = json.dumps(ctx.payload.get("user_metadata") or {}, sort_keys=True)
 
         def apply(db: Session) -> None:
-            now = utcnow()
-            row = _find_checkpoint(db, model_id, kind, name)
-            if row is None:
-                row = TrainingCheckpoint(
-                    id="ckpt-" + secrets.token_hex(10),
-                    tenant_id=tenant,
-                    model_id=model_id,
-                    kind=kind,
-                    name=name,
-                    public=False,
-                )
-                db.add(row)
-            row.artifact_id, row.size_bytes, row.user_metadata, row.created_at = ref, size, metadata, now
-            row.expires_at = None if ttl is None else now + _dt.timedelta(seconds=int(ttl))
+            record_checkpoint(
+                db,
+                tenant=tenant,
+                model_id=model_id,
+                kind=kind,
+                name=name,
+                artifact_id=ref,
+                size_bytes=size,
+                user_metadata=metadata,
+                ttl_seconds=None if ttl is None else int(ttl),
+            )
 
         def cleanup() -> None:
             if old_ref is not None:
@@ -672,16 +668,6 @@ def _is_expired(row: TrainingCheckpoint) -> bool:
     return row.expires_at is not None and row.expires_at <= utcnow()
 
 
-def _find_checkpoint(db: Session, model_id: str, kind: str, name: str) -> TrainingCheckpoint | None:
-    return db.execute(
-        select(TrainingCheckpoint).where(
-            TrainingCheckpoint.model_id == model_id,
-            TrainingCheckpoint.kind == kind,
-            TrainingCheckpoint.name == name,
-        )
-    ).scalar_one_or_none()
-
-
 def _checkpoint(ctx: JobContext, path: str, *, kinds: tuple[str, ...]) -> TrainingCheckpoint:
     from tensafe.server.errors import BadRequestError
 
@@ -690,7 +676,7 @@ def _checkpoint(ctx: JobContext, path: str, *, kinds: tuple[str, ...]) -> Traini
     except BadRequestError as exc:
         raise JobFailedError(str(exc), category="user") from None
     with ctx.services.sessions() as db:
-        row = _find_checkpoint(db, run, kind, name)
+        row = find_checkpoint(db, run, kind, name)
         if row is None or row.tenant_id != ctx.tenant or kind not in kinds or _is_expired(row):
             raise JobFailedError(f"unknown checkpoint {path!r}", category="user")
         db.expunge(row)

@@ -19,17 +19,18 @@ import datetime as _dt
 import json
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Header, Query, Request
+from fastapi import APIRouter, Query
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from tensafe.audit import AuditVerificationError, latest_records, verify_chain
 from tensafe.audit.models import AuditChainHead
+from tensafe.server.deps import Caller, Svc
 from tensafe.server.errors import NotFoundError
 from tensafe.server.jobs import Services
 from tensafe.server.models import FutureRow, TrainingCheckpoint, TrainingModel
-from tensafe.server.tenants import Principal, authenticate
+from tensafe.server.tenants import Principal
 
 __all__ = [
     "ArtifactInfo",
@@ -120,21 +121,6 @@ class PrivacyUnavailableError(NotFoundError):
 
     error = "privacy_unavailable"
 
-
-def _services(request: Request) -> Services:
-    services: Services = request.app.state.services
-    return services
-
-
-def _principal(
-    request: Request, x_api_key: Annotated[str | None, Header(alias="X-API-Key")] = None
-) -> Principal:
-    with _services(request).sessions() as session:
-        return authenticate(session, x_api_key)
-
-
-Caller = Annotated[Principal, Depends(_principal)]
-Svc = Annotated[Services, Depends(_services)]
 
 router = APIRouter(prefix="/api/v1/tensafe", tags=["tensafe"])
 

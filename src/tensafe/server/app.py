@@ -118,6 +118,40 @@ def _dump(value: Any) -> str:
     return json.dumps(value if value is not None else {}, sort_keys=True)
 
 
+def _new_model_row(
+    model_id: str,
+    tenant: str,
+    body: Any,
+    *,
+    base_model: str,
+    lora_rank: int | None,
+    lora_config: str,
+    optimizer_config: str,
+    dp_policy: str,
+) -> TrainingModel:
+    """A training model row in state ``creating``, for create_model and create-via-load_weights.
+
+    ``body`` is the request (it carries ``session_id``, ``model_seq_id`` and ``user_metadata``).
+    """
+    now = utcnow()
+    return TrainingModel(
+        id=model_id,
+        tenant_id=tenant,
+        session_id=body.session_id,
+        model_seq_id=body.model_seq_id,
+        base_model=base_model,
+        lora_rank=lora_rank,
+        lora_config=lora_config,
+        optimizer_config=optimizer_config,
+        user_metadata=_dump(body.user_metadata),
+        state="creating",
+        created_at=now,
+        last_request_time=now,
+        dp_policy=dp_policy,
+        step=0,
+    )
+
+
 def _str_metadata(raw: str) -> dict[str, str] | None:
     data = json.loads(raw) if raw else None
     if not isinstance(data, dict):
@@ -341,26 +375,19 @@ def create_app(
                 payload=payload,
             )
             if created:
-                now = utcnow()
                 lora = body.lora_config
                 session.add(
-                    TrainingModel(
-                        id=model_id,
-                        tenant_id=who.tenant,
-                        session_id=body.session_id,
-                        model_seq_id=body.model_seq_id,
+                    _new_model_row(
+                        model_id,
+                        who.tenant,
+                        body,
                         base_model=body.base_model,
                         lora_rank=None if lora is None else lora.rank,
                         lora_config=_dump(None if lora is None else lora.model_dump(mode="json")),
                         optimizer_config=_dump(
                             body.optimizer_config.model_dump(mode="json", exclude_none=True)
                         ),
-                        user_metadata=_dump(body.user_metadata),
-                        state="creating",
-                        created_at=now,
-                        last_request_time=now,
                         dp_policy=policy.to_json(),
-                        step=0,
                     )
                 )
                 session.flush()
@@ -644,23 +671,16 @@ def create_app(
                 payload=payload,
             )
             if created:
-                now = utcnow()
                 session.add(
-                    TrainingModel(
-                        id=model_id,
-                        tenant_id=who.tenant,
-                        session_id=body.session_id,
-                        model_seq_id=body.model_seq_id,
+                    _new_model_row(
+                        model_id,
+                        who.tenant,
+                        body,
                         base_model=source.base_model,
                         lora_rank=source.lora_rank,
                         lora_config=source.lora_config,
                         optimizer_config=source.optimizer_config,
-                        user_metadata=_dump(body.user_metadata),
-                        state="creating",
-                        created_at=now,
-                        last_request_time=now,
                         dp_policy=policy.to_json(),
-                        step=0,
                     )
                 )
                 session.flush()

@@ -72,6 +72,9 @@ __all__ = [
     "checkpoint_is_live",
     "delete_checkpoint_artifacts",
     "export_external_weights",
+    "find_checkpoint",
+    "is_expired",
+    "record_checkpoint",
     "router",
     "sweep_expired_checkpoints",
     "sweep_when_due",
@@ -171,7 +174,8 @@ def checkpoint_is_live(now: _dt.datetime | None = None) -> ColumnElement[bool]:
     return or_(TrainingCheckpoint.expires_at.is_(None), TrainingCheckpoint.expires_at > moment)
 
 
-def _expired(row: TrainingCheckpoint, now: _dt.datetime | None = None) -> bool:
+def is_expired(row: TrainingCheckpoint, now: _dt.datetime | None = None) -> bool:
+    """Whether the checkpoint's TTL has passed (it is then invisible even before the sweeper runs)."""
     return row.expires_at is not None and row.expires_at <= (now or utcnow())
 
 
@@ -239,7 +243,7 @@ def _own_live(session: Session, who: Principal, run_id: str, kind: str, name: st
     if kind not in _KINDS:
         raise BadRequestError(f"{path!r}: the checkpoint kind must be one of {', '.join(_KINDS)}")
     row = find_checkpoint(session, run_id, kind, name)
-    if row is None or row.tenant_id != who.tenant or _expired(row):
+    if row is None or row.tenant_id != who.tenant or is_expired(row):
         raise NotFoundError(f"unknown checkpoint {path!r}")
     return row
 
@@ -319,7 +323,7 @@ def export_external_weights(ctx: JobContext, session: Any) -> JobResult:
     recipients = _age_recipients(raw_recipients) if raw_recipients else []
     with ctx.services.sessions() as db:
         existing = find_checkpoint(db, model_id, _KIND, name)
-        if existing is not None and not _expired(existing):
+        if existing is not None and not is_expired(existing):
             raise JobFailedError(
                 f"checkpoint tinker://{model_id}/{_KIND}/{name} already exists; choose another name",
                 category="user",
@@ -593,7 +597,7 @@ def download(token: str, services: Svc) -> StreamingResponse:
         if (
             ckpt is None
             or ckpt.tenant_id != grant.tenant_id
-            or _expired(ckpt, now)
+            or is_expired(ckpt, now)
             or ckpt.artifact_id is None
             or not grant.artifact_id.startswith(ckpt.artifact_id + ".")
         ):

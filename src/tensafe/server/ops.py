@@ -33,7 +33,12 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from tensafe.db import utcnow
-from tensafe.server.checkpoints import export_external_weights, find_checkpoint, record_checkpoint
+from tensafe.server.checkpoints import (
+    export_external_weights,
+    find_checkpoint,
+    is_expired,
+    record_checkpoint,
+)
 from tensafe.server.jobs import JobContext, JobFailedError, JobResult, Operation, OperationRegistry
 from tensafe.server.models import FutureRow, SamplingSessionRow, TrainingCheckpoint, TrainingModel
 from tensafe.server.privacy import EffectivePolicy
@@ -566,7 +571,7 @@ class ComputeOps:
         overwrite = bool(ctx.payload.get("overwrite", False))
         with ctx.services.sessions() as db:
             existing = find_checkpoint(db, model_id, kind, name)
-            if existing is not None and not overwrite and not _is_expired(existing):
+            if existing is not None and not overwrite and not is_expired(existing):
                 raise JobFailedError(
                     f"checkpoint tinker://{model_id}/{kind}/{name} already exists; choose another name "
                     "or pass overwrite=True",
@@ -664,10 +669,6 @@ class ComputeOps:
 # --------------------------------------------------------------------------- helpers
 
 
-def _is_expired(row: TrainingCheckpoint) -> bool:
-    return row.expires_at is not None and row.expires_at <= utcnow()
-
-
 def _checkpoint(ctx: JobContext, path: str, *, kinds: tuple[str, ...]) -> TrainingCheckpoint:
     from tensafe.server.errors import BadRequestError
 
@@ -677,7 +678,7 @@ def _checkpoint(ctx: JobContext, path: str, *, kinds: tuple[str, ...]) -> Traini
         raise JobFailedError(str(exc), category="user") from None
     with ctx.services.sessions() as db:
         row = find_checkpoint(db, run, kind, name)
-        if row is None or row.tenant_id != ctx.tenant or kind not in kinds or _is_expired(row):
+        if row is None or row.tenant_id != ctx.tenant or kind not in kinds or is_expired(row):
             raise JobFailedError(f"unknown checkpoint {path!r}", category="user")
         db.expunge(row)
         return row

@@ -269,50 +269,45 @@ class KeyManager:
             KeyNotFoundError: Unknown tenant.
             TenantShreddedError: The tenant was deleted.
         """
-        with self._read_session() as session:  # the common case: the DEK exists, no write
+        with self._read_session() as session:  # the common case: the DEK exists, nothing to write
             self._check_tenant(session, tenant)
-            active = session.execute(
-                select(TenantDek)
-                .where(TenantDek.tenant_id == tenant, TenantDek.state == "active")
-                .order_by(TenantDek.version.desc())
-                .limit(1)
-            ).scalar_one_or_none()
-            found = None if active is None else (active.version, active.kek_version, active.wrapped_dek)
-            found_provider = None if active is None else active.kek_provider
-        if found is not None and found[2] is not None and found_provider is not None:
-            self._check_provider(found_provider)
-            return found[0], self._unwrap(tenant, found[0], found[1], found[2])
+            found = self._active_dek(session, tenant)
         for attempt in range(2):
+            if found is not None:
+                break
             try:
                 with self._session() as session:
                     self._check_tenant(session, tenant)
-                    row = session.execute(
-                        select(TenantDek)
-                        .where(TenantDek.tenant_id == tenant, TenantDek.state == "active")
-                        .order_by(TenantDek.version.desc())
-                        .limit(1)
-                    ).scalar_one_or_none()
-                    if row is None:
+                    found = self._active_dek(session, tenant)
+                    if found is None:
                         if self._has_destroyed(session, tenant):
                             raise _shredded(tenant)
                         row, dek = self._new_dek_row(session, tenant, self._max_version(session, tenant) + 1)
                         self._audit_dek(session, "keys.dek.created", row, retired=[])
                         _log.info("created DEK version %d for tenant %s", row.version, tenant)
                         return row.version, dek
-                    version, kek_version, blob, provider = (
-                        row.version,
-                        row.kek_version,
-                        row.wrapped_dek,
-                        row.kek_provider,
-                    )
             except IntegrityError:
                 if attempt:
                     raise
-                continue  # another process created the DEK first: read it
-            break
+                # another process created the DEK first: the next attempt reads it
+        assert found is not None
+        version, kek_version, blob, provider = found
         self._check_provider(provider)
-        assert blob is not None
         return version, self._unwrap(tenant, version, kek_version, blob)
+
+    @staticmethod
+    def _active_dek(session: Session, tenant: str) -> tuple[int, int, bytes, str] | None:
+        """``(version, kek_version, wrapped_dek, kek_provider)`` of the tenant's newest active DEK."""
+        row = session.execute(
+            select(TenantDek)
+            .where(TenantDek.tenant_id == tenant, TenantDek.state == "active")
+            .order_by(TenantDek.version.desc())
+            .limit(1)
+        ).scalar_one_or_none()
+        if row is None:
+            return None
+        assert row.wrapped_dek is not None  # only destroyed DEKs lose their wrapped key
+        return row.version, row.kek_version, row.wrapped_dek, row.kek_provider
 
     def decryption_key(self, tenant: str, dek_version: int) -> bytes:
         """Return the tenant's DEK of ``dek_version``.

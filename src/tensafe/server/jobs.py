@@ -17,6 +17,7 @@ futures simply run.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as _dt
 import hashlib
 import json
@@ -605,21 +606,11 @@ class Worker:
             return bool(result.rowcount)  # type: ignore[attr-defined]
 
     def _context(self, row: FutureRow) -> JobContext:
-        payload = json.loads(row.payload_json) if row.payload_json else {}
+        """The future's context with its sensitive payload decrypted."""
         data = None
         if row.payload_ref is not None:
             data = open_record(self.services, row.tenant_id, row.payload_ref, row.payload_blob)
-        return JobContext(
-            future_id=row.id,
-            tenant=row.tenant_id,
-            actor=row.actor,
-            model_id=row.model_id,
-            seq_id=row.seq_id,
-            request_type=row.request_type,
-            payload=payload,
-            payload_bytes=data,
-            services=self.services,
-        )
+        return dataclasses.replace(self._bare_context(row), payload_bytes=data)
 
     def _execute(self, row: FutureRow) -> None:
         op = self.registry.get(row.request_type)
@@ -770,6 +761,7 @@ class Worker:
             _log.exception("could not delete the staged payload %s of tenant %s", ref, tenant)
 
     def _bare_context(self, row: FutureRow) -> JobContext:
+        """The future's context without its payload (failure handlers need no training data)."""
         return JobContext(
             future_id=row.id,
             tenant=row.tenant_id,

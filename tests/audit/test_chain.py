@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 import rfc8785
-from audit_helpers import AuditDB
+from audit_helpers import AuditDB, rehash_from, rows, sql
 from sqlalchemy import Engine, text
 
 from tensafe.audit import (
@@ -32,6 +32,7 @@ from tensafe.audit.records import CHECKPOINT_CONTEXT, Checkpoint
 from tensafe.crypto.signing import HybridSigningKey, HybridVerifyingKey
 
 N = 12  # records in the standard chain: checkpoints at 5 and 10 (every 5), then one on demand at 12
+EVERY = 5  # the interval of the audit_db fixture's log
 
 
 def build_chain(db: AuditDB, tenant: str = "acme", n: int = N) -> None:
@@ -47,53 +48,9 @@ def build_chain(db: AuditDB, tenant: str = "acme", n: int = N) -> None:
 
 
 def verify(db: AuditDB, key: HybridVerifyingKey, tenant: str = "acme", **kw: Any) -> Any:
+    kw.setdefault("checkpoint_every", EVERY)
     with db.sessions.begin() as session:
         return verify_chain(session, tenant=tenant, verifying_key=key, **kw)
-
-
-def sql(engine: Engine, statement: str, **params: Any) -> None:
-    with engine.begin() as conn:
-        conn.execute(text(statement), params)
-
-
-def rows(engine: Engine, tenant: str = "acme") -> list[dict[str, Any]]:
-    with engine.connect() as conn:
-        result = conn.execute(
-            text("SELECT * FROM audit_records WHERE tenant_id = :t ORDER BY seq"), {"t": tenant}
-        )
-        return [dict(r._mapping) for r in result]
-
-
-def rehash_from(engine: Engine, start: int, tenant: str = "acme") -> None:
-    """What an attacker who knows the (public) algorithm does: recompute every hash from ``start``."""
-    all_rows = rows(engine, tenant)
-    prev = GENESIS_HASH if start == 0 else all_rows[start - 1]["record_hash"]
-    with engine.begin() as conn:
-        for row in all_rows[start:]:
-            body = {
-                "format": row["format"],
-                "tenant": tenant,
-                "seq": row["seq"],
-                "timestamp": row["timestamp"],
-                "actor": row["actor"],
-                "action": row["action"],
-                "resource": row["resource"],
-                "details": parse_json_strict(row["details"]),
-                "prev_hash": prev,
-            }
-            digest = record_hash(body)
-            conn.execute(
-                text(
-                    "UPDATE audit_records SET prev_hash = :p, record_hash = :h "
-                    "WHERE tenant_id = :t AND seq = :s"
-                ),
-                {"p": prev, "h": digest, "t": tenant, "s": row["seq"]},
-            )
-            prev = digest
-        conn.execute(
-            text("UPDATE audit_chain_heads SET length = :n, head_hash = :h WHERE tenant_id = :t"),
-            {"n": len(all_rows), "h": prev, "t": tenant},
-        )
 
 
 def insert_row(
@@ -388,6 +345,23 @@ def _delete_all_checkpoints(db: AuditDB, _k: HybridSigningKey) -> None:
     sql(db.engine, "DELETE FROM audit_checkpoints WHERE tenant_id = 'acme'")
 
 
+def _delete_middle_checkpoint(db: AuditDB, _k: HybridSigningKey) -> None:
+    sql(db.engine, "DELETE FROM audit_checkpoints WHERE tenant_id = 'acme' AND length = 5")
+
+
+def _delete_checkpoints_and_rewrite(db: AuditDB, _k: HybridSigningKey) -> None:
+    """The attack the interval rule exists for: no checkpoint left, records rewritten consistently."""
+    sql(db.engine, "DELETE FROM audit_checkpoints WHERE tenant_id = 'acme'")
+    sql(db.engine, "UPDATE audit_records SET actor = 'mallory' WHERE tenant_id = 'acme' AND seq = 3")
+    rehash_from(db.engine, 3)  # records, prev_hash links and the chain-head row
+
+
+def _delete_newest_checkpoints_and_rewrite_tail(db: AuditDB, _k: HybridSigningKey) -> None:
+    sql(db.engine, "DELETE FROM audit_checkpoints WHERE tenant_id = 'acme' AND length > 5")
+    sql(db.engine, "UPDATE audit_records SET resource = 'job/forged' WHERE tenant_id = 'acme' AND seq = 7")
+    rehash_from(db.engine, 7)
+
+
 def _delete_head_row(db: AuditDB, _k: HybridSigningKey) -> None:
     sql(db.engine, "DELETE FROM audit_chain_heads WHERE tenant_id = 'acme'")
 
@@ -434,7 +408,30 @@ TAMPERING: list[tuple[str, Tamper, int | None, str]] = [
     ("checkpoint-bit-flip", _checkpoint_bit_flip, None, "invalid signature"),
     ("forged-checkpoint-row", _forge_checkpoint_row, None, "invalid signature"),
     ("checkpoint-by-attacker-key", _checkpoint_by_attacker_key, None, "not among the given public keys"),
-    ("delete-all-checkpoints", _delete_all_checkpoints, 0, "not covered by a signed checkpoint"),
+    (
+        "delete-all-checkpoints",
+        _delete_all_checkpoints,
+        0,
+        r"12 records\) follow the newest signed checkpoint",
+    ),
+    (
+        "delete-middle-checkpoint",
+        _delete_middle_checkpoint,
+        0,
+        "between signed checkpoints of length 0 and 10",
+    ),
+    (
+        "delete-checkpoints-rewrite-consistently",
+        _delete_checkpoints_and_rewrite,
+        0,
+        "follow the newest signed checkpoint, but at most 4 may",
+    ),
+    (
+        "delete-newest-checkpoints-rewrite-tail",
+        _delete_newest_checkpoints_and_rewrite_tail,
+        5,
+        r"records seq 5..11 \(7 records\) follow the newest signed checkpoint",
+    ),
     ("delete-head-row", _delete_head_row, 0, "chain-head row is missing"),
 ]
 
@@ -457,6 +454,11 @@ def test_tampering_is_detected(
     assert info.value.seq == seq
     assert info.value.tenant == "acme"
     assert "\n" not in str(info.value)
+    # What the server checks (the tail after the newest checkpoint allowed) finds it too,
+    # unless the only problem is that tail itself.
+    if "not covered by a signed checkpoint" not in match:
+        with pytest.raises(AuditVerificationError, match=match):
+            verify(audit_db, verifying_key, allow_unsigned_tail=True)
 
 
 def test_signature_blob_is_stored_verbatim(audit_db: AuditDB) -> None:

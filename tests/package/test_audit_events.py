@@ -271,6 +271,13 @@ def test_audit_log_sink_writes_a_verifiable_chain(
         engine.dispose()
 
 
+@pytest.fixture(autouse=True)
+def _deployment_key_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--audit-db`` appends sign checkpoints with the deployment key (``KeyManager.from_environment``):
+    keep the development KEK it creates in this test's directory, not in the working directory."""
+    monkeypatch.setenv("TS_DATA_DIR", str(tmp_path / "ts-data"))
+
+
 def test_cli_audit_options(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     url = f"sqlite:///{tmp_path / 'audit.db'}"
     upgrade(url)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import re
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -17,6 +18,13 @@ from tensafe.errors import TenSafeError
 from tensafe.server.errors import AuthenticationError, TenantAdminError
 from tensafe.server.models import ApiKey
 from tensafe.server.tenants import authenticate, create_api_key, create_tenant, hash_api_key
+
+
+@pytest.fixture(autouse=True)
+def _deployment_key_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Admin commands sign audit checkpoints with the deployment key (``KeyManager.from_environment``):
+    keep the development KEK it creates in this test's directory, not in the working directory."""
+    monkeypatch.setenv("TS_DATA_DIR", str(tmp_path / "ts-data"))
 
 
 def _run(url: str, *argv: str) -> int:

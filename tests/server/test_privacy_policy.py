@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -14,6 +15,13 @@ from tensafe.server.errors import BadRequestError, ServerConfigurationError, Ten
 from tensafe.server.models import PrivacyPolicyRow
 from tensafe.server.privacy import OperatorPrivacy, client_request, effective_policy
 from tensafe.training.runtime import DpPolicy
+
+
+@pytest.fixture(autouse=True)
+def _deployment_key_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Admin commands sign audit checkpoints with the deployment key (``KeyManager.from_environment``):
+    keep the development KEK it creates in this test's directory, not in the working directory."""
+    monkeypatch.setenv("TS_DATA_DIR", str(tmp_path / "ts-data"))
 
 
 def _run(url: str, *argv: str) -> int:

@@ -28,6 +28,7 @@ from sqlalchemy.orm import Session
 from tensafe._fsutil import fsync_dir
 from tensafe.audit.canonical import parse_json_strict
 from tensafe.audit.errors import AuditError
+from tensafe.audit.interval import DEFAULT_CHECKPOINT_EVERY
 from tensafe.audit.log import _iter_rows, _record_from_row, list_checkpoints
 from tensafe.audit.models import AuditChainHead
 from tensafe.audit.records import (
@@ -46,8 +47,10 @@ __all__ = [
     "BUNDLE_FORMAT",
     "MAX_BUNDLE_BYTES",
     "AuditBundle",
+    "checkpoint_json",
     "export_bundle",
     "load_bundle",
+    "parse_checkpoint_json",
     "verify_bundle",
 ]
 
@@ -90,28 +93,28 @@ class AuditBundle:
 
 def _fields(value: Any, allowed: frozenset[str], what: str) -> Mapping[str, Any]:
     if not isinstance(value, dict):
-        raise AuditError(f"bundle {what} must be a JSON object")
+        raise AuditError(f"{what} must be a JSON object")
     missing = sorted(allowed - value.keys())
     unknown = sorted(value.keys() - allowed)
     if missing:
-        raise AuditError(f"bundle {what} lacks field(s) {', '.join(missing)}")
+        raise AuditError(f"{what} lacks field(s) {', '.join(missing)}")
     if unknown:
-        raise AuditError(f"bundle {what} has unknown field(s) {', '.join(k[:40] for k in unknown[:5])}")
+        raise AuditError(f"{what} has unknown field(s) {', '.join(k[:40] for k in unknown[:5])}")
     return value
 
 
 def _string(value: Any, what: str) -> str:
     if not isinstance(value, str):
-        raise AuditError(f"bundle {what} must be a string")
+        raise AuditError(f"{what} must be a string")
     return value
 
 
 def _parse_record(value: Any, index: int) -> AuditRecord:
-    where = f"records[{index}]"
+    where = f"bundle records[{index}]"
     obj = _fields(value, _RECORD_FIELDS, where)
     details = obj["details"]
     if not isinstance(details, dict):
-        raise AuditError(f"bundle {where}.details must be a JSON object")
+        raise AuditError(f"{where}.details must be a JSON object")
     return AuditRecord(
         tenant=check_text("tenant", obj["tenant"]),
         seq=check_count("seq", obj["seq"]),
@@ -126,16 +129,22 @@ def _parse_record(value: Any, index: int) -> AuditRecord:
     )
 
 
-def _parse_checkpoint(value: Any, index: int) -> Checkpoint:
-    where = f"checkpoints[{index}]"
+def parse_checkpoint_json(value: Any, where: str) -> Checkpoint:
+    """Parse one checkpoint in its JSON form (a bundle entry or a head file) strictly.
+
+    ``where`` names it in error messages (``bundle checkpoints[3]``, ``head file``).
+
+    Raises:
+        AuditError: Missing or unknown fields, wrong types, bad hex, base64 or timestamp.
+    """
     obj = _fields(value, _CHECKPOINT_FIELDS, where)
     encoded = _string(obj["signature"], f"{where}.signature")
     if len(encoded) > _MAX_SIGNATURE_BYTES * 2:
-        raise AuditError(f"bundle {where}.signature is too long")
+        raise AuditError(f"{where}.signature is too long")
     try:
         signature = base64.b64decode(encoded.encode("ascii"), validate=True)
     except (binascii.Error, UnicodeEncodeError, ValueError):
-        raise AuditError(f"bundle {where}.signature is not base64") from None
+        raise AuditError(f"{where}.signature is not base64") from None
     return Checkpoint(
         tenant=check_text("tenant", obj["tenant"]),
         length=check_count("length", obj["length"]),
@@ -157,7 +166,7 @@ def load_bundle(data: bytes, *, max_bytes: int = MAX_BUNDLE_BYTES) -> AuditBundl
         raise AuditError("a bundle must be given as bytes")
     if len(data) > max_bytes:
         raise AuditError(f"bundle is larger than {max_bytes} bytes")
-    top = _fields(parse_json_strict(bytes(data)), _TOP_FIELDS, "top level")
+    top = _fields(parse_json_strict(bytes(data)), _TOP_FIELDS, "bundle top level")
     if top["format"] != BUNDLE_FORMAT:
         raise AuditError(f"not a TenSafe audit bundle (format must be {BUNDLE_FORMAT!r})")
     tenant = check_text("tenant", top["tenant"])
@@ -173,7 +182,9 @@ def load_bundle(data: bytes, *, max_bytes: int = MAX_BUNDLE_BYTES) -> AuditBundl
         tenant=tenant,
         exported_at=exported_at,
         public_key_ids=tuple(check_text("key_id", k) for k in key_ids),
-        checkpoints=tuple(_parse_checkpoint(c, i) for i, c in enumerate(checkpoints)),
+        checkpoints=tuple(
+            parse_checkpoint_json(c, f"bundle checkpoints[{i}]") for i, c in enumerate(checkpoints)
+        ),
         records=tuple(_parse_record(r, i) for i, r in enumerate(records)),
     )
 
@@ -182,13 +193,16 @@ def verify_bundle(
     data: bytes,
     *,
     verifying_key: VerifyingKeys,
+    checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY,
     allow_unsigned_tail: bool = False,
+    known_head: Checkpoint | None = None,
     max_bytes: int = MAX_BUNDLE_BYTES,
 ) -> VerificationReport:
     """Verify an export bundle offline with only the deployment's public key(s).
 
-    Runs the same checks as :func:`tensafe.audit.verify_chain` except the comparison
-    with the database's chain-head row, which a bundle does not carry.
+    Runs the same checks as :func:`tensafe.audit.verify_chain` (interval rule for
+    ``checkpoint_every``, the ``known_head`` if given) except the comparison with the
+    database's chain-head row, which a bundle does not carry.
 
     Raises:
         AuditError: The bundle cannot be parsed.
@@ -196,13 +210,16 @@ def verify_bundle(
     """
     keys = key_map(verifying_key)
     bundle = load_bundle(data, max_bytes=max_bytes)
-    verifier = ChainVerifier(bundle.tenant, bundle.checkpoints, keys)
+    verifier = ChainVerifier(
+        bundle.tenant, bundle.checkpoints, keys, checkpoint_every=checkpoint_every, known_head=known_head
+    )
     for record in bundle.records:
         verifier.feed(record)
     return verifier.finish(allow_unsigned_tail=allow_unsigned_tail)
 
 
-def _checkpoint_json(checkpoint: Checkpoint) -> dict[str, Any]:
+def checkpoint_json(checkpoint: Checkpoint) -> dict[str, Any]:
+    """The JSON form of a checkpoint: its signed body plus ``signature`` (standard base64)."""
     return {**checkpoint.body(), "signature": base64.b64encode(checkpoint.signature).decode("ascii")}
 
 
@@ -234,7 +251,7 @@ def export_bundle(session: Session, *, tenant: str, out: str | os.PathLike[str])
         "tenant": tenant,
         "exported_at": format_timestamp(utcnow()),
         "public_key_ids": sorted({c.key_id for c in checkpoints}),
-        "checkpoints": [_checkpoint_json(c) for c in checkpoints],
+        "checkpoints": [checkpoint_json(c) for c in checkpoints],
     }
     count = 0
     try:

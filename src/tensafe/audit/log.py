@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
@@ -23,6 +23,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from tensafe.audit.canonical import canonical_json, parse_json_strict
 from tensafe.audit.details import check_details
 from tensafe.audit.errors import AuditError
+from tensafe.audit.interval import DEFAULT_CHECKPOINT_EVERY, check_checkpoint_every, checkpoint_due
 from tensafe.audit.models import AuditChainHead, AuditCheckpointRow, AuditRecordRow
 from tensafe.audit.records import (
     CHECKPOINT_CONTEXT,
@@ -46,6 +47,8 @@ __all__ = [
     "iter_records",
     "latest_records",
     "list_checkpoints",
+    "newest_checkpoint",
+    "newest_checkpoint_length",
 ]
 
 _log = logging.getLogger(__name__)
@@ -108,9 +111,12 @@ def append_record(
         action: Dotted action name, e.g. ``keys.rotate``.
         resource: What was acted on (may be empty).
         details: Hashes, identifiers, counts, privacy spent (see :func:`check_details`).
-        signer: Signs the periodic checkpoint when one is due.
-        checkpoint_every: Sign a checkpoint whenever the chain length becomes a multiple
-            of this number (None: never).
+        signer: Signs the checkpoint when one is due.
+        checkpoint_every: The interval ``N``: sign a checkpoint whenever this append leaves
+            ``N`` records after the newest checkpoint (docs/audit.md, "The checkpoint
+            interval"). Every appender of a deployment passes the deployment's interval
+            and signer; ``None`` never signs, and the chain then fails verification once
+            ``N`` records are unsigned.
         clock: Returns the current time (timezone-aware).
 
     Returns:
@@ -125,8 +131,8 @@ def append_record(
     check_text("action", action)
     check_text("resource", resource, allow_empty=True)
     clean = check_details(details)
-    if checkpoint_every is not None and checkpoint_every < 1:
-        raise AuditError("checkpoint_every must be a positive integer or None")
+    if checkpoint_every is not None:
+        check_checkpoint_every(checkpoint_every)
     now = clock()
     seq, prev = _lock_head(session, tenant, now)
     body: dict[str, Any] = {
@@ -160,10 +166,14 @@ def append_record(
         .where(AuditChainHead.tenant_id == tenant)
         .values(length=seq + 1, head_hash=digest, updated_at=now)
     )
-    if checkpoint_every is not None and (seq + 1) % checkpoint_every == 0:
-        if signer is None:
-            raise AuditError("a checkpoint is due but no signer was given")
-        _insert_checkpoint(session, tenant, seq + 1, digest, signer, now)
+    length = seq + 1
+    # The newest checkpoint can only be N or more records behind once the chain has N.
+    if checkpoint_every is not None and length >= checkpoint_every:
+        newest = newest_checkpoint_length(session, tenant=tenant, at_most=length)
+        if checkpoint_due(length, newest, checkpoint_every):
+            if signer is None:
+                raise AuditError("a checkpoint is due but no signer was given")
+            _insert_checkpoint(session, tenant, length, digest, signer, now)
     return AuditRecord(
         tenant=tenant,
         seq=seq,
@@ -175,6 +185,19 @@ def append_record(
         prev_hash=prev,
         record_hash=digest,
     )
+
+
+def newest_checkpoint_length(session: Session, *, tenant: str, at_most: int | None = None) -> int:
+    """Length covered by ``tenant``'s newest checkpoint (0 when there is none).
+
+    One indexed query on ``audit_checkpoints (tenant_id, length)``. ``at_most`` ignores
+    rows claiming more records than the chain holds (only a tampered database has any).
+    """
+    query = select(func.max(AuditCheckpointRow.length)).where(AuditCheckpointRow.tenant_id == tenant)
+    if at_most is not None:
+        query = query.where(AuditCheckpointRow.length <= at_most)
+    value = session.execute(query).scalar_one_or_none()
+    return int(value or 0)
 
 
 def _insert_checkpoint(
@@ -220,19 +243,14 @@ def create_checkpoint(
     now = clock()
     length, head = _lock_head(session, tenant, now)
     key_id = signer.verifying_key().key_id
-    latest = session.execute(
-        select(AuditCheckpointRow)
-        .where(AuditCheckpointRow.tenant_id == tenant)
-        .order_by(AuditCheckpointRow.length.desc(), AuditCheckpointRow.id.desc())
-        .limit(1)
-    ).scalar_one_or_none()
+    latest = newest_checkpoint(session, tenant=tenant)
     if (
         latest is not None
         and latest.length == length
         and latest.key_id == key_id
         and latest.head_hash == head
     ):
-        return _checkpoint_from_row(latest)
+        return latest
     return _insert_checkpoint(session, tenant, length, head, signer, now)
 
 
@@ -247,6 +265,20 @@ def _checkpoint_from_row(row: AuditCheckpointRow) -> Checkpoint:
         id=row.id,
         format=row.format,
     )
+
+
+def newest_checkpoint(session: Session, *, tenant: str) -> Checkpoint | None:
+    """Return ``tenant``'s checkpoint covering the most records (the newest of those), or None.
+
+    This reads; it does not verify the signature.
+    """
+    row = session.execute(
+        select(AuditCheckpointRow)
+        .where(AuditCheckpointRow.tenant_id == tenant)
+        .order_by(AuditCheckpointRow.length.desc(), AuditCheckpointRow.id.desc())
+        .limit(1)
+    ).scalar_one_or_none()
+    return None if row is None else _checkpoint_from_row(row)
 
 
 def list_checkpoints(session: Session, *, tenant: str) -> list[Checkpoint]:
@@ -358,7 +390,7 @@ class AuditLog:
         session_factory: sessionmaker[Session],
         *,
         signer: CheckpointSigner | None,
-        checkpoint_every: int | None = 1000,
+        checkpoint_every: int | None = DEFAULT_CHECKPOINT_EVERY,
         clock: Clock = utcnow,
         max_attempts: int = 20,
     ) -> None:
@@ -367,9 +399,12 @@ class AuditLog:
         Args:
             session_factory: Sessions on a migrated database.
             signer: The deployment's signing key (or a signer backed by an HSM/KMS).
-                Required for checkpoints; pass ``signer=None, checkpoint_every=None``
-                to run without any (verification then needs ``allow_unsigned_tail``).
-            checkpoint_every: Sign a checkpoint every this many records per tenant.
+                Required for checkpoints; ``signer=None, checkpoint_every=None`` runs
+                without any, for tests and tools only: such a chain verifies only while
+                fewer than the verifier's interval of records are unsigned.
+            checkpoint_every: The interval ``N``: a checkpoint is signed whenever an append
+                leaves ``N`` records after a tenant's newest checkpoint (see
+                :func:`append_record`); use the deployment's ``TS_AUDIT_CHECKPOINT_EVERY``.
             clock: Returns the current time (timezone-aware).
             max_attempts: Attempts per append when the database reports a transient
                 lock conflict.
@@ -377,8 +412,8 @@ class AuditLog:
         Raises:
             AuditError: Periodic checkpoints were asked for without a signer.
         """
-        if checkpoint_every is not None and checkpoint_every < 1:
-            raise AuditError("checkpoint_every must be a positive integer or None")
+        if checkpoint_every is not None:
+            check_checkpoint_every(checkpoint_every)
         if checkpoint_every is not None and signer is None:
             raise AuditError(
                 "periodic checkpoints need a signer: pass the deployment signing key, or "

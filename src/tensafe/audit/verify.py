@@ -14,6 +14,12 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from tensafe.audit.errors import AuditError, AuditVerificationError
+from tensafe.audit.interval import (
+    CHECKPOINT_EVERY_ENV,
+    DEFAULT_CHECKPOINT_EVERY,
+    check_checkpoint_every,
+    interval_violation,
+)
 from tensafe.audit.log import _iter_rows, _record_from_row, list_checkpoints
 from tensafe.audit.models import AuditChainHead
 from tensafe.audit.records import (
@@ -26,7 +32,14 @@ from tensafe.audit.records import (
 )
 from tensafe.audit.signer import CheckpointVerifier
 
-__all__ = ["ChainVerifier", "VerificationReport", "VerifyingKeys", "verify_chain"]
+__all__ = [
+    "ChainVerifier",
+    "VerificationReport",
+    "VerifyingKeys",
+    "check_signature",
+    "key_map",
+    "verify_chain",
+]
 
 #: One public key, or several (for checkpoints signed before and after a key rotation).
 VerifyingKeys = CheckpointVerifier | Iterable[CheckpointVerifier]
@@ -48,7 +61,11 @@ class VerificationReport:
         checkpoints: Number of checkpoints whose signature and position were checked.
         signed_length: Records covered by the newest checkpoint.
         unsigned_tail: Records after the newest checkpoint (only hash-chained, not yet
-            signed); non-zero only when verification allowed it.
+            signed); non-zero only when verification allowed it, and always below
+            ``checkpoint_every``.
+        checkpoint_every: The interval ``N`` the chain was checked against.
+        known_length: Length of the known head (kept off-box) the chain was found to
+            contain, or None when none was given.
     """
 
     tenant: str
@@ -57,13 +74,21 @@ class VerificationReport:
     checkpoints: int
     signed_length: int
     unsigned_tail: int
+    checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY
+    known_length: int | None = None
 
     def summary(self) -> str:
         """One line for humans."""
         tail = f", {self.unsigned_tail} after it not yet signed" if self.unsigned_tail else ""
+        known = (
+            f"; contains the known head of length {self.known_length}"
+            if self.known_length is not None
+            else ""
+        )
         return (
             f"tenant {self.tenant!r}: {self.length} records intact, {self.checkpoints} signed "
-            f"checkpoints (newest covers {self.signed_length}{tail})"
+            f"checkpoints (newest covers {self.signed_length}{tail}; at most "
+            f"{self.checkpoint_every} records between checkpoints){known}"
         )
 
 
@@ -86,6 +111,40 @@ def key_map(verifying_key: VerifyingKeys | None) -> dict[str, CheckpointVerifier
     return result
 
 
+def check_signature(
+    checkpoint: Checkpoint,
+    keys: Mapping[str, CheckpointVerifier],
+    *,
+    tenant: str,
+    label: str | None = None,
+) -> None:
+    """Check a checkpoint's format, tenant and signature with one of ``keys``.
+
+    Raises:
+        AuditVerificationError: Unknown format, another tenant's checkpoint, a key that
+            is not among ``keys``, or an invalid signature (forged or modified).
+    """
+    label = label or checkpoint.label
+    if checkpoint.format != CHECKPOINT_FORMAT:
+        raise AuditVerificationError(f"{label} has unknown format {checkpoint.format!r}", tenant=tenant)
+    if checkpoint.tenant != tenant:
+        raise AuditVerificationError(f"{label} belongs to tenant {checkpoint.tenant!r}", tenant=tenant)
+    key = keys.get(checkpoint.key_id)
+    if key is None:
+        raise AuditVerificationError(
+            f"{label} is signed by key {checkpoint.key_id}, which is not among the given "
+            f"public keys ({', '.join(sorted(keys)) or 'none'}): pass the right --public-key",
+            tenant=tenant,
+        )
+    try:
+        message = checkpoint.signed_bytes()
+        key.verify(checkpoint.signature, message, context=CHECKPOINT_CONTEXT)
+    except Exception:  # fail closed: any failure to verify is a bad signature
+        raise AuditVerificationError(
+            f"{label} has an invalid signature (forged or modified)", tenant=tenant
+        ) from None
+
+
 class ChainVerifier:
     """Streams one tenant's records through the chain checks.
 
@@ -94,15 +153,31 @@ class ChainVerifier:
     """
 
     def __init__(
-        self, tenant: str, checkpoints: Sequence[Checkpoint], keys: Mapping[str, CheckpointVerifier]
+        self,
+        tenant: str,
+        checkpoints: Sequence[Checkpoint],
+        keys: Mapping[str, CheckpointVerifier],
+        *,
+        checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY,
+        known_head: Checkpoint | None = None,
     ) -> None:
-        """Check every checkpoint's format, tenant and signature.
+        """Check every checkpoint's format, tenant and signature (and the known head's).
+
+        Args:
+            tenant: The tenant whose chain is fed.
+            checkpoints: The chain's checkpoints, as stored.
+            keys: The deployment's public key(s) by key id.
+            checkpoint_every: The interval ``N`` of the interval rule.
+            known_head: A signed checkpoint of this chain kept outside the database; the
+                chain must contain it (detects a rollback to an earlier valid state).
 
         Raises:
-            AuditVerificationError: A checkpoint is malformed, signed by an unknown key or
-                its signature does not verify (forged or modified).
+            AuditVerificationError: A checkpoint or the known head is malformed, signed by
+                an unknown key or its signature does not verify (forged or modified).
+            AuditError: ``checkpoint_every`` is not a positive integer.
         """
         self.tenant = tenant
+        self.checkpoint_every = check_checkpoint_every(checkpoint_every)
         self._by_length: dict[int, list[Checkpoint]] = {}
         for checkpoint in checkpoints:
             self._check_signature(checkpoint, keys)
@@ -117,31 +192,19 @@ class ChainVerifier:
                     f"{checkpoint.label} is for an empty chain but names a non-genesis head",
                     tenant=tenant,
                 )
+        self._known = known_head
+        if known_head is not None:
+            self._check_signature(known_head, keys, label=_known_label(known_head))
+            if known_head.length == 0 and known_head.head_hash != GENESIS_HASH:
+                raise AuditVerificationError(
+                    f"{_known_label(known_head)} is for an empty chain but names a non-genesis head",
+                    tenant=tenant,
+                )
 
-    def _check_signature(self, checkpoint: Checkpoint, keys: Mapping[str, CheckpointVerifier]) -> None:
-        if checkpoint.format != CHECKPOINT_FORMAT:
-            raise AuditVerificationError(
-                f"{checkpoint.label} has unknown format {checkpoint.format!r}", tenant=self.tenant
-            )
-        if checkpoint.tenant != self.tenant:
-            raise AuditVerificationError(
-                f"{checkpoint.label} belongs to tenant {checkpoint.tenant!r}", tenant=self.tenant
-            )
-        key = keys.get(checkpoint.key_id)
-        if key is None:
-            raise AuditVerificationError(
-                f"{checkpoint.label} is signed by key {checkpoint.key_id}, which is not among the given "
-                f"public keys ({', '.join(sorted(keys)) or 'none'}): pass the right --public-key",
-                tenant=self.tenant,
-            )
-        try:
-            message = checkpoint.signed_bytes()
-            key.verify(checkpoint.signature, message, context=CHECKPOINT_CONTEXT)
-        except Exception:  # fail closed: any failure to verify is a bad signature
-            raise AuditVerificationError(
-                f"{checkpoint.label} has an invalid signature (forged or modified checkpoint)",
-                tenant=self.tenant,
-            ) from None
+    def _check_signature(
+        self, checkpoint: Checkpoint, keys: Mapping[str, CheckpointVerifier], *, label: str | None = None
+    ) -> None:
+        check_signature(checkpoint, keys, tenant=self.tenant, label=label)
 
     def _fail(self, seq: int, reason: str) -> AuditVerificationError:
         return AuditVerificationError(reason, tenant=self.tenant, seq=seq)
@@ -178,9 +241,16 @@ class ChainVerifier:
             )
         self.length += 1
         self.head_hash = record.record_hash
+        first = self._last_matched
+        known = self._known
+        if known is not None and known.length == self.length and known.head_hash != self.head_hash:
+            raise self._fail(
+                first,
+                f"the chain does not contain {_known_label(known)}: records seq {first}..{self.length - 1} "
+                "were rewritten after that head was exported (database rewritten or replaced)",
+            )
         for checkpoint in self._by_length.get(self.length, []):
             if checkpoint.head_hash != self.head_hash:
-                first = self._last_matched
                 raise self._fail(
                     first,
                     f"the chain does not match signed {checkpoint.label}: records seq {first}.."
@@ -194,13 +264,15 @@ class ChainVerifier:
         """Run the end-of-chain checks and return the report.
 
         Args:
-            allow_unsigned_tail: Accept records after the newest checkpoint.
+            allow_unsigned_tail: Accept records after the newest checkpoint (always fewer
+                than the interval: the interval rule applies either way).
             check_head: Compare with the database's chain-head row (not for bundles).
             head: ``(length, head_hash)`` of that row, or None when it is missing.
 
         Raises:
-            AuditVerificationError: The tail was truncated, the head row disagrees, or
-                (unless allowed) records are not covered by a signed checkpoint.
+            AuditVerificationError: The tail was truncated, the chain is shorter than the
+                known head (rollback), the head row disagrees, the interval rule is broken,
+                or (unless allowed) records are not covered by a signed checkpoint.
         """
         signed = max((c.length for c in self._checkpoints), default=0)
         if signed > self.length:
@@ -210,6 +282,14 @@ class ChainVerifier:
                 f"the log ends after {self.length} records but signed {newest.label} covers {signed}: "
                 f"the tail was truncated (records seq {self.length}..{signed - 1} are missing)",
             )
+        known = self._known
+        if known is not None and known.length > self.length:
+            raise self._fail(
+                self.length,
+                f"the chain holds {self.length} records but {_known_label(known)} covers "
+                f"{known.length}: the log was rolled back or truncated (records seq "
+                f"{self.length}..{known.length - 1} are missing)",
+            )
         if check_head and head is None and self.length > 0:
             raise self._fail(0, f"the chain-head row is missing but {self.length} records exist (tampered)")
         if check_head and head is not None and head != (self.length, self.head_hash):
@@ -218,6 +298,24 @@ class ChainVerifier:
                 min(recorded, self.length),
                 f"the chain head records {recorded} entries but the log holds {self.length} with a "
                 "different head: the tail was truncated or records were added outside tensafe.audit",
+            )
+        every = self.checkpoint_every
+        gap = interval_violation((c.length for c in self._checkpoints), self.length, every)
+        if gap is not None and gap.tail:
+            raise self._fail(
+                gap.start,
+                f"records seq {gap.start}..{gap.end - 1} ({gap.end - gap.start} records) follow the newest "
+                f"signed checkpoint, but at most {every - 1} may: the newest checkpoints were deleted and "
+                f"these records may have been rewritten (or the log was written with an interval larger "
+                f"than {every}: verify with the deployment's {CHECKPOINT_EVERY_ENV})",
+            )
+        if gap is not None:
+            raise self._fail(
+                gap.start,
+                f"records seq {gap.start}..{gap.end - 1} ({gap.end - gap.start} records) lie between "
+                f"signed checkpoints of length {gap.start} and {gap.end}, more than the interval of "
+                f"{every} allows: a checkpoint was deleted (or the log was written with a larger "
+                f"interval: verify with the deployment's {CHECKPOINT_EVERY_ENV})",
             )
         if self.length > signed and not allow_unsigned_tail:
             raise self._fail(
@@ -232,7 +330,13 @@ class ChainVerifier:
             checkpoints=len(self._checkpoints),
             signed_length=signed,
             unsigned_tail=self.length - signed,
+            checkpoint_every=every,
+            known_length=None if known is None else known.length,
         )
+
+
+def _known_label(head: Checkpoint) -> str:
+    return f"the known head (length {head.length}, signed {head.timestamp})"
 
 
 def verify_chain(
@@ -240,15 +344,20 @@ def verify_chain(
     *,
     tenant: str,
     verifying_key: VerifyingKeys,
+    checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY,
     allow_unsigned_tail: bool = False,
+    known_head: Checkpoint | None = None,
 ) -> VerificationReport:
     """Verify ``tenant``'s chain in the database, with every checkpoint.
 
-    Checks, in order: each checkpoint's signature (with the given public key(s)); each
-    record's format, hash and link to its predecessor, with no gaps from seq 0; that each
-    checkpoint's head hash is the chain's hash at its length; that no checkpoint covers
-    more records than exist (tail truncation); that the chain-head row agrees; and,
-    unless ``allow_unsigned_tail``, that the newest checkpoint covers every record.
+    Checks, in order: each checkpoint's signature (with the given public key(s)), and the
+    known head's; each record's format, hash and link to its predecessor, with no gaps
+    from seq 0; that each checkpoint's head hash (and the known head's) is the chain's
+    hash at its length; that no checkpoint covers more records than exist (tail
+    truncation); that the chain is not shorter than the known head (rollback); that the
+    chain-head row agrees; the interval rule for ``checkpoint_every`` (see
+    :mod:`tensafe.audit.interval`); and, unless ``allow_unsigned_tail``, that the newest
+    checkpoint covers every record.
 
     On PostgreSQL the chain-head row is held with ``FOR SHARE`` until the caller's
     transaction ends, so that concurrent appends cannot make the view inconsistent.
@@ -257,8 +366,12 @@ def verify_chain(
         session: An open session.
         tenant: The tenant to verify.
         verifying_key: The deployment's checkpoint public key, or several (rotation).
-        allow_unsigned_tail: Accept records after the newest checkpoint (they are then
-            protected only by the hash chain, not by a signature).
+        checkpoint_every: The deployment's interval ``N`` (``TS_AUDIT_CHECKPOINT_EVERY``):
+            at most ``N`` records between consecutive checkpoints, fewer after the newest.
+        allow_unsigned_tail: Accept records after the newest checkpoint (fewer than
+            ``checkpoint_every``; they are protected only by the hash chain).
+        known_head: A signed checkpoint of this tenant kept outside the database
+            (:func:`tensafe.audit.load_head`); the chain must contain it.
 
     Returns:
         The report of what was verified.
@@ -272,7 +385,13 @@ def verify_chain(
         .where(AuditChainHead.tenant_id == tenant)
         .with_for_update(read=True)
     ).first()
-    verifier = ChainVerifier(tenant, list_checkpoints(session, tenant=tenant), keys)
+    verifier = ChainVerifier(
+        tenant,
+        list_checkpoints(session, tenant=tenant),
+        keys,
+        checkpoint_every=checkpoint_every,
+        known_head=known_head,
+    )
     for row in _iter_rows(session, tenant):
         try:
             record = _record_from_row(row)

@@ -87,11 +87,16 @@ def _add_url(parser: argparse.ArgumentParser) -> None:
     )
 
 
+_SIGNER = "tensafe.audit_signer"
+
+
 @contextmanager
-def _session(args: argparse.Namespace) -> Iterator[Session]:
+def _session(args: argparse.Namespace, *, audited: bool = False) -> Iterator[Session]:
+    """A transaction on the database; ``audited`` opens the deployment signer first (for :func:`_audit`)."""
     from sqlalchemy import inspect
     from sqlalchemy.exc import SQLAlchemyError
 
+    from tensafe.cli._audit_signing import deployment_audit_signer
     from tensafe.db import (
         DatabaseError,
         create_engine_from_url,
@@ -109,7 +114,9 @@ def _session(args: argparse.Namespace) -> Iterator[Session]:
                 raise ServerConfigurationError(
                     f"{safe_url(url)} has no server tables; run 'tensafe db upgrade' first"
                 )
+            signing = deployment_audit_signer(engine, actor="admin:cli") if audited else None
             with make_session_factory(engine).begin() as session:
+                session.info[_SIGNER] = signing
                 yield session
         except SQLAlchemyError as exc:
             raise DatabaseError(f"database error on {safe_url(url)}: {type(exc).__name__}") from exc
@@ -118,17 +125,29 @@ def _session(args: argparse.Namespace) -> Iterator[Session]:
 
 
 def _audit(session: Session, tenant: str, action: str, resource: str, **details: str) -> None:
+    """Append in the command's transaction, signing checkpoints like the server does."""
     from tensafe.audit import append_record
 
+    signing = session.info.get(_SIGNER)
+    if signing is None:  # pragma: no cover - a command that audits must open _session(audited=True)
+        raise RuntimeError("an audited admin command must open its session with audited=True")
+    signer, every = signing
     append_record(
-        session, tenant=tenant, actor="admin:cli", action=action, resource=resource, details=details
+        session,
+        tenant=tenant,
+        actor="admin:cli",
+        action=action,
+        resource=resource,
+        details=details,
+        signer=signer,
+        checkpoint_every=every,
     )
 
 
 def _create_tenant(args: argparse.Namespace) -> int:
     from tensafe.server.tenants import create_tenant
 
-    with _session(args) as session:
+    with _session(args, audited=True) as session:
         tenant = create_tenant(session, args.name)
         _audit(session, tenant.id, "admin.create_tenant", tenant.id)
     print(f"created tenant {tenant.id}")
@@ -146,7 +165,7 @@ def _create_key(args: argparse.Namespace) -> int:
         if not args.expires_in_days > 0:
             raise TenantAdminError("--expires-in-days must be a positive number")
         expires = dt.timedelta(days=args.expires_in_days)
-    with _session(args) as session:
+    with _session(args, audited=True) as session:
         key, info = create_api_key(session, args.tenant, name=args.name, expires_in=expires)
         _audit(session, info.tenant, "admin.create_api_key", info.key_id)
     until = info.expires_at.isoformat() if info.expires_at else "never"
@@ -190,7 +209,7 @@ def _list_keys(args: argparse.Namespace) -> int:
 def _revoke_key(args: argparse.Namespace) -> int:
     from tensafe.server.tenants import revoke_api_key
 
-    with _session(args) as session:
+    with _session(args, audited=True) as session:
         info = revoke_api_key(session, args.key_id)
         _audit(session, info.tenant, "admin.revoke_api_key", info.key_id)
     print(f"revoked API key {info.key_id} of tenant {info.tenant}")
@@ -200,7 +219,7 @@ def _revoke_key(args: argparse.Namespace) -> int:
 def _set_policy(args: argparse.Namespace) -> int:
     from tensafe.server.privacy import set_tenant_policy
 
-    with _session(args) as session:
+    with _session(args, audited=True) as session:
         row = set_tenant_policy(
             session,
             args.tenant,

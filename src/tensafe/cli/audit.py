@@ -1,4 +1,4 @@
-"""``tensafe audit``: verify, export, inspect and checkpoint the audit log."""
+"""``tensafe audit``: verify, export, inspect and checkpoint the audit log; export and check signed heads."""
 
 from __future__ import annotations
 
@@ -26,8 +26,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         "verify", help="verify the hash chains and signed checkpoints in the database"
     )
     _add_url(verify)
-    verify.add_argument("--tenant", help="verify only this tenant (default: every tenant)")
+    verify.add_argument(
+        "--tenant", help="verify only this tenant (default: the known head's, else every tenant)"
+    )
     _add_keys(verify)
+    _add_rules(verify)
     verify.set_defaults(handler=_verify)
 
     export = commands.add_parser("export", help="write a tenant's log to a bundle verifiable offline")
@@ -40,7 +43,48 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     bundle = commands.add_parser("verify-bundle", help="verify an export bundle offline with the public key")
     bundle.add_argument("bundle", metavar="BUNDLE.json")
     _add_keys(bundle)
+    _add_rules(bundle)
     bundle.set_defaults(handler=_verify_bundle)
+
+    head = commands.add_parser(
+        "head",
+        help="write a tenant's signed newest checkpoint (its head) to a file to keep off-box",
+    )
+    _add_url(head)
+    head.add_argument("--tenant", required=True)
+    head.add_argument("--out", required=True, metavar="HEAD.json", help="head file to write")
+    head.add_argument("--force", action="store_true", help="replace an existing file")
+    signing = head.add_mutually_exclusive_group()
+    signing.add_argument(
+        "--signing-key",
+        metavar="KEY",
+        help="sign with this hybrid signing key file (default: the deployment key of the key manager)",
+    )
+    signing.add_argument(
+        "--no-sign",
+        action="store_true",
+        help="do not sign: write the newest existing checkpoint even if records follow it",
+    )
+    head.add_argument(
+        "--passphrase-env",
+        metavar="VAR",
+        help="environment variable holding the --signing-key file's passphrase (if it is sealed)",
+    )
+    head.set_defaults(handler=_head)
+
+    verify_head = commands.add_parser(
+        "verify-head", help="check a head file's signature with the deployment's public key"
+    )
+    verify_head.add_argument("head", metavar="HEAD.json")
+    verify_head.add_argument("--tenant", help="also require the head to be this tenant's")
+    verify_head.add_argument(
+        "--public-key",
+        action="append",
+        default=[],
+        metavar="PUB",
+        help="the deployment's signing public key file (repeat for rotated keys); required",
+    )
+    verify_head.set_defaults(handler=_verify_head)
 
     log = commands.add_parser("log", help="list a tenant's newest records")
     _add_url(log)
@@ -83,8 +127,50 @@ def _add_keys(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--allow-unsigned-tail",
         action="store_true",
-        help="accept records after the newest signed checkpoint (hash-chained only)",
+        help="accept fewer than --checkpoint-every records after the newest signed checkpoint "
+        "(hash-chained only)",
     )
+
+
+def _add_rules(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=None,
+        metavar="N",
+        help="the deployment's checkpoint interval: at most N records between signed checkpoints "
+        "(default: $TS_AUDIT_CHECKPOINT_EVERY, else 1000)",
+    )
+    parser.add_argument(
+        "--known-head",
+        metavar="HEAD.json",
+        help="a head kept off-box (tensafe audit head): fail if the chain is shorter (rollback) "
+        "or does not contain it (rewrite)",
+    )
+
+
+def _interval(args: argparse.Namespace) -> int:
+    from tensafe.audit import AuditError, checkpoint_every_from_environment
+
+    if args.checkpoint_every is None:
+        return checkpoint_every_from_environment()
+    if args.checkpoint_every < 1:
+        raise AuditError("--checkpoint-every must be a positive integer")
+    return int(args.checkpoint_every)
+
+
+def _known_head(path: str | None) -> Any:
+    from tensafe.audit import AuditError, load_head
+    from tensafe.audit.head import MAX_HEAD_BYTES
+
+    if path is None:
+        return None
+    try:
+        return load_head(_read(path, "known head", MAX_HEAD_BYTES))
+    except AuditError as exc:
+        if str(exc).startswith(f"cannot read known head {path}"):
+            raise
+        raise AuditError(f"{path}: {exc}") from None
 
 
 def _public_keys(paths: list[str]) -> list[Any]:
@@ -165,16 +251,32 @@ def _verify(args: argparse.Namespace) -> int:
     from tensafe.audit import AuditError, audited_tenants, verify_chain
 
     keys = _public_keys(args.public_key)
+    every = _interval(args)
+    known = _known_head(args.known_head)
+    tenant_arg = args.tenant
+    if known is not None:
+        if tenant_arg is not None and tenant_arg != known.tenant:
+            raise AuditError(f"{args.known_head} is the head of tenant {known.tenant!r}, not {tenant_arg!r}")
+        tenant_arg = known.tenant
     with _session(args.database_url) as session:
-        tenants = [args.tenant] if args.tenant else audited_tenants(session)
-        if args.tenant and args.tenant not in audited_tenants(session):
-            raise AuditError(f"tenant {args.tenant!r} has no audit log")
+        tenants = [tenant_arg] if tenant_arg else audited_tenants(session)
+        if tenant_arg and tenant_arg not in audited_tenants(session):
+            if known is not None and known.length > 0:  # the whole log was deleted: a rollback
+                verify_chain(
+                    session, tenant=tenant_arg, verifying_key=keys, checkpoint_every=every, known_head=known
+                )
+            raise AuditError(f"tenant {tenant_arg!r} has no audit log")
         if not tenants:
             print("no audit records")
             return 0
         for tenant in tenants:
             report = verify_chain(
-                session, tenant=tenant, verifying_key=keys, allow_unsigned_tail=args.allow_unsigned_tail
+                session,
+                tenant=tenant,
+                verifying_key=keys,
+                checkpoint_every=every,
+                allow_unsigned_tail=args.allow_unsigned_tail,
+                known_head=known,
             )
             print(f"ok: {report.summary()}")
     return 0
@@ -197,14 +299,69 @@ def _verify_bundle(args: argparse.Namespace) -> int:
     from tensafe.audit.bundle import MAX_BUNDLE_BYTES
 
     keys = _public_keys(args.public_key)
+    every = _interval(args)
+    known = _known_head(args.known_head)
     data = _read(args.bundle, "bundle", MAX_BUNDLE_BYTES)
     try:
-        report = verify_bundle(data, verifying_key=keys, allow_unsigned_tail=args.allow_unsigned_tail)
+        report = verify_bundle(
+            data,
+            verifying_key=keys,
+            checkpoint_every=every,
+            allow_unsigned_tail=args.allow_unsigned_tail,
+            known_head=known,
+        )
     except AuditVerificationError:
         raise
     except AuditError as exc:
         raise AuditError(f"{args.bundle}: {exc}") from None
     print(f"ok: {report.summary()}")
+    return 0
+
+
+def _head(args: argparse.Namespace) -> int:
+    from tensafe.audit import AuditError, signed_head, write_head
+    from tensafe.db import Tenant
+
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        raise AuditError(f"{out} exists: pass --force to replace it")
+    if args.passphrase_env and not args.signing_key:
+        raise AuditError("--passphrase-env goes with --signing-key")
+    signer = _signing_key(args.signing_key, args.passphrase_env) if args.signing_key else None
+    with _session(args.database_url) as session:
+        if signer is None and not args.no_sign:
+            from tensafe.cli._audit_signing import deployment_audit_signer
+
+            # Before this session's first statement: on SQLite the key manager needs the write lock.
+            signer, _ = deployment_audit_signer(session.get_bind(), actor="cli:audit")  # type: ignore[arg-type]
+        if session.get(Tenant, args.tenant) is None:
+            raise AuditError(f"unknown tenant {args.tenant!r}")
+        head = signed_head(session, tenant=args.tenant, signer=signer)
+        write_head(head.checkpoint, out)
+    checkpoint = head.checkpoint
+    made = "signed now" if head.created else f"signed {checkpoint.timestamp}"
+    print(
+        f"wrote the head of tenant {args.tenant!r} to {out}: length {checkpoint.length}, head "
+        f"{checkpoint.head_hash}, key {checkpoint.key_id} ({made})"
+    )
+    if head.unsigned:
+        print(
+            f"note: {head.unsigned} records follow it and are not covered; run without --no-sign to sign "
+            "them first"
+        )
+    return 0
+
+
+def _verify_head(args: argparse.Namespace) -> int:
+    from tensafe.audit import verify_head
+
+    keys = _public_keys(args.public_key)
+    head = _known_head(args.head)
+    verify_head(head, verifying_key=keys, tenant=args.tenant)
+    print(
+        f"ok: signed head of tenant {head.tenant!r}: length {head.length}, head {head.head_hash}, "
+        f"signed {head.timestamp} by key {head.key_id}"
+    )
     return 0
 
 
@@ -228,19 +385,23 @@ def _log(args: argparse.Namespace) -> int:
     return 0
 
 
-def _checkpoint(args: argparse.Namespace) -> int:
-    from tensafe.audit import AuditError, create_checkpoint
+def _signing_key(path: str, passphrase_env: str | None) -> Any:
+    from tensafe.audit import AuditError
     from tensafe.crypto.signing import HybridSigningKey
 
     passphrase: bytes | None = None
-    if args.passphrase_env:
-        value = os.environ.get(args.passphrase_env)
+    if passphrase_env:
+        value = os.environ.get(passphrase_env)
         if not value:
-            raise AuditError(f"environment variable {args.passphrase_env} is not set or empty")
+            raise AuditError(f"environment variable {passphrase_env} is not set or empty")
         passphrase = value.encode("utf-8")
-    key = HybridSigningKey.from_private_bytes(
-        _read(args.signing_key, "signing key", 1 << 20), passphrase=passphrase
-    )
+    return HybridSigningKey.from_private_bytes(_read(path, "signing key", 1 << 20), passphrase=passphrase)
+
+
+def _checkpoint(args: argparse.Namespace) -> int:
+    from tensafe.audit import create_checkpoint
+
+    key = _signing_key(args.signing_key, args.passphrase_env)
     with _session(args.database_url) as session:
         checkpoint = create_checkpoint(session, tenant=args.tenant, signer=key)
     print(

@@ -276,7 +276,13 @@ def _audit_sink(args: argparse.Namespace) -> Any:
             actor = f"cli:{getpass.getuser()}"
         except (KeyError, OSError):
             actor = "cli:unknown"
-    log = AuditLog(make_session_factory(engine), signer=None, checkpoint_every=None)
+    from tensafe.cli._audit_signing import deployment_audit_signer
+
+    try:  # every appender signs checkpoints with the deployment key, at the deployment's interval
+        signer, every = deployment_audit_signer(engine, actor=actor)
+    except TenSafeError as exc:
+        raise PackageInputError(str(exc)) from None
+    log = AuditLog(make_session_factory(engine), signer=signer, checkpoint_every=every)
     return AuditLogSink(log, tenant=args.audit_tenant, actor=actor)
 
 

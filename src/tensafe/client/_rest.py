@@ -14,6 +14,7 @@ from tensafe.client._futures import APIFuture
 from tensafe.client._http import Transport, resolve_api_key, resolve_base_url
 from tensafe.client.types import (
     ArtifactsResponse,
+    AuditHead,
     AuditRecordsResponse,
     AuditVerification,
     CheckpointsListResponse,
@@ -354,27 +355,55 @@ class RestClient:
         """Async twin of :meth:`list_audit_records`."""
         return await asyncio.to_thread(self._audit, limit)
 
-    def _verify(self) -> AuditVerification:
-        return self._get("api/v1/tensafe/audit/verify", AuditVerification)
+    def _audit_head(self) -> AuditHead:
+        return self._get("api/v1/tensafe/audit/head", AuditHead)
 
-    def verify_audit(self) -> APIFuture[AuditVerification]:
-        """Have the server verify the tenant's audit chain and its signed checkpoints.
+    def get_audit_head(self) -> APIFuture[AuditHead]:
+        """The newest signed checkpoint of the tenant's audit chain, to keep as the known head.
 
-        A broken chain is a result (``verified`` false, with the ``reason``), not an error.
-        For an independent check, export the chain with ``tensafe audit export`` and
-        verify the bundle offline.
+        The server signs one first if records follow the newest checkpoint. Store the
+        result where the server's operators cannot write (``head.to_json()`` is a head
+        file) and pass it to :meth:`verify_audit` later. Its signature is not checked
+        here: check it with the deployment's public key from the operator, obtained out of
+        band (``tensafe audit verify-head``), never with a key the server provides.
         """
-        return self._future(self._verify)
+        return self._future(self._audit_head)
 
-    async def verify_audit_async(self) -> AuditVerification:
+    async def get_audit_head_async(self) -> AuditHead:
+        """Async twin of :meth:`get_audit_head`."""
+        return await asyncio.to_thread(self._audit_head)
+
+    def _verify(self, known_head: AuditHead | None) -> AuditVerification:
+        if known_head is None:
+            return self._get("api/v1/tensafe/audit/verify", AuditVerification)
+        return self._get(
+            "api/v1/tensafe/audit/verify",
+            AuditVerification,
+            known_length=known_head.length,
+            known_head_hash=known_head.head_hash,
+        )
+
+    def verify_audit(self, known_head: AuditHead | None = None) -> APIFuture[AuditVerification]:
+        """Have the server verify the tenant's audit chain, its signed checkpoints and interval.
+
+        With ``known_head`` (a head kept from :meth:`get_audit_head`), the chain must also
+        still contain that head: a chain rolled back below it or rewritten fails. A broken
+        chain is a result (``verified`` false, with the ``reason``), not an error. The
+        server re-verifies the whole chain at most once per interval (``cached``,
+        ``verified_at``). For a check that does not trust the server, export the chain
+        with ``tensafe audit export`` and verify the bundle offline with ``--known-head``.
+        """
+        return self._future(lambda: self._verify(known_head))
+
+    async def verify_audit_async(self, known_head: AuditHead | None = None) -> AuditVerification:
         """Async twin of :meth:`verify_audit`."""
-        return await asyncio.to_thread(self._verify)
+        return await asyncio.to_thread(self._verify, known_head)
 
     def _artifacts(self, limit: int, offset: int) -> ArtifactsResponse:
         return self._get("api/v1/tensafe/artifacts", ArtifactsResponse, limit=limit, offset=offset)
 
     def list_artifacts(self, limit: int = 100, offset: int = 0) -> APIFuture[ArtifactsResponse]:
-        """The tenant's encrypted artifacts and what references each one."""
+        """The tenant's encrypted artifacts (newest first) and what references each one."""
         return self._future(lambda: self._artifacts(limit, offset))
 
     async def list_artifacts_async(self, limit: int = 100, offset: int = 0) -> ArtifactsResponse:

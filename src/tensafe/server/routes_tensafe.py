@@ -2,10 +2,14 @@
 
 * ``GET /api/v1/tensafe/audit/records?limit=N``: the newest records of the caller's
   audit chain.
-* ``GET /api/v1/tensafe/audit/verify``: the server verifies the caller's chain and its
-  signed checkpoints.
+* ``GET /api/v1/tensafe/audit/head``: the newest signed checkpoint of the caller's chain
+  (signed first if records follow it), for the client to keep as its *known head*.
+* ``GET /api/v1/tensafe/audit/verify[?known_length=&known_head_hash=]``: the server
+  verifies the caller's chain, its signed checkpoints and the checkpoint interval, and
+  that the chain still contains the client's known head. Full verifications are bounded
+  per tenant and per process (:mod:`tensafe.server.audit_verifications`).
 * ``GET /api/v1/tensafe/artifacts?limit=&offset=``: the caller's encrypted artifacts
-  and what references each one.
+  and what references each one, paginated in SQL.
 * ``GET /api/v1/tensafe/training_runs/{id}/privacy`` and ``.../certificate``: the privacy
   budget and DP certificate of a run.
 
@@ -15,19 +19,31 @@ answer as a run that does not exist.
 
 # No "from __future__ import annotations": FastAPI evaluates the annotations.
 
+import base64
 import datetime as _dt
 import json
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
-from sqlalchemy import select
+from sqlalchemy import BigInteger, String, cast, func, literal_column, null, select, union_all
 from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
 
-from tensafe.audit import AuditVerificationError, latest_records, verify_chain
+from tensafe.audit import (
+    DEFAULT_CHECKPOINT_EVERY,
+    AuditError,
+    AuditVerificationError,
+    VerificationReport,
+    known_head_problem,
+    latest_records,
+    signed_head,
+    verify_chain,
+)
 from tensafe.audit.models import AuditChainHead
+from tensafe.server.audit_verifications import AuditVerifications
 from tensafe.server.deps import Caller, Svc
-from tensafe.server.errors import NotFoundError
+from tensafe.server.errors import BadRequestError, NotFoundError
 from tensafe.server.jobs import Services
 from tensafe.server.models import FutureRow, TrainingCheckpoint, TrainingModel
 from tensafe.server.tenants import Principal
@@ -35,6 +51,7 @@ from tensafe.server.tenants import Principal
 __all__ = [
     "ArtifactInfo",
     "ArtifactsResponse",
+    "AuditHead",
     "AuditRecordView",
     "AuditRecordsResponse",
     "AuditVerification",
@@ -70,7 +87,12 @@ class AuditRecordsResponse(_Response):
 
 
 class AuditVerification(_Response):
-    """The outcome of verifying the tenant's chain."""
+    """The outcome of verifying the tenant's chain.
+
+    ``cached`` is true when the chain verification was made before this call (at
+    ``verified_at``); the comparison with a known head (``known_length``) is made on
+    every call.
+    """
 
     verified: bool
     length: int = 0
@@ -78,7 +100,28 @@ class AuditVerification(_Response):
     checkpoints: int = 0
     signed_length: int = 0
     unsigned_tail: int = 0
+    checkpoint_every: int = 0
+    known_length: int | None = None
+    cached: bool = False
+    verified_at: _dt.datetime | None = None
     reason: str | None = None
+
+
+class AuditHead(_Response):
+    """A signed checkpoint of the tenant's chain: exactly a head file of ``docs/audit.md``.
+
+    ``signature`` is the standard base64 of the hybrid signature. Verify it with the
+    deployment's public key obtained from the operator, never with a key this server
+    hands out (``tensafe audit verify-head``).
+    """
+
+    format: str
+    tenant: str
+    length: int
+    head_hash: str
+    timestamp: str
+    key_id: str
+    signature: str
 
 
 class ArtifactInfo(_Response):
@@ -161,27 +204,103 @@ def audit_records(
     )
 
 
-@router.get("/audit/verify")
-def audit_verify(who: Caller, services: Svc) -> AuditVerification:
-    """Verify the caller's chain: hashes, links and signed checkpoints.
+def _interval(services: Services) -> int:
+    return services.checkpoint_every or DEFAULT_CHECKPOINT_EVERY
 
-    Records after the newest checkpoint are accepted (``unsigned_tail``): they are
-    protected by the hash chain and get signed at the next checkpoint.
+
+def _verifications(request: Request, services: Services) -> AuditVerifications:
+    """The application's :class:`AuditVerifications` (created on first use, per process)."""
+    state = request.app.state
+    found = getattr(state, "audit_verifications", None)
+    if isinstance(found, AuditVerifications):
+        return found
+    settings = getattr(state, "settings", None)
+    signer = services.signer
+    assert signer is not None  # checked by the caller
+    key = signer.verifying_key()
+
+    def verify(tenant: str) -> VerificationReport:
+        with services.reads() as session:
+            return verify_chain(
+                session,
+                tenant=tenant,
+                verifying_key=key,
+                checkpoint_every=_interval(services),
+                allow_unsigned_tail=True,
+            )
+
+    created = AuditVerifications(
+        verify,
+        interval_seconds=float(getattr(settings, "audit_verify_interval_seconds", 60.0)),
+        concurrency=int(getattr(settings, "audit_verify_concurrency", 2)),
+    )
+    state.audit_verifications = created
+    return created
+
+
+@router.get("/audit/head")
+def audit_head(who: Caller, services: Svc) -> AuditHead:
+    """The newest signed checkpoint of the caller's chain, to keep as the known head.
+
+    If records follow the newest checkpoint, one covering them is signed first (at most
+    one per new record). Without a signing key the newest existing one is returned.
     """
+    try:
+        with services.sessions.begin() as session:
+            head = signed_head(session, tenant=who.tenant, signer=services.signer).checkpoint
+    except AuditError as exc:
+        raise NotFoundError(str(exc)) from None
+    return AuditHead(
+        format=head.format,
+        tenant=head.tenant,
+        length=head.length,
+        head_hash=head.head_hash,
+        timestamp=head.timestamp,
+        key_id=head.key_id,
+        signature=base64.b64encode(head.signature).decode("ascii"),
+    )
+
+
+@router.get("/audit/verify")
+async def audit_verify(
+    request: Request,
+    who: Caller,
+    services: Svc,
+    known_length: Annotated[int | None, Query(ge=0, le=2**53 - 1)] = None,
+    known_head_hash: Annotated[str | None, Query(pattern="^[0-9a-f]{64}$")] = None,
+) -> AuditVerification:
+    """Verify the caller's chain: hashes, links, signed checkpoints, the checkpoint interval.
+
+    Fewer than the interval of records after the newest checkpoint are accepted
+    (``unsigned_tail``); more mean checkpoints were deleted. With ``known_length`` and
+    ``known_head_hash`` (a head the client kept), the chain must also contain that head:
+    shorter is a rollback, a different hash a rewrite. The full verification runs at most
+    once per tenant per ``TS_AUDIT_VERIFY_INTERVAL_S``; the known head is compared on
+    every call.
+    """
+    if (known_length is None) != (known_head_hash is None):
+        raise BadRequestError("known_length and known_head_hash go together (both from the head you kept)")
     if services.signer is None:
         return AuditVerification(
             verified=False, reason="this server has no checkpoint signing key; signatures cannot be checked"
         )
-    try:
-        with services.sessions() as session:
-            report = verify_chain(
-                session,
-                tenant=who.tenant,
-                verifying_key=services.signer.verifying_key(),
-                allow_unsigned_tail=True,
-            )
-    except AuditVerificationError as exc:
-        return AuditVerification(verified=False, reason=str(exc))
+    outcome, cached = await _verifications(request, services).outcome(who.tenant)
+    reasons = [] if outcome.reason is None else [outcome.reason]
+    if known_length is not None and known_head_hash is not None:
+        problem = await run_in_threadpool(
+            _known_head_problem, services, who.tenant, known_length, known_head_hash
+        )
+        if problem is not None:
+            reasons.append(str(AuditVerificationError(problem, tenant=who.tenant)))
+    report = outcome.report
+    common: dict[str, Any] = {
+        "checkpoint_every": _interval(services),
+        "known_length": known_length,
+        "cached": cached,
+        "verified_at": outcome.verified_at,
+    }
+    if reasons or report is None:
+        return AuditVerification(verified=False, reason="; ".join(reasons), **common)
     return AuditVerification(
         verified=True,
         length=report.length,
@@ -189,7 +308,68 @@ def audit_verify(who: Caller, services: Svc) -> AuditVerification:
         checkpoints=report.checkpoints,
         signed_length=report.signed_length,
         unsigned_tail=report.unsigned_tail,
+        **common,
     )
+
+
+def _known_head_problem(services: Services, tenant: str, length: int, head_hash: str) -> str | None:
+    with services.reads() as session:
+        return known_head_problem(session, tenant=tenant, length=length, head_hash=head_hash)
+
+
+#: Largest ``offset`` accepted by the paginated listing (SQLite integers are 64-bit).
+_MAX_OFFSET = 2**31 - 1
+
+
+def _artifact_rows(tenant: str) -> Any:
+    """Every artifact reference of ``tenant`` as one ``UNION ALL`` subquery (not executed here).
+
+    Columns: ``artifact_id, role, request_id, training_run_id, kind, name, size_bytes,
+    created_at``. An artifact that is both a checkpoint and a run's training state is
+    listed once, as ``training_state``.
+    """
+    text, size = String(200), BigInteger()
+    states = select(TrainingModel.state_ref).where(
+        TrainingModel.tenant_id == tenant, TrainingModel.state_ref.is_not(None)
+    )
+    checkpoints = select(
+        TrainingCheckpoint.artifact_id.label("artifact_id"),
+        literal_column("'checkpoint'", text).label("role"),
+        cast(null(), text).label("request_id"),
+        TrainingCheckpoint.model_id.label("training_run_id"),
+        TrainingCheckpoint.kind.label("kind"),
+        TrainingCheckpoint.name.label("name"),
+        TrainingCheckpoint.size_bytes.label("size_bytes"),
+        TrainingCheckpoint.created_at.label("created_at"),
+    ).where(
+        TrainingCheckpoint.tenant_id == tenant,
+        TrainingCheckpoint.artifact_id.is_not(None),
+        TrainingCheckpoint.artifact_id.not_in(states),
+    )
+    training_states = select(
+        TrainingModel.state_ref,
+        literal_column("'training_state'", text),
+        cast(null(), text),
+        TrainingModel.id,
+        cast(null(), text),
+        cast(null(), text),
+        cast(null(), size),
+        TrainingModel.last_request_time,
+    ).where(TrainingModel.tenant_id == tenant, TrainingModel.state_ref.is_not(None))
+    futures = [
+        select(
+            ref,
+            literal_column(f"'{role}'", text),
+            FutureRow.id,
+            FutureRow.model_id,
+            cast(null(), text),
+            cast(null(), text),
+            cast(null(), size),
+            FutureRow.created_at,
+        ).where(FutureRow.tenant_id == tenant, ref.is_not(None))
+        for ref, role in ((FutureRow.payload_ref, "request_payload"), (FutureRow.result_ref, "result"))
+    ]
+    return union_all(checkpoints, training_states, *futures).subquery("artifacts")
 
 
 @router.get("/artifacts")
@@ -197,60 +377,44 @@ def artifacts(
     who: Caller,
     services: Svc,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=_MAX_OFFSET)] = 0,
 ) -> ArtifactsResponse:
-    """The caller's encrypted artifacts, newest first, with what references each one."""
-    found: dict[str, ArtifactInfo] = {}
-    with services.sessions() as session:
-        for ck in session.execute(
-            select(TrainingCheckpoint).where(TrainingCheckpoint.tenant_id == who.tenant)
-        ).scalars():
-            if ck.artifact_id:
-                found[ck.artifact_id] = ArtifactInfo(
-                    artifact_id=ck.artifact_id,
-                    role="checkpoint",
-                    training_run_id=ck.model_id,
-                    tinker_path=f"tinker://{ck.model_id}/{ck.kind}/{ck.name}",
-                    size_bytes=ck.size_bytes,
-                    created_at=ck.created_at,
-                )
-        for run_id, state_ref, updated in session.execute(
-            select(TrainingModel.id, TrainingModel.state_ref, TrainingModel.last_request_time).where(
-                TrainingModel.tenant_id == who.tenant, TrainingModel.state_ref.is_not(None)
-            )
-        ).all():
-            if state_ref is None:
-                continue
-            found[state_ref] = ArtifactInfo(
-                artifact_id=state_ref, role="training_state", training_run_id=run_id, created_at=updated
-            )
-        rows = session.execute(
-            select(
-                FutureRow.id,
-                FutureRow.model_id,
-                FutureRow.payload_ref,
-                FutureRow.result_ref,
-                FutureRow.created_at,
-            ).where(
-                FutureRow.tenant_id == who.tenant,
-                (FutureRow.payload_ref.is_not(None)) | (FutureRow.result_ref.is_not(None)),
-            )
+    """The caller's encrypted artifacts, newest first, with what references each one.
+
+    Paginated in the database: each call runs two queries (the page, ordered by
+    ``created_at`` then ``artifact_id``, and the count) and builds at most ``limit``
+    entries, however many artifacts the tenant has. The store's directory is not listed:
+    only artifacts the database refers to appear (blobs of an exported checkpoint,
+    ``<artifact>.<n>``, belong to its ``checkpoint`` entry).
+    """
+    rows = _artifact_rows(who.tenant)
+    with services.reads() as session:
+        page = session.execute(
+            select(rows)
+            .order_by(rows.c.created_at.desc(), rows.c.artifact_id.desc())
+            .limit(limit)
+            .offset(offset)
         ).all()
-        for future_id, model_id, payload_ref, result_ref, created_at in rows:
-            for ref, role in ((payload_ref, "request_payload"), (result_ref, "result")):
-                if ref and ref not in found:
-                    found[ref] = ArtifactInfo(
-                        artifact_id=ref,
-                        role=role,
-                        request_id=future_id,
-                        training_run_id=model_id,
-                        created_at=created_at,
-                    )
-    for artifact_id in services.store.list(who.tenant):
-        found.setdefault(artifact_id, ArtifactInfo(artifact_id=artifact_id, role="other"))
-    epoch = _dt.datetime.min.replace(tzinfo=_dt.UTC)
-    ordered = sorted(found.values(), key=lambda a: (a.created_at or epoch, a.artifact_id), reverse=True)
-    return ArtifactsResponse(artifacts=ordered[offset : offset + limit], total_count=len(ordered))
+        total = session.execute(select(func.count()).select_from(rows)).scalar_one()
+    return ArtifactsResponse(
+        artifacts=[
+            ArtifactInfo(
+                artifact_id=row.artifact_id,
+                role=row.role,
+                request_id=row.request_id,
+                training_run_id=row.training_run_id,
+                tinker_path=(
+                    f"tinker://{row.training_run_id}/{row.kind}/{row.name}"
+                    if row.role == "checkpoint"
+                    else None
+                ),
+                size_bytes=row.size_bytes,
+                created_at=row.created_at,
+            )
+            for row in page
+        ],
+        total_count=int(total),
+    )
 
 
 _State = tuple[dict[str, Any] | None, str, dict[str, Any], dict[str, Any] | None]

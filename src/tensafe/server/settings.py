@@ -126,7 +126,15 @@ class ServerSettings:
         run_worker: Run the job worker in a thread of the API process.
         lease_seconds: How long a worker's claim on a model lasts without renewal; after
             that another worker (or a restarted server) takes the model over.
-        audit_checkpoint_every: Sign an audit checkpoint every this many records per tenant.
+        audit_checkpoint_every: The audit checkpoint interval ``N``
+            (``TS_AUDIT_CHECKPOINT_EVERY``, default 1000): a checkpoint is signed whenever
+            ``N`` records of a tenant follow its newest one, and ``/audit/verify`` requires
+            that rule (docs/audit.md).
+        audit_verify_interval_seconds: ``/audit/verify`` re-verifies a tenant's whole chain
+            at most once per this many seconds per process (``TS_AUDIT_VERIFY_INTERVAL_S``,
+            default 60); calls in between get the cached report.
+        audit_verify_concurrency: Full chain verifications one process runs at once
+            (``TS_AUDIT_VERIFY_CONCURRENCY``, default 2); more wait for a slot.
         session_expiry_seconds: Sessions without a heartbeat for this long answer 410.
         privacy: The operator's privacy floor (``TS_DP_*``); tenants and clients can only
             make it stricter.
@@ -148,6 +156,8 @@ class ServerSettings:
     run_worker: bool = True
     lease_seconds: float = 30.0
     audit_checkpoint_every: int = 1000
+    audit_verify_interval_seconds: float = 60.0
+    audit_verify_concurrency: int = 2
     session_expiry_seconds: float = 3600.0
     privacy: OperatorPrivacy = field(default_factory=OperatorPrivacy)
     auto_checkpoint: bool = True
@@ -158,6 +168,15 @@ class ServerSettings:
             raise ServerConfigurationError("long_poll_seconds must be in (0, 40] (the SDK times out at 45 s)")
         if self.poll_interval_seconds <= 0 or self.lease_seconds <= 0:
             raise ServerConfigurationError("poll_interval_seconds and lease_seconds must be positive")
+        if isinstance(self.audit_checkpoint_every, bool) or not (
+            isinstance(self.audit_checkpoint_every, int) and self.audit_checkpoint_every >= 1
+        ):
+            raise ServerConfigurationError("audit_checkpoint_every (TS_AUDIT_CHECKPOINT_EVERY) must be >= 1")
+        if not 0 < self.audit_verify_interval_seconds < math.inf or self.audit_verify_concurrency < 1:
+            raise ServerConfigurationError(
+                "audit_verify_interval_seconds (TS_AUDIT_VERIFY_INTERVAL_S) must be a positive number of "
+                "seconds and audit_verify_concurrency (TS_AUDIT_VERIFY_CONCURRENCY) at least 1"
+            )
         if not MIN_RESULT_TTL_SECONDS <= self.result_ttl_seconds < math.inf:
             raise ServerConfigurationError(
                 f"result_ttl_seconds (TS_SERVER_RESULT_TTL_S) must be a finite number of seconds, at least "
@@ -167,11 +186,14 @@ class ServerSettings:
     @classmethod
     def from_environment(cls, env: Mapping[str, str] | None = None) -> ServerSettings:
         """Read ``DATABASE_URL``, ``TS_DATA_DIR``, ``TS_SERVER_MODELS``, ``TS_SERVER_LONG_POLL_S``,
-        ``TS_SERVER_LEASE_S``, ``TS_SERVER_POLL_INTERVAL_S``, ``TS_SERVER_RESULT_TTL_S`` and ``TS_DP_*``.
+        ``TS_SERVER_LEASE_S``, ``TS_SERVER_POLL_INTERVAL_S``, ``TS_SERVER_RESULT_TTL_S``,
+        ``TS_AUDIT_CHECKPOINT_EVERY``, ``TS_AUDIT_VERIFY_INTERVAL_S``,
+        ``TS_AUDIT_VERIFY_CONCURRENCY`` and ``TS_DP_*``.
 
         Raises:
             ServerConfigurationError: A value is malformed.
         """
+        from tensafe.audit import AuditError, checkpoint_every_from_environment
         from tensafe.db import get_database_url
 
         env = dict(os.environ if env is None else env)
@@ -185,6 +207,7 @@ class ServerSettings:
             ("TS_SERVER_LEASE_S", 30.0),
             ("TS_SERVER_POLL_INTERVAL_S", 0.25),
             ("TS_SERVER_RESULT_TTL_S", DEFAULT_RESULT_TTL_SECONDS),
+            ("TS_AUDIT_VERIFY_INTERVAL_S", 60.0),
         ):
             raw = env.get(name, "").strip()
             try:
@@ -192,6 +215,13 @@ class ServerSettings:
             except ValueError:
                 raise ServerConfigurationError(f"{name} must be a number of seconds") from None
         long_poll = seconds["TS_SERVER_LONG_POLL_S"]
+        try:
+            checkpoint_every = checkpoint_every_from_environment(env)
+        except AuditError as exc:
+            raise ServerConfigurationError(str(exc)) from None
+        raw_concurrency = env.get("TS_AUDIT_VERIFY_CONCURRENCY", "").strip()
+        if raw_concurrency and not (raw_concurrency.isascii() and raw_concurrency.isdigit()):
+            raise ServerConfigurationError("TS_AUDIT_VERIFY_CONCURRENCY must be a positive integer")
         return cls(
             database_url=url,
             data_dir=data_dir,
@@ -200,5 +230,8 @@ class ServerSettings:
             lease_seconds=seconds["TS_SERVER_LEASE_S"],
             poll_interval_seconds=seconds["TS_SERVER_POLL_INTERVAL_S"],
             result_ttl_seconds=seconds["TS_SERVER_RESULT_TTL_S"],
+            audit_checkpoint_every=checkpoint_every,
+            audit_verify_interval_seconds=seconds["TS_AUDIT_VERIFY_INTERVAL_S"],
+            audit_verify_concurrency=int(raw_concurrency) if raw_concurrency else 2,
             privacy=OperatorPrivacy.from_environment(env),
         )

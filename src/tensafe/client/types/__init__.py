@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from tensafe.client.types.adam_params import AdamParams
 from tensafe.client.types.artifact_info import ArtifactInfo, ArtifactsResponse
+from tensafe.client.types.audit_head import AuditHead
 from tensafe.client.types.audit_record import AuditRecord, AuditRecordsResponse
 from tensafe.client.types.audit_verification import AuditVerification
 from tensafe.client.types.datum import Datum
@@ -50,6 +51,7 @@ __all__ = [
     "AdamParams",
     "ArtifactInfo",
     "ArtifactsResponse",
+    "AuditHead",
     "AuditRecord",
     "AuditRecordsResponse",
     "AuditVerification",

@@ -58,11 +58,17 @@ def test_golden_multi_needs_both_signers() -> None:
         verify(VECTORS / "v1-multi.tssp", trust=_trust(["signer1.pub"]), state=None)
 
 
-def test_golden_basic_passes_the_example_policy() -> None:
+def test_golden_basic_v1_certificate_is_refused_by_the_example_policy() -> None:
+    """The frozen package still verifies, but its v1 certificate (which could state an ε that held
+    only if the client had Poisson-sampled) no longer passes the example admission policy."""
+    from tensafe.package import PolicyDeniedError
     from tensafe.policy import Policy
 
+    info = verify(VECTORS / "v1-basic.tssp", trust=_trust(["signer1.pub"]), state=None)
+    assert info.dp_certificate is not None and info.dp_certificate["epsilon"] == 7.25
+    assert info.dp_certificate["schema"] == "tensafe.dp_certificate/v1"
     policy = Policy.from_file(
         Path(__file__).parents[2] / "src/tensafe/policy/examples/default.rego", package="tensafe.tssp"
     )
-    info = verify(VECTORS / "v1-basic.tssp", trust=_trust(["signer1.pub"]), state=None, policy=policy)
-    assert info.dp_certificate is not None and info.dp_certificate["epsilon"] == 7.25
+    with pytest.raises(PolicyDeniedError, match=r"private is not true"):
+        verify(VECTORS / "v1-basic.tssp", trust=_trust(["signer1.pub"]), state=None, policy=policy)

@@ -220,14 +220,38 @@ def test_default_policy_against_privacy_certificate_shapes() -> None:
         "manifest": {"base_model": {"id": "HuggingFaceTB/SmolLM2-135M-Instruct"}},
         "signers": {"trusted": []},
     }
-    good = {"schema": "tensafe.dp_certificate/v1", "dp_enabled": True, "epsilon": 7.9, "delta": 1e-5}
+    good = {
+        "schema": "tensafe.dp_certificate/v2",
+        "private": True,
+        "dp_enabled": True,
+        "epsilon": 7.9,
+        "delta": 1e-5,
+    }
     assert policy.deny_reasons({**base, "dp_certificate": good}) == ()
-    no_dp = {"schema": "tensafe.dp_certificate/v1", "dp_enabled": False, "epsilon": None, "delta": None}
+    no_dp = {
+        "schema": "tensafe.dp_certificate/v2",
+        "private": False,
+        "dp_enabled": False,
+        "epsilon": None,
+        "delta": None,
+    }
     assert set(policy.deny_reasons({**base, "dp_certificate": no_dp})) == {
         "the training run did not use differential privacy",
+        "the DP certificate does not state a differential privacy guarantee (private is not true)",
         "DP certificate has no numeric epsilon",
         "DP certificate has no numeric delta",
     }
+    # Deterministic noise: DP-SGD ran, but there is no guarantee.
+    deterministic = {**good, "private": False, "epsilon": None}
+    assert set(policy.deny_reasons({**base, "dp_certificate": deterministic})) == {
+        "the DP certificate does not state a differential privacy guarantee (private is not true)",
+        "DP certificate has no numeric epsilon",
+    }
+    # A v1 certificate (no "private" member) is refused by the default policy.
+    v1 = {"schema": "tensafe.dp_certificate/v1", "dp_enabled": True, "epsilon": 7.9, "delta": 1e-5}
+    assert policy.deny_reasons({**base, "dp_certificate": v1}) == (
+        "the DP certificate does not state a differential privacy guarantee (private is not true)",
+    )
     assert policy.deny_reasons({**base, "dp_certificate": {**good, "delta": 1e-3}}) == (
         "delta 0.001 exceeds the maximum 0.00001",
     )

@@ -52,9 +52,13 @@ def make_adapter(
 
 
 def certificate(epsilon: float = 7.5, delta: float = 1e-5) -> dict[str, Any]:
-    """A DP certificate in the engine's schema."""
+    """The policy-relevant members of a DP certificate in the engine's schema (v2).
+
+    The package layer checks only the schema; the admission policy reads these members.
+    """
     return {
-        "schema": "tensafe.dp_certificate/v1",
+        "schema": "tensafe.dp_certificate/v2",
+        "private": True,
         "dp_enabled": True,
         "epsilon": epsilon,
         "delta": delta,

@@ -1,4 +1,5 @@
-"""DP certificate: statement, round trip, JSON Schema, tampering, atomic writes, fuzzing."""
+"""DP certificate v2: statement, honest sampling fields, events, signature, round trip, JSON Schema,
+tampering, atomic writes, fuzzing."""
 
 from __future__ import annotations
 
@@ -31,7 +32,18 @@ DP_KW: dict[str, Any] = {
     "dataset_size": 60000,
     "expected_batch_size": 2400,
     "sampling_method": "poisson",
-    "sampling_performed_by_engine": True,
+    "sampled_by": "engine",
+    "dataset_size_source": "counted",
+}
+CLIENT_KW: dict[str, Any] = {
+    **DP_KW,
+    "noise_multiplier": 40.0,
+    "sample_rate": 1.0,
+    "steps": 500,
+    "sampling_method": "client_chosen_batches",
+    "sampled_by": "client",
+    "dataset_size_source": "declared",
+    "privacy_unit": "datum",
 }
 
 
@@ -49,11 +61,14 @@ def dp_cert() -> DpCertificate:
 
 
 def test_dp_statement_and_fields(dp_cert: DpCertificate) -> None:
-    assert dp_cert.schema == CERTIFICATE_SCHEMA == "tensafe.dp_certificate/v1"
+    assert dp_cert.schema == CERTIFICATE_SCHEMA == "tensafe.dp_certificate/v2"
     assert dp_cert.statement == (
-        "(ε=7.33, δ=1e-05)-DP for each training example under Poisson sampling performed by the engine "
-        "(RDP accountant)."
+        "(ε=7.33, δ=1e-05)-DP for each training example under Poisson sampling at rate q=0.04 performed "
+        "by the engine, over 2250 steps (RDP accountant)."
     )
+    assert dp_cert.private is True and dp_cert.amplification == "poisson_subsampling"
+    assert dp_cert.events == ({"noise_multiplier": 1.5, "sample_rate": 0.04, "steps": 2250},)
+    assert dp_cert.noise_rng == "csprng" and dp_cert.signature is None
     assert dp_cert.epsilon == compute_epsilon(
         accountant="rdp", noise_multiplier=1.5, sample_rate=0.04, steps=2250, delta=1e-5
     )
@@ -69,27 +84,138 @@ def test_non_private_certificate_says_so(validator: jsonschema.protocols.Validat
     cert = DpCertificate.non_private(
         steps=100,
         dataset_size=1000,
+        dataset_size_source="declared",
         expected_batch_size=16,
         sample_rate=None,
         sampling_method="client_chosen_batches",
-        sampling_performed_by_engine=False,
+        sampled_by="client",
     )
     data = cert.to_dict()
-    assert data["dp_enabled"] is False and data["epsilon"] is None
+    assert data["dp_enabled"] is False and data["epsilon"] is None and data["private"] is False
     assert "No differential privacy guarantee" in cert.statement and "ε is infinite" in cert.statement
     validator.validate(data)
     assert DpCertificate.from_dict(json.loads(cert.to_json())) == cert
 
 
-def test_client_chosen_batches_are_stated_conditionally() -> None:
+def test_client_chosen_batches_get_no_amplification(validator: Any) -> None:
+    """Batches the client chose: ε is that of T Gaussian mechanisms (q = 1), never a Poisson ε."""
+    from dp_accounting import dp_event, rdp
+
+    cert = DpCertificate.issue(**CLIENT_KW)
+    oracle = rdp.RdpAccountant()
+    oracle.compose(dp_event.GaussianDpEvent(40.0), 500)
+    assert cert.epsilon == pytest.approx(oracle.get_epsilon(1e-5), rel=1e-12)
+    assert cert.amplification == "none" and cert.sample_rate == 1.0 and cert.sampled_by == "client"
+    assert cert.statement == (
+        "(ε=2.45, δ=1e-05)-DP for each training datum without sampling amplification: the client chose "
+        "the batches, so each datum counts as present in every one of the 500 steps (RDP accountant)."
+    )
+    validator.validate(cert.to_dict())
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        # The client chose the batches, but the certificate claims the Poisson rate q = B/N.
+        ({**CLIENT_KW, "sample_rate": 0.04, "events": None}, "no sampling amplification: sample_rate"),
+        # A Poisson claim the engine did not perform.
+        ({**DP_KW, "sampled_by": "client"}, "sampled_by is 'client' exactly when"),
+        # Engine Poisson sampling at a rate that does not follow from B and N.
+        ({**DP_KW, "sample_rate": 0.0001}, r"is not expected_batch_size / dataset_size"),
+        ({**DP_KW, "dataset_size_source": "guessed"}, "dataset_size_source must be one of"),
+        ({**DP_KW, "noise_rng": "mersenne"}, "noise_rng must be one of"),
+    ],
+)
+def test_issue_refuses_dishonest_sampling_claims(change: dict[str, Any], message: str) -> None:
+    with pytest.raises(CertificateError, match=message):
+        DpCertificate.issue(**change)
+
+
+def test_deterministic_noise_is_not_private(validator: Any) -> None:
+    cert = DpCertificate.issue(**DP_KW, noise_rng="deterministic")
+    assert cert.private is False and cert.epsilon is None and cert.dp_enabled is True
+    assert cert.statement.startswith("No differential privacy guarantee: DP-SGD ran with deterministic")
+    validator.validate(cert.to_dict())
+    with pytest.raises(CertificateError, match="no differential privacy guarantee"):
+        cert.recompute_epsilon()
+    forged = {**cert.to_dict(), "epsilon": 1.0}
+    with pytest.raises(CertificateError, match="epsilon must be null"):
+        DpCertificate.from_dict(forged)
+
+
+def test_events_compose_like_an_independent_oracle() -> None:
+    """A ledger of two mechanisms: ε equals dp_accounting's RDP of the same composition."""
+    from dp_accounting import dp_event, rdp
+
+    from tensafe.privacy import DpSgdEvent
+
+    events = [
+        DpSgdEvent(noise_multiplier=1.2, sample_rate=0.01, steps=300),
+        DpSgdEvent(noise_multiplier=0.9, sample_rate=0.02, steps=100),
+        DpSgdEvent(noise_multiplier=1.2, sample_rate=0.01, steps=50),
+    ]
     cert = DpCertificate.issue(
-        **{**DP_KW, "sampling_method": "client_chosen_batches", "sampling_performed_by_engine": False}
+        **{
+            **DP_KW,
+            "noise_multiplier": 1.2,
+            "sample_rate": 0.01,
+            "dataset_size": 10000,
+            "expected_batch_size": 100,
+            "steps": 450,
+        },
+        events=events,
     )
-    assert "only if every batch was drawn by Poisson sampling at rate q=0.04" in cert.statement
-    assert "here the batches were chosen by the client and the engine did not perform the sampling" in (
-        cert.statement
-    )
-    assert any("conditional" in note for note in cert.notes)
+    oracle = rdp.RdpAccountant()
+    for e in events:
+        oracle.compose(
+            dp_event.PoissonSampledDpEvent(e.sample_rate, dp_event.GaussianDpEvent(e.noise_multiplier)),
+            e.steps,
+        )
+    assert cert.epsilon == pytest.approx(oracle.get_epsilon(1e-5), rel=1e-9)
+    assert cert.recompute_epsilon() == cert.epsilon
+    with pytest.raises(CertificateError, match="events cover 450 steps but steps is 449"):
+        DpCertificate.issue(
+            **{
+                **DP_KW,
+                "noise_multiplier": 1.2,
+                "sample_rate": 0.01,
+                "dataset_size": 10000,
+                "expected_batch_size": 100,
+                "steps": 449,
+            },
+            events=events,
+        )
+
+
+def test_signature_round_trip_and_tampering(dp_cert: DpCertificate, validator: Any) -> None:
+    from tensafe.crypto.signing import HybridSigningKey
+
+    key, other = HybridSigningKey.generate(), HybridSigningKey.generate()
+    signed = dp_cert.sign(key)
+    validator.validate(signed.to_dict())
+    assert signed.signature is not None and signed.signature["key_id"] == key.key_id
+    again = DpCertificate.from_dict(json.loads(signed.to_json()))
+    assert again.verify_signature(key.verifying_key()) == key.key_id
+    assert again.verify_signature([other.verifying_key(), key.verifying_key()]) == key.key_id
+    with pytest.raises(CertificateError, match="not among the given public keys"):
+        again.verify_signature(other.verifying_key())
+    with pytest.raises(CertificateError, match="not signed"):
+        dp_cert.verify_signature(key.verifying_key())
+    # An edit that keeps the certificate internally consistent still breaks the signature.
+    data = signed.to_dict()
+    data["notes"] = ["edited"]
+    with pytest.raises(CertificateError, match="signature is invalid"):
+        DpCertificate.from_dict(data).verify_signature(key.verifying_key())
+    # A signature made by another key, relabelled with the trusted key id.
+    forged = dp_cert.sign(other).to_dict()
+    forged["signature"]["key_id"] = key.key_id
+    with pytest.raises(CertificateError, match="signature is invalid"):
+        DpCertificate.from_dict(forged).verify_signature(key.verifying_key())
+
+
+def test_v1_certificates_are_refused_with_a_reason() -> None:
+    with pytest.raises(CertificateError, match="v1 certificate"):
+        DpCertificate.from_dict({"schema": "tensafe.dp_certificate/v1"})
 
 
 def test_round_trip_through_file(tmp_path: Path, dp_cert: DpCertificate, validator: Any) -> None:
@@ -118,10 +244,14 @@ def test_failed_write_keeps_the_old_file(tmp_path: Path, dp_cert: DpCertificate,
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        ({"schema": "tensafe.dp_certificate/v2"}, "unsupported schema"),
+        ({"schema": "tensafe.dp_certificate/v3"}, "unsupported schema"),
         ({"extra": 1}, r"unknown keys \['extra'\]"),
         ({"epsilon": -1.0}, "epsilon must be a finite number >= 0"),
-        ({"epsilon": None}, "a DP run needs epsilon"),
+        ({"epsilon": None}, "epsilon must be a finite number"),
+        ({"private": False}, "private does not match"),
+        ({"amplification": "none"}, "amplification does not match"),
+        ({"events": []}, "the events cover 0 steps"),
+        ({"signature": {"alg": "rsa", "key_id": "00" * 16, "value": ""}}, "unsupported signature algorithm"),
         ({"delta": 0.5}, "not below 1/N"),
         ({"accountant": "gdp"}, "unknown accountant"),
         ({"sampling_method": "magic"}, "unknown sampling_method"),
@@ -211,7 +341,13 @@ _json = st.recursive(
                 "dataset_size",
                 "expected_batch_size",
                 "sampling_method",
-                "sampling_performed_by_engine",
+                "sampled_by",
+                "dataset_size_source",
+                "events",
+                "noise_rng",
+                "signature",
+                "private",
+                "amplification",
                 "privacy_unit",
                 "created",
                 "library_versions",
@@ -230,14 +366,16 @@ def test_fuzz_from_dict_only_raises_certificate_error(base: bool, overrides: dic
         DpCertificate.non_private(
             steps=1,
             dataset_size=10,
+            dataset_size_source="counted",
             expected_batch_size=None,
             sample_rate=None,
             sampling_method="poisson",
-            sampling_performed_by_engine=True,
+            sampled_by="engine",
         ).to_dict()
         if base
         else {
             "schema": CERTIFICATE_SCHEMA,
+            "private": True,
             "dp_enabled": True,
             "epsilon": 0.5,
             "delta": 1e-5,
@@ -245,16 +383,22 @@ def test_fuzz_from_dict_only_raises_certificate_error(base: bool, overrides: dic
             "noise_multiplier": 1.0,
             "clip_norm": 1.0,
             "sample_rate": 0.01,
+            "amplification": "poisson_subsampling",
             "steps": 1,
+            "events": [{"noise_multiplier": 1.0, "sample_rate": 0.01, "steps": 1}],
             "dataset_size": 1000,
+            "dataset_size_source": "counted",
             "expected_batch_size": 10,
             "sampling_method": "poisson",
-            "sampling_performed_by_engine": True,
+            "sampled_by": "engine",
+            "noise_rng": "csprng",
             "privacy_unit": "example",
+            "ledger_id": None,
             "created": "2026-01-01T00:00:00Z",
             "library_versions": {"tensafe": "0"},
             "notes": [],
             "statement": "",
+            "signature": None,
         }
     )
     data = {**good, **overrides}

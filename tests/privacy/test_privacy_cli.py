@@ -312,6 +312,12 @@ def test_missing_required_flag_exits_2(capsys: pytest.CaptureFixture[str]) -> No
 
 
 def test_certificate_show_and_verify(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    from tensafe.crypto.signing import HybridSigningKey
+
+    key, other = HybridSigningKey.generate(), HybridSigningKey.generate()
+    pub, other_pub = tmp_path / "deployment.pub", tmp_path / "other.pub"
+    pub.write_bytes(key.verifying_key().public_bytes())
+    other_pub.write_bytes(other.verifying_key().public_bytes())
     cert = DpCertificate.issue(
         accountant="rdp",
         noise_multiplier=1.0,
@@ -320,24 +326,39 @@ def test_certificate_show_and_verify(capsys: pytest.CaptureFixture[str], tmp_pat
         steps=1000,
         delta=1e-5,
         dataset_size=10000,
+        dataset_size_source="counted",
         expected_batch_size=100,
         sampling_method="poisson",
-        sampling_performed_by_engine=True,
-    )
+        sampled_by="engine",
+    ).sign(key)
     path = cert.write(tmp_path / "dp_certificate.json")
-    code, out, _ = _run(capsys, "certificate", str(path), "--verify", "--json")
+    code, out, _ = _run(capsys, "certificate", str(path), "--verify", "--public-key", str(pub), "--json")
     assert code == 0
     assert out.splitlines()[0].startswith("(ε=2.1, δ=1e-05)-DP for each training example")
-    assert "matches" in out.splitlines()[0]
+    assert f"signed by {key.key_id}: valid" in out.splitlines()[0] and "matches" in out.splitlines()[0]
     assert _last_json(out) == cert.to_dict()
 
+    code, out, err = _run(capsys, "certificate", str(path))  # shown, but says it was not checked
+    assert code == 0 and "signature not checked" in out
+
+    # Fail closed: no key, the wrong key, an unsigned certificate.
+    code, out, err = _run(capsys, "certificate", str(path), "--verify")
+    assert code == 2 and out == "" and "--public-key" in err
+    code, out, err = _run(capsys, "certificate", str(path), "--verify", "--public-key", str(other_pub))
+    assert code == 2 and "not among the given public keys" in err
+    unsigned = tmp_path / "unsigned.json"
+    DpCertificate.from_dict({**cert.to_dict(), "signature": None}).write(unsigned)
+    code, out, err = _run(capsys, "certificate", str(unsigned), "--verify", "--public-key", str(pub))
+    assert code == 2 and "not signed" in err
+
+    # A consistent forgery (ε and statement edited together) breaks the signature.
     forged = cert.to_dict()
     forged["epsilon"] = 0.5
     forged["statement"] = forged["statement"].replace("ε=2.1", "ε=0.5")
     path.write_text(json.dumps(forged), encoding="utf-8")
-    code, out, err = _run(capsys, "certificate", str(path), "--verify")
+    code, out, err = _run(capsys, "certificate", str(path), "--verify", "--public-key", str(pub))
     assert code == 2 and out == ""
-    assert "does not match ε=" in err and len(err.strip().splitlines()) == 1
+    assert "signature is invalid" in err and len(err.strip().splitlines()) == 1
 
 
 def test_certificate_garbage_file(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:

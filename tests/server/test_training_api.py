@@ -323,7 +323,7 @@ def test_supervised_dp_loop_through_the_api_lowers_held_out_loss(
     from tensafe.server.models import TrainingModel
     from tensafe.server.privacy import model_certificate, model_privacy_spent
 
-    steps, n, batch_size = 10, 256, 8
+    steps, n, batch_size = 10, 256, 32
     server = start_server()  # the operator's default floor (epsilon 8, delta 1e-5, C 1)
     key = server_env.tenant_key("acme")
     with server_env.sessions.begin() as s:
@@ -366,17 +366,19 @@ def test_supervised_dp_loop_through_the_api_lowers_held_out_loss(
         assert row is not None
         spent, cert = model_privacy_spent(row), model_certificate(row)
     assert spent is not None and cert is not None
+    # The client chose the batches: no sampling amplification (q = 1), whatever it declared.
     expected = compute_epsilon(
         accountant="rdp",
         noise_multiplier=spent["noise_multiplier"],
-        sample_rate=batch_size / n,
+        sample_rate=1.0,
         steps=steps,
         delta=1e-5,
     )
     assert cert.steps == steps and cert.epsilon == pytest.approx(expected, rel=1e-12)
     assert cert.epsilon <= 8.0 and cert.recompute_epsilon() == pytest.approx(cert.epsilon)
     assert metrics is not None and metrics["dp_epsilon:max"] == pytest.approx(expected, rel=1e-12)
-    assert cert.sampling_method == "client_chosen_batches" and not cert.sampling_performed_by_engine
+    assert cert.sampling_method == "client_chosen_batches" and cert.sampled_by == "client"
+    assert cert.amplification == "none" and cert.sample_rate == 1.0
 
 
 def test_a_failed_request_keeps_the_accumulated_gradients(

@@ -129,14 +129,14 @@ def test_policy_and_mode_checks_on_load(trained: tuple[LoraTrainingSession, byte
         LoraTrainingSession.from_state_bytes(blob, policy=_policy(target_epsilon=1.0))
     assert LoraTrainingSession.from_state_bytes(blob, policy=_policy()).policy == _policy()
     secure = LoraTrainingSession.from_state_bytes(blob)  # secure noise from here on
-    assert not any("NOT private" in n for n in secure.privacy_certificate().notes)
+    assert secure.privacy_certificate().noise_rng == "csprng"
 
 
 def test_non_private_secure_state_has_no_seed(tiny_model_dir: pathlib.Path) -> None:
     s = LoraTrainingSession.create(base_model=str(tiny_model_dir), rank=2, dp=_policy(), seed=5)
     _step(s, _data(2))
     blob = s.state_bytes(include_optimizer=True)
-    assert _header(blob)["seed"] is None  # a secure run's seed never reaches the state
+    assert _header(blob)["noise_seed"] is None  # a secure run has no noise seed in its state
     with pytest.raises(StateFormatError, match="deterministic"):
         LoraTrainingSession.from_state_bytes(blob, deterministic=True)
     n = LoraTrainingSession.create(base_model=str(tiny_model_dir), rank=2, dp=None, allow_non_private=True)

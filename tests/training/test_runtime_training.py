@@ -38,7 +38,7 @@ def test_supervised_dp_loop_lowers_held_out_loss(tiny_model_dir: pathlib.Path) -
         clip_norm=1.0,
         accountant="rdp",
         dataset_size=len(train),
-        expected_batch_size=8,
+        expected_batch_size=32,
         max_steps=STEPS,
     )
     session = LoraTrainingSession.create(
@@ -47,11 +47,10 @@ def test_supervised_dp_loop_lowers_held_out_loss(tiny_model_dir: pathlib.Path) -
         dp=policy,
         seed=0,
         train_unembed=True,
-        deterministic=True,  # reproducible test; the loop is the same in secure mode
     )
     before = _mean_loss(session, held_out)
     for _ in range(STEPS):
-        batch = rng.choice(len(train), size=8, replace=False)
+        batch = rng.choice(len(train), size=32, replace=False)
         session.forward_backward([train[i] for i in batch], "cross_entropy")
         metrics = session.optim_step(AdamParams(learning_rate=0.05))
     after = _mean_loss(session, held_out)
@@ -59,10 +58,11 @@ def test_supervised_dp_loop_lowers_held_out_loss(tiny_model_dir: pathlib.Path) -
 
     spent = session.privacy_spent()
     cert = session.privacy_certificate()
+    # The caller chose the batches: no amplification is claimed (sample rate 1).
     expected = compute_epsilon(
         accountant="rdp",
         noise_multiplier=spent["noise_multiplier"],
-        sample_rate=8 / 256,
+        sample_rate=1.0,
         steps=STEPS,
         delta=1e-5,
     )

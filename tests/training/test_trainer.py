@@ -64,7 +64,8 @@ def test_dp_training_writes_adapter_certificate_and_metrics(
     assert (adapter / "adapter_model.safetensors").is_file()
     cert = DpCertificate.read(adapter / "dp_certificate.json")
     assert cert.dp_enabled and cert.steps == 6 and cert.dataset_size == 200
-    assert cert.sampling_method == "poisson" and cert.sampling_performed_by_engine
+    assert cert.sampling_method == "poisson" and cert.sampled_by == "engine"
+    assert cert.amplification == "poisson_subsampling" and cert.dataset_size_source == "counted"
     # The certificate's ε is the accountant's, for the steps actually taken, and within target.
     expected = compute_epsilon(
         accountant="rdp", noise_multiplier=cert.noise_multiplier, sample_rate=20 / 200, steps=6, delta=1e-5

@@ -160,15 +160,45 @@ def _cmd_noise(args: argparse.Namespace) -> int:
     return 0
 
 
+def _public_keys(paths: list[str]) -> list[Any]:
+    from pathlib import Path
+
+    from tensafe.crypto import CryptoError
+    from tensafe.crypto.signing import HybridVerifyingKey
+
+    keys = []
+    for path in paths:
+        try:
+            data = Path(path).read_bytes()
+        except OSError as exc:
+            raise ConfigurationError(f"cannot read the public key {path}: {exc.strerror or exc}") from None
+        try:
+            keys.append(HybridVerifyingKey.from_public_bytes(data))
+        except CryptoError as exc:
+            raise ConfigurationError(f"{path} is not a TenSafe public key: {exc}") from None
+    return keys
+
+
 def _cmd_certificate(args: argparse.Namespace) -> int:
     from tensafe.privacy import DpCertificate
 
+    if args.verify and not args.public_key:
+        raise ConfigurationError(
+            "--verify checks the certificate's signature and needs the deployment's public key: pass "
+            "--public-key PUB (written by 'tensafe keys export-public-key')"
+        )
+    keys = _public_keys(args.public_key or [])
     cert = DpCertificate.read(args.path)
-    if args.verify:
-        cert.recompute_epsilon()
     human = cert.statement
     if args.verify:
-        human += " [ε recomputed from the recorded parameters: matches]"
+        key_id = cert.verify_signature(keys)
+        if cert.private:
+            cert.recompute_epsilon()
+            human += f" [signed by {key_id}: valid; ε recomputed from the recorded events: matches]"
+        else:
+            human += f" [signed by {key_id}: valid]"
+    else:
+        human += " [signature not checked: use --verify --public-key PUB]"
     _emit(human, cert.to_dict(), args.json)
     return 0
 
@@ -202,6 +232,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
 
     cert = sub.add_parser("certificate", help="validate a dp_certificate.json and print its statement")
     cert.add_argument("path", metavar="PATH", help="path of the certificate")
-    cert.add_argument("--verify", action="store_true", help="recompute ε from the recorded parameters")
+    cert.add_argument(
+        "--verify",
+        action="store_true",
+        help="check the signature with --public-key and recompute ε from the recorded events",
+    )
+    cert.add_argument(
+        "--public-key",
+        metavar="PUB",
+        action="append",
+        help="the deployment's public key (repeatable: keys before and after a rotation)",
+    )
     cert.add_argument("--json", action="store_true", help="also print the certificate as one JSON line")
     cert.set_defaults(handler=_cmd_certificate)

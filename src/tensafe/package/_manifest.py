@@ -15,6 +15,7 @@ __all__ = [
     "CERTIFICATE_SCHEMA",
     "EVIDENCE_SCHEMA",
     "MANIFEST_SCHEMA",
+    "READABLE_CERTIFICATE_SCHEMAS",
     "RESERVED_NAMES",
     "FileEntry",
     "Manifest",
@@ -29,7 +30,11 @@ __all__ = [
 
 MANIFEST_SCHEMA = "tensafe.tssp.manifest/v1"
 EVIDENCE_SCHEMA = "tensafe.tssp.evidence/v1"
-CERTIFICATE_SCHEMA = "tensafe.dp_certificate/v1"
+#: The certificate schema new packages carry (what ``tensafe train`` and the API server issue).
+CERTIFICATE_SCHEMA = "tensafe.dp_certificate/v2"
+#: Certificate schemas a verifier reads: v1 stays readable so that packages made before v2
+#: keep verifying (their admission is the policy's decision; see docs/tssp.md).
+READABLE_CERTIFICATE_SCHEMAS = ("tensafe.dp_certificate/v1", CERTIFICATE_SCHEMA)
 RESERVED_NAMES = frozenset({"evidence.json", "dp_certificate.json", "tssp_manifest.json"})
 
 MAX_FILES = 4096
@@ -282,6 +287,8 @@ def check_certificate(doc: Any) -> dict[str, Any]:
     """Check the DP-certificate section is a JSON object with the expected schema."""
     if not isinstance(doc, dict):
         raise PackageFormatError("dp_certificate must be a JSON object")
-    if doc.get("schema") != CERTIFICATE_SCHEMA:
-        raise PackageFormatError(f"dp_certificate schema must be {CERTIFICATE_SCHEMA!r}")
+    if doc.get("schema") not in READABLE_CERTIFICATE_SCHEMAS:
+        raise PackageFormatError(
+            f"dp_certificate schema must be one of {', '.join(map(repr, READABLE_CERTIFICATE_SCHEMAS))}"
+        )
     return doc

@@ -1,8 +1,8 @@
-"""Stateful ε budget of one training run (fixed σ and q, Poisson sampling)."""
+"""Stateful ε budget of one training run (σ and q fixed for its own steps, Poisson analysis)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from tensafe.privacy._validation import (
@@ -13,13 +13,14 @@ from tensafe.privacy._validation import (
     check_target_epsilon,
 )
 from tensafe.privacy.accountants.base import EpsilonReport
-from tensafe.privacy.accountants.registry import get_accountant_class
+from tensafe.privacy.accountants.registry import create_accountant, get_accountant_class
 from tensafe.privacy.calibration import epsilon_report
 from tensafe.privacy.errors import BudgetExceededError, PrivacyConfigError
+from tensafe.privacy.events import DpSgdEvent, SamplingMethod, event_from_dict
 
 __all__ = ["PrivacyBudget"]
 
-_STATE_VERSION = 1
+_STATE_VERSION = 2
 
 
 class PrivacyBudget:
@@ -35,6 +36,11 @@ class PrivacyBudget:
 
     The step boundary relies on ε growing with the number of steps, which holds for
     every composed DP mechanism.
+
+    A budget may also account for spending that happened elsewhere on the same data (a
+    privacy ledger shared by several runs): :meth:`rebase` replaces what it accounts for
+    with a given history of :class:`~tensafe.privacy.DpSgdEvent` records. Records with this
+    budget's σ and q become its step count; any others are composed first, as a prior.
 
     Args:
         target_epsilon: ε budget of the run, > 0.
@@ -64,6 +70,7 @@ class PrivacyBudget:
         self._sigma = check_noise_multiplier(noise_multiplier)
         self._q = check_sample_rate(sample_rate)
         self._steps = 0
+        self._prior: tuple[DpSgdEvent, ...] = ()  # other mechanisms, composed before our steps
         self._safe_until = 0  # eps(n) <= target for every n <= _safe_until.
         self._unsafe_from: int | None = None  # eps(n) > target for every n >= _unsafe_from.
 
@@ -94,18 +101,66 @@ class PrivacyBudget:
 
     @property
     def steps(self) -> int:
-        """Steps recorded so far."""
+        """Steps of this budget's σ and q accounted so far (recorded, or given to :meth:`rebase`)."""
         return self._steps
 
-    def report_after(self, steps: int) -> EpsilonReport:
-        """Return the full :class:`~tensafe.privacy.accountants.EpsilonReport` after ``steps`` steps."""
-        return epsilon_report(
-            accountant=self._accountant,
-            noise_multiplier=self._sigma,
-            sample_rate=self._q,
-            steps=check_steps(steps),
-            delta=self._delta,
+    @property
+    def prior(self) -> tuple[DpSgdEvent, ...]:
+        """Spending records of other mechanisms (other σ or q) composed before this budget's steps."""
+        return self._prior
+
+    def history(self) -> tuple[DpSgdEvent, ...]:
+        """Every spending record ε covers: the prior, then this budget's steps (if any)."""
+        own = (
+            (DpSgdEvent(noise_multiplier=self._sigma, sample_rate=self._q, steps=self._steps),)
+            if self._steps
+            else ()
         )
+        return (*self._prior, *own)
+
+    def rebase(self, events: Sequence[DpSgdEvent]) -> None:
+        """Account from now on for exactly ``events`` (plus the steps recorded afterwards).
+
+        Use it to make the budget follow a privacy ledger that other runs also spend from:
+        records with this budget's σ and q set :attr:`steps`; the others become the prior.
+
+        Raises:
+            PrivacyConfigError: If an event is not a Poisson-analysed :class:`DpSgdEvent`.
+        """
+        own = 0
+        prior: list[DpSgdEvent] = []
+        for event in events:
+            if not isinstance(event, DpSgdEvent) or event.sampling_method is not SamplingMethod.POISSON:
+                raise PrivacyConfigError(
+                    "a privacy budget can only account for Poisson-analysed DP-SGD events"
+                )
+            if event.noise_multiplier == self._sigma and event.sample_rate == self._q:
+                own += event.steps
+            elif event.steps:
+                prior.append(event)
+        merged = tuple(prior)
+        if merged != self._prior:
+            self._prior = merged
+            self._safe_until, self._unsafe_from = 0, None
+        self._steps = own
+
+    def report_after(self, steps: int) -> EpsilonReport:
+        """Return the full :class:`~tensafe.privacy.accountants.EpsilonReport` after ``steps`` of
+        this budget's steps (on top of the prior)."""
+        n = check_steps(steps)
+        if not self._prior:
+            return epsilon_report(
+                accountant=self._accountant,
+                noise_multiplier=self._sigma,
+                sample_rate=self._q,
+                steps=n,
+                delta=self._delta,
+            )
+        acc = create_accountant(self._accountant)
+        for event in self._prior:
+            acc.compose(event)
+        acc.compose(DpSgdEvent(noise_multiplier=self._sigma, sample_rate=self._q, steps=n))
+        return acc.get_report(self._delta)
 
     def epsilon_after(self, steps: int) -> float:
         """Return ε after ``steps`` steps (cached)."""
@@ -176,6 +231,7 @@ class PrivacyBudget:
             "noise_multiplier": self._sigma,
             "sample_rate": self._q,
             "steps": self._steps,
+            "prior": [e.to_dict() for e in self._prior],
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -187,7 +243,7 @@ class PrivacyBudget:
         Raises:
             PrivacyConfigError: If ``state`` is malformed or its parameters differ.
         """
-        if not isinstance(state, Mapping) or state.get("version") != _STATE_VERSION:
+        if not isinstance(state, Mapping) or state.get("version") not in (1, _STATE_VERSION):
             raise PrivacyConfigError(f"privacy budget state must be a mapping with version {_STATE_VERSION}")
         mine = self.state_dict()
         for key in ("target_epsilon", "delta", "accountant", "noise_multiplier", "sample_rate"):
@@ -196,11 +252,21 @@ class PrivacyBudget:
                     f"cannot resume: the saved budget has {key}={state.get(key)!r} but this run has "
                     f"{key}={mine[key]!r}; resume with the same privacy settings"
                 )
-        self._steps = check_steps(state.get("steps"))
+        raw_prior = state.get("prior", [])
+        if not isinstance(raw_prior, list):
+            raise PrivacyConfigError("privacy budget state: prior must be a list of events")
+        prior: list[DpSgdEvent] = []
+        for item in raw_prior:
+            event = event_from_dict(item)
+            if not isinstance(event, DpSgdEvent):
+                raise PrivacyConfigError("privacy budget state: prior holds a record that is not dp_sgd")
+            prior.append(event)
+        steps = check_steps(state.get("steps"))
+        self.rebase([*prior, DpSgdEvent(noise_multiplier=self._sigma, sample_rate=self._q, steps=steps)])
 
     def __repr__(self) -> str:
         return (
             f"PrivacyBudget(target_epsilon={self._target:g}, delta={self._delta:g}, "
             f"accountant={self._accountant!r}, noise_multiplier={self._sigma:g}, "
-            f"sample_rate={self._q:g}, steps={self._steps})"
+            f"sample_rate={self._q:g}, steps={self._steps}, prior={len(self._prior)} record(s))"
         )

@@ -1,19 +1,45 @@
-"""The DP certificate: a versioned JSON statement of a run's privacy guarantee.
+"""The DP certificate: a versioned, signed JSON statement of a run's privacy guarantee.
 
-A certificate (``dp_certificate.json``, schema ``tensafe.dp_certificate/v1``) records
-what was proven about one training run: the (ε, δ) pair, the accountant, every
-parameter the accountant used, how batches were sampled and by whom, and the privacy
-unit. ``statement`` is a sentence derived from those fields by a fixed v1 rule (see
-``docs/privacy.md``); :meth:`DpCertificate.from_dict` rejects a certificate whose
-statement does not match its fields, an unknown schema, unknown keys or values out of
-range. A run without DP gets a certificate too, with ``dp_enabled = false``,
-``epsilon = null`` (ε is infinite) and a statement saying there is no guarantee.
+A certificate (``dp_certificate.json``, schema ``tensafe.dp_certificate/v2``) records what
+was proven about one training run, machine-readably: whether a guarantee holds at all
+(``private``), the (ε, δ) pair, the accountant and every spending record it composed
+(``events``), who drew the batches (``sampled_by``) and whether sampling amplification was
+used (``amplification``), where the data set size came from (``dataset_size_source``), the
+random number generator of the noise (``noise_rng``) and the privacy unit. ``statement`` is a
+sentence derived from those fields by a fixed v2 rule (``docs/privacy.md``).
+
+Every certificate is checked on construction, so an object of this class is always
+internally consistent. In particular:
+
+* ``amplification = "poisson_subsampling"`` only when the engine itself drew Poisson batches
+  (``sampling_method = "poisson"``, ``sampled_by = "engine"``), and then
+  ``sample_rate == expected_batch_size / dataset_size``. A client that chooses its batches
+  gets no amplification: ``sample_rate`` is 1 and every example counts as present at every
+  step. TenSafe never certifies a Poisson ε it did not perform.
+* ``private`` is true exactly when DP-SGD ran with noise from the operating system's CSPRNG.
+  Deterministic (seeded, non-cryptographic) noise gives ``private = false`` and no ε.
+* ``epsilon`` is what the accountant computes from ``events`` at ``delta``;
+  :meth:`DpCertificate.recompute_epsilon` recomputes it.
+
+A certificate is signed (``signature``) by the deployment's hybrid signing key
+(Ed25519 + ML-DSA-65) over its canonical JSON (RFC 8785) without the ``signature`` member,
+with the domain-separation context :data:`SIGNATURE_CONTEXT`. The privacy layer does not
+hold keys: :meth:`DpCertificate.sign` and :meth:`DpCertificate.verify_signature` take any
+object with the methods of :class:`tensafe.crypto.signing.HybridSigningKey` /
+``HybridVerifyingKey``. Verification raises; it never returns a bool.
+
+Version 1 certificates (``tensafe.dp_certificate/v1``) could state a conditional ε for
+batches a client chose; this version refuses to read them (see ``docs/privacy.md``). TSSP
+packages that carry one still verify as packages.
 
 The JSON Schema is shipped as ``dp_certificate.schema.json`` next to this module.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
+import dataclasses
 import datetime as _dt
 import functools
 import importlib.metadata
@@ -23,11 +49,12 @@ import numbers
 import os
 import re
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Self
+from typing import Any, Protocol, Self
 
+from tensafe._canonical import CanonicalJSONError, canonical_json
 from tensafe._version import __version__
 from tensafe.privacy._validation import (
     check_delta,
@@ -36,22 +63,76 @@ from tensafe.privacy._validation import (
     check_steps,
     validate_delta,
 )
-from tensafe.privacy.accountants.registry import get_accountant_class
-from tensafe.privacy.calibration import compute_epsilon
+from tensafe.privacy.accountants.registry import create_accountant, get_accountant_class
 from tensafe.privacy.errors import CertificateError, PrivacyError
-from tensafe.privacy.events import SamplingMethod
+from tensafe.privacy.events import DpSgdEvent, SamplingMethod
 
-__all__ = ["CERTIFICATE_FILENAME", "CERTIFICATE_SCHEMA", "DpCertificate", "schema_path"]
+__all__ = [
+    "AMPLIFICATION",
+    "CERTIFICATE_FILENAME",
+    "CERTIFICATE_SCHEMA",
+    "DATASET_SIZE_SOURCES",
+    "NOISE_RNGS",
+    "PRIVACY_UNITS",
+    "SIGNATURE_CONTEXT",
+    "CertificateSigner",
+    "CertificateVerifier",
+    "DpCertificate",
+    "schema_path",
+]
 
 #: Schema identifier written in every certificate of this version.
-CERTIFICATE_SCHEMA = "tensafe.dp_certificate/v1"
+CERTIFICATE_SCHEMA = "tensafe.dp_certificate/v2"
 #: The conventional file name.
 CERTIFICATE_FILENAME = "dp_certificate.json"
+#: Domain-separation context of the certificate signature.
+SIGNATURE_CONTEXT = "tensafe/dp-certificate/v2"
+#: Where ``dataset_size`` came from: the trainer counted the records it loaded (``counted``), the
+#: server counted the data set the client registered (``registered``), the client or the
+#: tenant's policy declared it (``declared``), or the operator's default applied (``defaulted``).
+DATASET_SIZE_SOURCES = ("counted", "registered", "declared", "defaulted")
+#: The noise generator: the OS CSPRNG, or the seeded, NON-private generator of TS_DETERMINISTIC=1.
+NOISE_RNGS = ("csprng", "deterministic")
+#: ``example``: one record of the training file (``tensafe train``); ``datum``: one distinct
+#: ``Datum`` of the training API (duplicates within a step are refused; see docs/privacy.md).
+PRIVACY_UNITS = ("example", "datum")
+#: ``poisson_subsampling``: ε uses the amplification of Poisson sampling the engine performed;
+#: ``none``: every example counts as present in every step (sample_rate = 1).
+AMPLIFICATION = ("poisson_subsampling", "none")
+SIGNATURE_ALGORITHM = "ed25519+ml-dsa-65"
+
 #: Distributions whose versions are recorded (the ones absent are recorded as null).
 _TRACKED_DISTRIBUTIONS = ("torch", "dp-accounting", "prv-accountant", "opacus", "peft", "transformers")
 _MAX_FILE_BYTES = 1 << 20
 _RFC3339_UTC = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?Z$")
-_PRIVACY_UNITS = ("example",)
+_LEDGER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
+_KEY_ID = re.compile(r"^[0-9a-f]{16,128}$")
+_V1_SCHEMA = "tensafe.dp_certificate/v1"
+
+
+class CertificateSigner(Protocol):
+    """What signs a certificate (satisfied by ``tensafe.crypto.signing.HybridSigningKey``)."""
+
+    def sign(self, message: bytes, *, context: str) -> bytes:
+        """Return a signature of ``message`` bound to ``context``."""
+        ...
+
+    def verifying_key(self) -> CertificateVerifier:
+        """Return the matching public key."""
+        ...
+
+
+class CertificateVerifier(Protocol):
+    """What checks a certificate signature (``tensafe.crypto.signing.HybridVerifyingKey``)."""
+
+    @property
+    def key_id(self) -> str:
+        """Stable identifier of the key (hex fingerprint)."""
+        ...
+
+    def verify(self, signature: bytes, message: bytes, *, context: str) -> None:
+        """Raise if ``signature`` is not valid for ``message`` under ``context``."""
+        ...
 
 
 def schema_path() -> Path:
@@ -88,58 +169,127 @@ def _title(accountant: str) -> str:
 
 
 def _statement(cert: DpCertificate) -> str:
-    """Return the v1 statement sentence for ``cert`` (wording frozen for schema v1)."""
+    """Return the v2 statement sentence for ``cert`` (wording frozen for schema v2)."""
+    unit = cert.privacy_unit
     if not cert.dp_enabled:
         return (
             "No differential privacy guarantee: this run trained without DP-SGD, so ε is infinite "
-            f"for each training {cert.privacy_unit}."
+            f"for each training {unit}."
+        )
+    if not cert.private:
+        return (
+            "No differential privacy guarantee: DP-SGD ran with deterministic, non-cryptographic noise "
+            "(TS_DETERMINISTIC=1) that anyone who knows the seed can remove, so ε is infinite for each "
+            f"training {unit}."
         )
     assert cert.epsilon is not None and cert.delta is not None and cert.accountant is not None
-    head = f"(ε={cert.epsilon:.3g}, δ={cert.delta:g})-DP for each training {cert.privacy_unit}"
+    head = f"(ε={cert.epsilon:.3g}, δ={cert.delta:g})-DP for each training {unit}"
     acct = _title(cert.accountant)
-    if cert.sampling_method == SamplingMethod.POISSON.value and cert.sampling_performed_by_engine:
-        return f"{head} under Poisson sampling performed by the engine ({acct})."
-    how = _SAMPLING_PHRASES[SamplingMethod(cert.sampling_method)]
-    who = "performed" if cert.sampling_performed_by_engine else "did not perform"
+    if cert.amplification == "poisson_subsampling":
+        return (
+            f"{head} under Poisson sampling at rate q={cert.sample_rate:g} performed by the engine, "
+            f"over {cert.steps} steps ({acct})."
+        )
+    who = (
+        "the client chose the batches"
+        if cert.sampled_by == "client"
+        else "the batches were not Poisson-sampled"
+    )
     return (
-        f"{head} only if every batch was drawn by Poisson sampling at rate q={cert.sample_rate:g}; "
-        f"here the batches were {how} and the engine {who} the sampling ({acct})."
+        f"{head} without sampling amplification: {who}, so each {unit} counts as present in every one "
+        f"of the {cert.steps} steps ({acct})."
     )
 
 
-_SAMPLING_PHRASES = {
-    SamplingMethod.POISSON: "Poisson-sampled",
-    SamplingMethod.SHUFFLED: "fixed-size batches of shuffled data",
-    SamplingMethod.CLIENT_CHOSEN_BATCHES: "chosen by the client",
-}
+def _events_from_json(raw: object) -> tuple[DpSgdEvent, ...]:
+    if not isinstance(raw, list):
+        raise CertificateError("invalid DP certificate: events must be a list")
+    out = []
+    for item in raw:
+        if not isinstance(item, dict) or set(item) != {"noise_multiplier", "sample_rate", "steps"}:
+            raise CertificateError(
+                "invalid DP certificate: each event needs exactly noise_multiplier, sample_rate and steps"
+            )
+        try:
+            out.append(
+                DpSgdEvent(
+                    noise_multiplier=item["noise_multiplier"],
+                    sample_rate=item["sample_rate"],
+                    steps=item["steps"],
+                )
+            )
+        except PrivacyError as exc:
+            raise CertificateError(f"invalid DP certificate: bad event ({exc})") from None
+    return tuple(out)
+
+
+def _event_json(event: DpSgdEvent) -> dict[str, Any]:
+    return {
+        "noise_multiplier": event.noise_multiplier,
+        "sample_rate": event.sample_rate,
+        "steps": event.steps,
+    }
+
+
+def _merge(events: Iterable[DpSgdEvent]) -> tuple[DpSgdEvent, ...]:
+    """Drop empty records and merge consecutive records of the same mechanism."""
+    out: list[DpSgdEvent] = []
+    for e in events:
+        if e.steps == 0:
+            continue
+        if out and out[-1].same_mechanism(e):
+            out[-1] = dataclasses.replace(out[-1], steps=out[-1].steps + e.steps)
+        else:
+            out.append(
+                DpSgdEvent(noise_multiplier=e.noise_multiplier, sample_rate=e.sample_rate, steps=e.steps)
+            )
+    return tuple(out)
+
+
+def _epsilon_of(accountant: str, events: Sequence[DpSgdEvent], delta: float) -> float:
+    acc = create_accountant(accountant)
+    for e in events:
+        acc.compose(e)
+    return acc.get_epsilon(delta)
 
 
 @dataclass(frozen=True)
 class DpCertificate:
-    """Privacy guarantee of one training run (schema ``tensafe.dp_certificate/v1``).
+    """Privacy guarantee of one training run (schema ``tensafe.dp_certificate/v2``).
 
-    Build one with :meth:`issue` (DP run; ε is computed here, never passed in) or
-    :meth:`non_private` (no DP), then :meth:`write` it. Every field is validated on
-    construction; ``statement`` is derived and must not be passed.
+    Build one with :meth:`issue` (DP-SGD ran; ε is computed here, never passed in) or
+    :meth:`non_private` (no DP-SGD), sign it with :meth:`sign`, then :meth:`write` it.
+    Every field is validated on construction; ``statement``, ``private`` and
+    ``amplification`` are derived and checked.
 
     Attributes:
-        schema: Always :data:`CERTIFICATE_SCHEMA`.
-        dp_enabled: Whether DP-SGD ran.
-        epsilon: ε (``None`` when DP is off: infinite).
-        delta: δ (``None`` when DP is off).
-        accountant: Accountant name (``None`` when DP is off).
-        noise_multiplier: σ (``None`` when DP is off).
-        clip_norm: Per-example gradient clip norm C (``None`` when DP is off).
-        sample_rate: q, the expected batch size over the data set size.
-        steps: Optimizer steps taken.
-        dataset_size: N, the number of privacy units in the training set.
-        expected_batch_size: q·N, rounded as the trainer configured it.
+        private: Whether a finite (ε, δ) guarantee holds (DP-SGD with CSPRNG noise).
+        dp_enabled: Whether DP-SGD (per-unit clipping and Gaussian noise) ran at all.
+        epsilon: ε (``None`` unless ``private``).
+        delta: δ (``None`` when DP-SGD did not run).
+        accountant: Accountant name (``None`` when DP-SGD did not run).
+        noise_multiplier: σ of the run's steps (``None`` when DP-SGD did not run).
+        clip_norm: Per-unit gradient clip norm C (``None`` when DP-SGD did not run).
+        sample_rate: q the accountant used for this run's steps: ``expected_batch_size /
+            dataset_size`` with engine Poisson sampling, 1 without amplification.
+        steps: DP-SGD steps the guarantee covers (all records of ``events``).
+        events: The spending records ε composes: ``{"noise_multiplier", "sample_rate",
+            "steps"}`` each; with a privacy ledger they include the steps of every run that
+            trained on the same data (see ``ledger_id``).
+        dataset_size: N, the number of privacy units.
+        dataset_size_source: One of :data:`DATASET_SIZE_SOURCES`.
+        expected_batch_size: B, the normaliser of the noisy gradient sum (and, with engine
+            Poisson sampling, ``q * N``).
         sampling_method: A :class:`~tensafe.privacy.events.SamplingMethod` value.
-        sampling_performed_by_engine: Whether TenSafe itself drew the batches.
-        privacy_unit: What one neighbouring data set differs in; v1 supports ``"example"``.
+        sampled_by: ``engine`` or ``client``: who chose the examples of each batch.
+        amplification: One of :data:`AMPLIFICATION` (derived).
+        noise_rng: One of :data:`NOISE_RNGS` (``None`` when DP-SGD did not run).
+        privacy_unit: One of :data:`PRIVACY_UNITS`.
+        ledger_id: The privacy ledger whose total spend ε covers (training API), or None.
         created: RFC 3339 UTC timestamp (``YYYY-MM-DDTHH:MM:SSZ``).
         library_versions: Versions of tensafe and of the libraries the guarantee depends on.
         notes: Free-text remarks, in order.
+        signature: ``{"alg", "key_id", "value"}`` (base64) or ``None`` (unsigned).
         statement: The human sentence derived from the fields.
     """
 
@@ -152,36 +302,54 @@ class DpCertificate:
     sample_rate: float | None
     steps: int
     dataset_size: int
+    dataset_size_source: str
     expected_batch_size: int | None
     sampling_method: str
-    sampling_performed_by_engine: bool
+    sampled_by: str
+    noise_rng: str | None
+    events: tuple[Mapping[str, Any], ...] = ()
     privacy_unit: str = "example"
+    ledger_id: str | None = None
     created: str = field(default_factory=_now_rfc3339)
     library_versions: Mapping[str, str | None] = field(default_factory=_library_versions)
     notes: tuple[str, ...] = ()
+    signature: Mapping[str, str] | None = None
     schema: str = CERTIFICATE_SCHEMA
+    private: bool = field(init=False, default=False)
+    amplification: str = field(init=False, default="none")
     statement: str = field(init=False, default="")
 
     def __post_init__(self) -> None:
+        if isinstance(self.events, str | bytes) or not all(isinstance(e, Mapping) for e in self.events):
+            raise CertificateError("invalid DP certificate: events must be a list of objects")
+        if isinstance(self.notes, str | bytes):
+            raise CertificateError("invalid DP certificate: notes must be a list of strings")
+        if not isinstance(self.library_versions, Mapping):
+            raise CertificateError("invalid DP certificate: library_versions must be an object")
+        if self.signature is not None and not isinstance(self.signature, Mapping):
+            raise CertificateError("invalid DP certificate: signature must be an object or null")
+        object.__setattr__(self, "events", tuple(dict(e) for e in self.events))
+        object.__setattr__(self, "library_versions", dict(self.library_versions))
+        object.__setattr__(self, "notes", tuple(self.notes))
+        if self.signature is not None:
+            object.__setattr__(self, "signature", dict(self.signature))
         try:
             self._validate()
         except PrivacyError as exc:
             if isinstance(exc, CertificateError):
                 raise
             raise CertificateError(f"invalid DP certificate: {exc}") from None
-        object.__setattr__(self, "library_versions", dict(self.library_versions))
-        object.__setattr__(self, "notes", tuple(self.notes))
         object.__setattr__(self, "statement", _statement(self))
 
+    # ------------------------------------------------------------------ validation
     def _validate(self) -> None:
         def bad(msg: str) -> CertificateError:
             return CertificateError(f"invalid DP certificate: {msg}")
 
         if self.schema != CERTIFICATE_SCHEMA:
             raise bad(f"unsupported schema {self.schema!r}; this TenSafe reads {CERTIFICATE_SCHEMA!r}")
-        for name in ("dp_enabled", "sampling_performed_by_engine"):
-            if not isinstance(getattr(self, name), bool):
-                raise bad(f"{name} must be true or false")
+        if not isinstance(self.dp_enabled, bool):
+            raise bad("dp_enabled must be true or false")
         check_steps(self.steps)
         if (
             isinstance(self.dataset_size, bool)
@@ -189,46 +357,57 @@ class DpCertificate:
             or self.dataset_size < 1
         ):
             raise bad(f"dataset_size must be a positive integer, got {self.dataset_size!r}")
-        if self.expected_batch_size is not None and (
-            isinstance(self.expected_batch_size, bool)
-            or not isinstance(self.expected_batch_size, int)
-            or self.expected_batch_size < 1
-        ):
-            raise bad(
-                f"expected_batch_size must be a positive integer or null, got {self.expected_batch_size!r}"
-            )
+        if self.dataset_size_source not in DATASET_SIZE_SOURCES:
+            raise bad(f"dataset_size_source must be one of {list(DATASET_SIZE_SOURCES)}")
+        b = self.expected_batch_size
+        if b is not None and (isinstance(b, bool) or not isinstance(b, int) or b < 1):
+            raise bad(f"expected_batch_size must be a positive integer or null, got {b!r}")
         try:
-            SamplingMethod(self.sampling_method)
+            method = SamplingMethod(self.sampling_method)
         except ValueError:
             raise bad(
                 f"unknown sampling_method {self.sampling_method!r}; "
                 f"expected one of {[m.value for m in SamplingMethod]}"
             ) from None
-        if self.privacy_unit not in _PRIVACY_UNITS:
-            raise bad(f"privacy_unit must be one of {list(_PRIVACY_UNITS)}, got {self.privacy_unit!r}")
+        if self.sampled_by not in ("engine", "client"):
+            raise bad("sampled_by must be 'engine' or 'client'")
+        if (method is SamplingMethod.CLIENT_CHOSEN_BATCHES) != (self.sampled_by == "client"):
+            raise bad("sampled_by is 'client' exactly when sampling_method is 'client_chosen_batches'")
+        amplified = method is SamplingMethod.POISSON and self.sampled_by == "engine"
+        object.__setattr__(self, "amplification", "poisson_subsampling" if amplified else "none")
+        if self.privacy_unit not in PRIVACY_UNITS:
+            raise bad(f"privacy_unit must be one of {list(PRIVACY_UNITS)}, got {self.privacy_unit!r}")
+        if self.ledger_id is not None and (
+            not isinstance(self.ledger_id, str) or not _LEDGER_ID.match(self.ledger_id)
+        ):
+            raise bad("ledger_id must be an identifier or null")
         if not isinstance(self.created, str) or not _RFC3339_UTC.match(self.created):
             raise bad(f"created must be an RFC 3339 UTC time like 2026-01-31T12:00:00Z, got {self.created!r}")
-        if not isinstance(self.library_versions, Mapping) or not all(
+        if not all(
             isinstance(k, str) and (v is None or isinstance(v, str)) for k, v in self.library_versions.items()
         ):
             raise bad("library_versions must map names to version strings or null")
-        if isinstance(self.notes, str) or not all(isinstance(n, str) for n in self.notes):
+        if not all(isinstance(n, str) for n in self.notes):
             raise bad("notes must be a list of strings")
-        if self.sample_rate is not None:
-            check_sample_rate(self.sample_rate)
-        dp_fields = ("epsilon", "delta", "accountant", "noise_multiplier", "clip_norm")
+        self._validate_signature_shape()
+        events = _events_from_json(list(self.events))
+        dp_fields = ("delta", "accountant", "noise_multiplier", "clip_norm", "noise_rng")
         if not self.dp_enabled:
-            present = [name for name in dp_fields if getattr(self, name) is not None]
+            present = [name for name in (*dp_fields, "epsilon") if getattr(self, name) is not None]
             if present:
-                raise bad(f"a run without DP must leave {', '.join(present)} null")
+                raise bad(f"a run without DP-SGD must leave {', '.join(present)} null")
+            if events:
+                raise bad("a run without DP-SGD has no spending events")
+            if self.sample_rate is not None:
+                check_sample_rate(self.sample_rate)
+            object.__setattr__(self, "private", False)
             return
         missing = [name for name in (*dp_fields, "sample_rate") if getattr(self, name) is None]
         if missing:
-            raise bad(f"a DP run needs {', '.join(missing)}")
-        eps = self.epsilon
-        if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not math.isfinite(eps) or eps < 0:
-            raise bad(f"epsilon must be a finite number >= 0, got {eps!r}")
-        assert self.delta is not None and self.accountant is not None
+            raise bad(f"a DP-SGD run needs {', '.join(missing)}")
+        if self.noise_rng not in NOISE_RNGS:
+            raise bad(f"noise_rng must be one of {list(NOISE_RNGS)}")
+        assert self.delta is not None and self.accountant is not None and self.sample_rate is not None
         validate_delta(check_delta(self.delta), self.dataset_size)
         if not isinstance(self.accountant, str):
             raise bad("accountant must be a string")
@@ -242,7 +421,48 @@ class DpCertificate:
             or clip <= 0
         ):
             raise bad(f"clip_norm must be a finite number > 0, got {clip!r}")
+        q = check_sample_rate(self.sample_rate)
+        if sum(e.steps for e in events) != self.steps:
+            raise bad(f"the events cover {sum(e.steps for e in events)} steps but steps is {self.steps}")
+        if amplified:
+            if b is not None and q != b / self.dataset_size:
+                raise bad(
+                    f"sample_rate {q!r} is not expected_batch_size / dataset_size = {b}/{self.dataset_size} "
+                    f"= {b / self.dataset_size!r}"
+                )
+        elif q != 1.0:
+            # Events of a shared ledger may hold earlier steps that the engine did sample; this
+            # run's own steps (sample_rate) get no amplification.
+            raise bad(
+                "without Poisson sampling performed by the engine there is no sampling amplification: "
+                "sample_rate must be 1"
+            )
+        private = self.noise_rng == "csprng"
+        object.__setattr__(self, "private", private)
+        if private:
+            eps = self.epsilon
+            if (
+                isinstance(eps, bool)
+                or not isinstance(eps, numbers.Real)
+                or not math.isfinite(eps)
+                or eps < 0
+            ):
+                raise bad(f"epsilon must be a finite number >= 0, got {eps!r}")
+        elif self.epsilon is not None:
+            raise bad("a run with deterministic noise has no ε guarantee: epsilon must be null")
 
+    def _validate_signature_shape(self) -> None:
+        sig = self.signature
+        if sig is None:
+            return
+        if set(sig) != {"alg", "key_id", "value"} or not all(isinstance(v, str) for v in sig.values()):
+            raise CertificateError("invalid DP certificate: signature needs exactly alg, key_id and value")
+        if sig["alg"] != SIGNATURE_ALGORITHM:
+            raise CertificateError(f"invalid DP certificate: unsupported signature algorithm {sig['alg']!r}")
+        if not _KEY_ID.match(sig["key_id"]):
+            raise CertificateError("invalid DP certificate: signature key_id must be lower-case hex")
+
+    # ------------------------------------------------------------------ construction
     @classmethod
     def issue(
         cls,
@@ -254,37 +474,39 @@ class DpCertificate:
         steps: int,
         delta: float,
         dataset_size: int,
+        dataset_size_source: str,
         expected_batch_size: int | None,
         sampling_method: SamplingMethod | str,
-        sampling_performed_by_engine: bool,
+        sampled_by: str,
+        noise_rng: str = "csprng",
+        privacy_unit: str = "example",
+        events: Sequence[DpSgdEvent] | None = None,
+        ledger_id: str | None = None,
         notes: Iterable[str] = (),
     ) -> Self:
-        """Compute ε with ``accountant`` and return the certificate of a DP run.
+        """Compute ε with ``accountant`` and return the (unsigned) certificate of a DP-SGD run.
 
-        ε is always computed under the Poisson-sampling analysis. When the engine did
-        not draw Poisson batches itself, the statement says the guarantee holds only if
-        the batches were in fact Poisson-sampled at rate q.
+        ``events`` default to one record of ``steps`` steps at ``noise_multiplier`` and
+        ``sample_rate``. With ``noise_rng="deterministic"`` the certificate says
+        ``private: false`` and holds no ε.
 
         Raises:
-            CertificateError: If a field is invalid (including δ >= 1/N).
+            CertificateError: If a field is invalid (including δ >= 1/N, a sample rate that
+                does not follow from who sampled, or events that do not add up to ``steps``).
         """
         method = SamplingMethod(sampling_method)
-        try:
-            eps = compute_epsilon(
-                accountant=accountant,
-                noise_multiplier=noise_multiplier,
-                sample_rate=sample_rate,
-                steps=steps,
-                delta=delta,
-            )
-        except PrivacyError as exc:
-            raise CertificateError(f"cannot issue DP certificate: {exc}") from None
-        extra: list[str] = []
-        if method is not SamplingMethod.POISSON or not sampling_performed_by_engine:
-            extra.append(
-                "ε was computed for Poisson sampling; the engine did not perform Poisson sampling "
-                "for this run, so the guarantee is conditional on how the batches were drawn."
-            )
+        history = (
+            (DpSgdEvent(noise_multiplier=noise_multiplier, sample_rate=sample_rate, steps=steps),)
+            if events is None
+            else tuple(events)
+        )
+        merged = _merge(history)
+        eps: float | None = None
+        if noise_rng == "csprng":
+            try:
+                eps = _epsilon_of(accountant, merged, delta)
+            except PrivacyError as exc:
+                raise CertificateError(f"cannot issue DP certificate: {exc}") from None
         return cls(
             dp_enabled=True,
             epsilon=eps,
@@ -294,11 +516,16 @@ class DpCertificate:
             clip_norm=float(clip_norm),
             sample_rate=float(sample_rate),
             steps=steps,
+            events=tuple(_event_json(e) for e in merged),
             dataset_size=dataset_size,
+            dataset_size_source=dataset_size_source,
             expected_batch_size=expected_batch_size,
             sampling_method=method.value,
-            sampling_performed_by_engine=sampling_performed_by_engine,
-            notes=(*notes, *extra),
+            sampled_by=sampled_by,
+            noise_rng=noise_rng,
+            privacy_unit=privacy_unit,
+            ledger_id=ledger_id,
+            notes=tuple(notes),
         )
 
     @classmethod
@@ -307,13 +534,16 @@ class DpCertificate:
         *,
         steps: int,
         dataset_size: int,
+        dataset_size_source: str,
         expected_batch_size: int | None,
         sample_rate: float | None,
         sampling_method: SamplingMethod | str,
-        sampling_performed_by_engine: bool,
+        sampled_by: str,
+        privacy_unit: str = "example",
+        ledger_id: str | None = None,
         notes: Iterable[str] = (),
     ) -> Self:
-        """Return the certificate of a run without DP (ε infinite, stated explicitly)."""
+        """Return the certificate of a run without DP-SGD (ε infinite, stated explicitly)."""
         return cls(
             dp_enabled=False,
             epsilon=None,
@@ -324,50 +554,107 @@ class DpCertificate:
             sample_rate=None if sample_rate is None else float(sample_rate),
             steps=steps,
             dataset_size=dataset_size,
+            dataset_size_source=dataset_size_source,
             expected_batch_size=expected_batch_size,
             sampling_method=SamplingMethod(sampling_method).value,
-            sampling_performed_by_engine=sampling_performed_by_engine,
+            sampled_by=sampled_by,
+            noise_rng=None,
+            privacy_unit=privacy_unit,
+            ledger_id=ledger_id,
             notes=(*notes, "DP-SGD was disabled: no privacy accounting applies."),
         )
 
+    # ------------------------------------------------------------------ checks
+    def event_records(self) -> tuple[DpSgdEvent, ...]:
+        """The spending records ε composes, as :class:`DpSgdEvent` objects."""
+        return _events_from_json(list(self.events))
+
     def recompute_epsilon(self) -> float:
-        """Recompute ε from the recorded parameters with the recorded accountant.
+        """Recompute ε from ``events`` with the recorded accountant.
 
         Raises:
-            CertificateError: If DP is off, or the recomputed ε differs from the recorded
-                one by more than 1e-9 relative (the certificate was edited, or another
-                accounting library version gives another result).
+            CertificateError: If the run has no ε (no DP-SGD, or deterministic noise), or the
+                recomputed ε differs from the recorded one by more than 1e-9 relative (the
+                certificate was edited, or another accounting library version gives another
+                result).
         """
-        if not self.dp_enabled:
-            raise CertificateError("this run had no DP: ε is infinite, there is nothing to recompute")
-        assert self.accountant and self.noise_multiplier and self.sample_rate and self.delta
-        assert self.epsilon is not None
-        eps = compute_epsilon(
-            accountant=self.accountant,
-            noise_multiplier=self.noise_multiplier,
-            sample_rate=self.sample_rate,
-            steps=self.steps,
-            delta=self.delta,
-        )
+        if not self.private:
+            raise CertificateError(
+                "this run has no differential privacy guarantee: ε is infinite, there is nothing to recompute"
+            )
+        assert self.accountant is not None and self.delta is not None and self.epsilon is not None
+        eps = _epsilon_of(self.accountant, self.event_records(), self.delta)
         if not math.isclose(eps, self.epsilon, rel_tol=1e-9, abs_tol=1e-12):
             raise CertificateError(
                 f"recorded ε={self.epsilon!r} does not match ε={eps!r} recomputed with the "
-                f"{self.accountant} accountant from the recorded parameters"
+                f"{self.accountant} accountant from the recorded events"
             )
         return eps
 
+    # ------------------------------------------------------------------ signature
+    def signed_message(self) -> bytes:
+        """The bytes the signature covers: canonical JSON (RFC 8785) without ``signature``."""
+        body = self.to_dict()
+        del body["signature"]
+        try:
+            return canonical_json(body, allow_floats=True)
+        except CanonicalJSONError as exc:
+            raise CertificateError(f"the certificate cannot be canonicalised: {exc}") from None
+
+    def sign(self, signer: CertificateSigner) -> Self:
+        """Return a copy signed by ``signer`` (the deployment's hybrid signing key)."""
+        message = self.signed_message()
+        signature = signer.sign(message, context=SIGNATURE_CONTEXT)
+        key_id = signer.verifying_key().key_id
+        return dataclasses.replace(
+            self,
+            signature={
+                "alg": SIGNATURE_ALGORITHM,
+                "key_id": key_id,
+                "value": base64.b64encode(bytes(signature)).decode("ascii"),
+            },
+        )
+
+    def verify_signature(self, verifier: CertificateVerifier | Sequence[CertificateVerifier]) -> str:
+        """Check the signature with the given public key(s); return the signing key id.
+
+        Raises:
+            CertificateError: The certificate is unsigned, signed by a key that is not given,
+                or the signature does not verify (modified certificate or forged signature).
+        """
+        keys = [verifier] if not isinstance(verifier, Sequence) else list(verifier)
+        if not keys:
+            raise CertificateError("no public key given: pass the deployment's public key to verify")
+        sig = self.signature
+        if sig is None:
+            raise CertificateError("the certificate is not signed; it cannot be verified")
+        by_id = {k.key_id: k for k in keys}
+        key = by_id.get(sig["key_id"])
+        if key is None:
+            raise CertificateError(
+                f"the certificate is signed by key {sig['key_id']}, which is not among the given public keys "
+                f"({', '.join(sorted(by_id))})"
+            )
+        try:
+            value = base64.b64decode(sig["value"], validate=True)
+            key.verify(value, self.signed_message(), context=SIGNATURE_CONTEXT)
+        except (binascii.Error, ValueError, CertificateError):
+            raise CertificateError("the certificate signature is invalid (modified or forged)") from None
+        except Exception:  # any verifier failure is a bad signature: fail closed
+            raise CertificateError("the certificate signature is invalid (modified or forged)") from None
+        return sig["key_id"]
+
+    # ------------------------------------------------------------------ JSON
     def to_dict(self) -> dict[str, Any]:
-        """Return the JSON object of the certificate (keys in schema order)."""
-        out: dict[str, Any] = {"schema": self.schema}
-        for f in fields(self):
-            if f.name == "schema":
-                continue
-            value = getattr(self, f.name)
-            if f.name == "notes":
-                value = list(value)
-            elif f.name == "library_versions":
+        """Return the JSON object of the certificate (keys in the documented order)."""
+        out: dict[str, Any] = {}
+        for name in _KEY_ORDER:
+            value = getattr(self, name)
+            if name in ("notes", "events"):
+                value = [dict(v) if isinstance(v, Mapping) else v for v in value]
+            elif name in ("library_versions", "signature") and value is not None:
                 value = dict(value)
-            out[f.name] = value
+            out[name] = value
         return out
 
     @classmethod
@@ -376,11 +663,16 @@ class DpCertificate:
 
         Raises:
             CertificateError: On an unknown schema, missing or unknown keys, a bad value or
-                a statement that does not match the fields.
+                a derived field (statement, private, amplification) that does not match.
         """
         if not isinstance(data, dict):
             raise CertificateError("invalid DP certificate: expected a JSON object")
         schema = data.get("schema")
+        if schema == _V1_SCHEMA:
+            raise CertificateError(
+                "this is a v1 certificate (tensafe.dp_certificate/v1); v1 could state a conditional ε for "
+                "batches the client chose and is no longer accepted: issue a v2 certificate from the run"
+            )
         if schema != CERTIFICATE_SCHEMA:
             raise CertificateError(
                 f"invalid DP certificate: unsupported schema {schema!r}; "
@@ -391,21 +683,31 @@ class DpCertificate:
         missing = sorted(names - set(data))
         if unknown or missing:
             raise CertificateError(f"invalid DP certificate: unknown keys {unknown}, missing keys {missing}")
-        notes = data["notes"]
-        if not isinstance(notes, list):
-            raise CertificateError("invalid DP certificate: notes must be a list of strings")
-        kwargs = {k: v for k, v in data.items() if k != "statement"}
-        kwargs["notes"] = tuple(notes)
-        cert = cls(**kwargs)
-        if data["statement"] != cert.statement:
-            raise CertificateError(
-                "invalid DP certificate: the statement does not match the recorded fields "
-                f"(expected {cert.statement!r})"
-            )
+        for name in ("notes", "events"):
+            if not isinstance(data[name], list):
+                raise CertificateError(f"invalid DP certificate: {name} must be a list")
+        if not isinstance(data["library_versions"], dict):
+            raise CertificateError("invalid DP certificate: library_versions must be an object")
+        if data["signature"] is not None and not isinstance(data["signature"], dict):
+            raise CertificateError("invalid DP certificate: signature must be an object or null")
+        derived = ("statement", "private", "amplification")
+        kwargs = {k: v for k, v in data.items() if k not in derived}
+        kwargs["notes"] = tuple(data["notes"])
+        kwargs["events"] = tuple(data["events"])
+        try:
+            cert = cls(**kwargs)
+        except TypeError as exc:  # a wrong JSON type reaching a check that assumed another
+            raise CertificateError(f"invalid DP certificate: {exc}") from None
+        for name in derived:
+            if data[name] != getattr(cert, name):
+                raise CertificateError(
+                    f"invalid DP certificate: {name} does not match the recorded fields "
+                    f"(expected {getattr(cert, name)!r})"
+                )
         return cert
 
     def to_json(self) -> str:
-        """Return the canonical JSON text (indented, UTF-8 characters kept, newline-terminated)."""
+        """Return the JSON text (indented, UTF-8 characters kept, newline-terminated)."""
         return json.dumps(self.to_dict(), indent=2, ensure_ascii=False, allow_nan=False) + "\n"
 
     def write(self, path: str | os.PathLike[str]) -> Path:
@@ -434,6 +736,21 @@ class DpCertificate:
         return target
 
     @classmethod
+    def from_json_bytes(cls, raw: bytes, *, source: str = "DP certificate") -> Self:
+        """Parse a certificate from JSON bytes (at most 1 MiB).
+
+        Raises:
+            CertificateError: If the bytes are too large, not JSON or not a valid certificate.
+        """
+        if len(raw) > _MAX_FILE_BYTES:
+            raise CertificateError(f"{source} is larger than {_MAX_FILE_BYTES} bytes")
+        try:
+            data = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
+        except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+            raise CertificateError(f"{source} is not valid JSON: {exc}") from None
+        return cls.from_dict(data)
+
+    @classmethod
     def read(cls, path: str | os.PathLike[str]) -> Self:
         """Read and validate a certificate file.
 
@@ -447,13 +764,38 @@ class DpCertificate:
                 raw = handle.read(_MAX_FILE_BYTES + 1)
         except OSError as exc:
             raise CertificateError(f"cannot read DP certificate {p}: {exc.strerror or exc}") from None
-        if len(raw) > _MAX_FILE_BYTES:
-            raise CertificateError(f"DP certificate {p} is larger than {_MAX_FILE_BYTES} bytes")
-        try:
-            data = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
-        except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-            raise CertificateError(f"DP certificate {p} is not valid JSON: {exc}") from None
-        return cls.from_dict(data)
+        return cls.from_json_bytes(raw, source=f"DP certificate {p}")
+
+
+#: The order of the members in the JSON object (the reading order of docs/privacy.md).
+_KEY_ORDER = (
+    "schema",
+    "private",
+    "dp_enabled",
+    "epsilon",
+    "delta",
+    "accountant",
+    "noise_multiplier",
+    "clip_norm",
+    "sample_rate",
+    "amplification",
+    "steps",
+    "events",
+    "dataset_size",
+    "dataset_size_source",
+    "expected_batch_size",
+    "sampling_method",
+    "sampled_by",
+    "noise_rng",
+    "privacy_unit",
+    "ledger_id",
+    "created",
+    "library_versions",
+    "notes",
+    "statement",
+    "signature",
+)
+assert set(_KEY_ORDER) == {f.name for f in fields(DpCertificate)}
 
 
 def _reject_constant(name: str) -> float:

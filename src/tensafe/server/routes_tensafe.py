@@ -507,10 +507,12 @@ def certificate(run_id: str, who: Caller, services: Svc) -> dict[str, Any]:
             cert = DpCertificate.non_private(
                 steps=steps,
                 dataset_size=1,
+                dataset_size_source="defaulted",
                 expected_batch_size=None,
                 sample_rate=None,
                 sampling_method=SamplingMethod.CLIENT_CHOSEN_BATCHES,
-                sampling_performed_by_engine=False,
+                sampled_by="client",
+                privacy_unit="datum",
                 notes=(*notes, "The server does not record the data set size of non-private runs."),
             )
         else:
@@ -529,8 +531,10 @@ def certificate(run_id: str, who: Caller, services: Svc) -> dict[str, Any]:
                 delta=float(policy["delta"]),
                 dataset_size=int(spent["dataset_size"]),
                 expected_batch_size=policy.get("expected_batch_size"),
+                dataset_size_source="registered" if poisson else "declared",
                 sampling_method=SamplingMethod.POISSON if poisson else SamplingMethod.CLIENT_CHOSEN_BATCHES,
-                sampling_performed_by_engine=poisson,
+                sampled_by="engine" if poisson else "client",
+                privacy_unit="datum",
                 notes=notes,
             )
     except CertificateError as exc:

@@ -674,6 +674,7 @@ def train(
     method = SamplingMethod.POISSON if engine is not None else SamplingMethod.SHUFFLED
     if priv.enabled:
         assert sigma is not None
+        assert engine is not None
         certificate = DpCertificate.issue(
             accountant=priv.accountant,
             noise_multiplier=sigma,
@@ -682,18 +683,21 @@ def train(
             steps=done_steps,
             delta=priv.delta,
             dataset_size=n,
+            dataset_size_source="counted",
             expected_batch_size=batch_size,
             sampling_method=method,
-            sampling_performed_by_engine=True,
+            sampled_by="engine",
+            noise_rng="csprng" if engine.random_source.secure else "deterministic",
         )
     else:
         certificate = DpCertificate.non_private(
             steps=done_steps,
             dataset_size=n,
+            dataset_size_source="counted",
             expected_batch_size=batch_size,
             sample_rate=q,
             sampling_method=method,
-            sampling_performed_by_engine=True,
+            sampled_by="engine",
         )
     evidence = {
         "schema": EVIDENCE_SCHEMA,

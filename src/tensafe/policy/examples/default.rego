@@ -27,11 +27,19 @@ required_signers := set()
 
 deny contains "package carries no DP certificate" if input.dp_certificate == null
 
-# Certificates follow tensafe.dp_certificate/v1 (src/tensafe/privacy/dp_certificate.schema.json):
-# a run without DP says dp_enabled = false and epsilon = null.
+# Certificates follow tensafe.dp_certificate/v2 (src/tensafe/privacy/dp_certificate.schema.json):
+# private = true exactly when DP-SGD ran with CSPRNG noise and epsilon is a finite guarantee; a run
+# without DP (dp_enabled = false) or with deterministic noise says private = false and epsilon = null.
+# A v1 certificate has no "private" member, so this policy refuses it (v1 could state an epsilon
+# that held only if the client had Poisson-sampled its batches).
 deny contains "the training run did not use differential privacy" if {
 	input.dp_certificate != null
 	input.dp_certificate.dp_enabled != true
+}
+
+deny contains "the DP certificate does not state a differential privacy guarantee (private is not true)" if {
+	input.dp_certificate != null
+	not input.dp_certificate.private == true
 }
 
 deny contains msg if {

@@ -192,6 +192,11 @@ class DPGradientEngine:
         self._patched: list[nn.Linear] = []
         self._patch_layers(model)
         self._accum: dict[int, torch.Tensor] = {}
+        # A request being staged (begin_request): its clipped sums and counts, added to the
+        # step's accumulator only by commit_request, dropped by discard_request.
+        self._staged: dict[int, torch.Tensor] | None = None
+        self._staged_examples = 0
+        self._staged_clipped = 0
         self._per_example: dict[int, torch.Tensor] = {}
         self._sq_norms: dict[int, torch.Tensor] = {}
         self._batch_size = 0
@@ -287,8 +292,52 @@ class DPGradientEngine:
 
     @property
     def pending_examples(self) -> int:
-        """Examples accumulated into the current, not yet finalized, logical step."""
+        """Examples accumulated into the current, not yet finalized, logical step (committed only)."""
         return self._examples
+
+    # ------------------------------------------------------------------ atomic requests
+    def begin_request(self) -> None:
+        """Stage what the following :meth:`accumulate` calls add, until committed or discarded.
+
+        A request that fails half-way (a bad micro-batch, a non-finite gradient, an error
+        after the last micro-batch) must leave no partial clipped sum in the step: stage it
+        with this, then call :meth:`commit_request` once the whole request succeeded, or
+        :meth:`discard_request`.
+
+        Raises:
+            DPError: A request is already being staged.
+        """
+        if self._staged is not None:
+            raise DPError("a request is already staged; commit or discard it first")
+        self._staged = {}
+        self._staged_examples = 0
+        self._staged_clipped = 0
+
+    def commit_request(self) -> None:
+        """Add the staged request's clipped sums to the current logical step."""
+        staged = self._staged
+        if staged is None:
+            raise DPError("no request is staged")
+        for key, tensor in staged.items():
+            acc = self._accum.get(key)
+            if acc is None:
+                self._accum[key] = tensor
+            else:
+                acc.add_(tensor)
+        self._examples += self._staged_examples
+        self._clipped += self._staged_clipped
+        self._staged = None
+
+    def discard_request(self) -> None:
+        """Drop the staged request: the step is exactly as before :meth:`begin_request`."""
+        self._staged = None
+        self._staged_examples = 0
+        self._staged_clipped = 0
+
+    @property
+    def staging(self) -> bool:
+        """Whether a request is being staged."""
+        return self._staged is not None
 
     @property
     def noise_std(self) -> float:
@@ -338,8 +387,12 @@ class DPGradientEngine:
             for t in self._targets:
                 t.param.grad = None
         clipped = int((norms > self.clip_norm).sum())
-        self._examples += b
-        self._clipped += clipped
+        if self._staged is not None:
+            self._staged_examples += b
+            self._staged_clipped += clipped
+        else:
+            self._examples += b
+            self._clipped += clipped
         return MicroBatchStats(grad_norms=norms.to(torch.float32).cpu(), num_clipped=clipped)
 
     def _clip_and_add(self, b: int) -> torch.Tensor:
@@ -371,11 +424,13 @@ class DPGradientEngine:
                 "added. Lower the learning rate or check the data"
             )
         factors = (self.clip_norm / (norms + CLIP_EPSILON)).clamp(max=1.0)
-        for t, flat in flats:
-            clipped_sum = torch.mv(flat.t(), factors.to(flat.dtype)).view_as(t.param)
-            acc = self._accum.get(id(t.param))
+        target = self._staged if self._staged is not None else self._accum
+        # Compute every clipped sum before adding any: an error part-way leaves ``target`` as it was.
+        sums = [(t, torch.mv(flat.t(), factors.to(flat.dtype)).view_as(t.param)) for t, flat in flats]
+        for t, clipped_sum in sums:
+            acc = target.get(id(t.param))
             if acc is None:
-                self._accum[id(t.param)] = clipped_sum
+                target[id(t.param)] = clipped_sum
             else:
                 acc.add_(clipped_sum)
         return norms
@@ -389,7 +444,12 @@ class DPGradientEngine:
 
         Returns:
             Statistics about the step.
+
+        Raises:
+            DPError: A request is still staged (commit or discard it first).
         """
+        if self._staged is not None:
+            raise DPError("a request is still staged; commit or discard it before finalizing the step")
         total = sum(t.numel for t in self._targets)
         noise = self.random_source.standard_normal(total, step=self._step)
         noise.mul_(self.noise_multiplier * self.clip_norm)
@@ -416,6 +476,7 @@ class DPGradientEngine:
         self._accum = {}
         self._examples = 0
         self._clipped = 0
+        self.discard_request()
 
     def state_dict(self) -> dict[str, int]:
         """Return the engine's resumable state (the number of finalized steps)."""

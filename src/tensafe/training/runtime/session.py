@@ -6,12 +6,21 @@ privacy budget. Each :class:`~tensafe.training.runtime.types.Datum` is one priva
 
 * ``forward_backward`` clips every datum's gradient (over all LoRA parameters) to the
   policy's clip norm and adds it to an accumulator; calls (the SDK's chunks) accumulate
-  until ``optim_step``.
+  until ``optim_step``. Within one step each privacy unit contributes once: a datum whose
+  tokens and targets repeat one already in the step (in the same request or an earlier one)
+  is refused. A request is atomic: if any part fails, the step is exactly as before it.
 * ``optim_step`` first asks the budget whether one more step stays within the target ε
   (and ``max_steps``); if not it raises before anything changes. Otherwise it adds Gaussian
   noise of standard deviation ``noise_multiplier * clip_norm`` once, divides by the policy's
   ``expected_batch_size`` (never by the realised batch size), applies the optional global
   gradient clip and takes one AdamW step.
+
+**Accounting.** With ``client_chosen_batches`` (the client sends the batches) the engine
+cannot verify how they were drawn, so no sampling amplification is claimed: ε is computed
+with sample rate 1, as if every privacy unit were in every step. Only ``server_poisson``
+(the engine draws each batch from a registered data set with the OS CSPRNG) is accounted with
+the Poisson rate ``q = expected_batch_size / N``. The budget may be rebased on a privacy
+ledger shared with other runs on the same data (:meth:`LoraTrainingSession.sync_privacy`).
 
 Without a policy (only with ``allow_non_private=True``), gradients of the summed loss
 accumulate across calls as in Tinker, and the certificate states that no DP applies.
@@ -35,6 +44,7 @@ import torch
 
 from tensafe.privacy import (
     DpCertificate,
+    DpSgdEvent,
     PrivacyBudget,
     PrivacyError,
     SamplingMethod,
@@ -195,6 +205,66 @@ def _datum_digest(tokens: Sequence[int], inputs: Mapping[str, np.ndarray]) -> by
     return h.digest()
 
 
+def _unit_digest(tokens: Sequence[int], inputs: Mapping[str, np.ndarray]) -> bytes:
+    """The privacy unit of a datum: its token content (model input and targets).
+
+    Per-token scalars (weights, advantages, sampling log-probabilities) are not part of it:
+    two datums with the same tokens and targets are the same unit whatever their weights.
+    """
+    h = hashlib.sha256(b"tensafe-privacy-unit/v1\0")
+    h.update(np.asarray(tokens, dtype="<i8").tobytes())
+    targets = inputs.get("target_tokens")
+    if targets is not None:
+        arr = np.asarray(targets)
+        h.update(b"\0" + json.dumps(list(arr.shape)).encode() + b"\0")
+        h.update(np.ascontiguousarray(arr, dtype="<i8").tobytes())
+    return h.digest()
+
+
+class _StagedRequest:
+    """A ``forward_backward`` computed but not yet part of the step (see ``stage_forward_backward``)."""
+
+    def __init__(
+        self,
+        session: LoraTrainingSession,
+        result: ForwardBackwardResult,
+        *,
+        count: int,
+        units: set[bytes],
+        remaining: list[int] | None,
+        saved_grads: list[torch.Tensor | None] | None,
+    ) -> None:
+        self._session = session
+        self.result = result
+        self.count = count
+        self.units = units
+        self.remaining = remaining
+        self.saved_grads = saved_grads
+        self._done = False
+
+    def commit(self) -> None:
+        """Make the request part of the current step."""
+        with self._session._lock:
+            if self._done:
+                return
+            self._session._commit(self)
+            self._finish()
+
+    def discard(self) -> None:
+        """Drop the request: the step is exactly as before it."""
+        with self._session._lock:
+            if self._done:
+                return
+            self._session._rollback(self.saved_grads)
+            self._finish()
+
+    def _finish(self) -> None:
+        self._done = True
+        self.saved_grads = None
+        if self._session._staged is self:
+            self._session._staged = None
+
+
 @dataclasses.dataclass
 class _DpState:
     policy: DpPolicy
@@ -221,7 +291,7 @@ class LoraTrainingSession:
         settings: LoraSettings,
         lora_flags: dict[str, bool],
         dp: DpPolicy | None,
-        seed: int | None,
+        noise_seed: int | None,
         deterministic: bool,
         max_microbatch_size: int,
     ) -> None:
@@ -229,7 +299,7 @@ class LoraTrainingSession:
         self._settings = settings
         self._flags = lora_flags
         self._policy = dp
-        self._seed = seed
+        self._noise_seed = noise_seed
         self._deterministic_requested = deterministic
         if (
             isinstance(max_microbatch_size, bool)
@@ -252,6 +322,9 @@ class LoraTrainingSession:
         self._digests: list[bytes] = []
         self._drawn: list[int] | None = None
         self._remaining: list[int] = []
+        # Privacy units (token content digests) already in the current logical step.
+        self._step_units: set[bytes] = set()
+        self._staged: _StagedRequest | None = None
         self._lock = threading.RLock()
         if dp is not None and dp.sampling == "client_chosen_batches":
             assert dp.dataset_size is not None
@@ -271,6 +344,7 @@ class LoraTrainingSession:
         train_unembed: bool = False,
         allow_non_private: bool = False,
         deterministic: bool = False,
+        noise_seed: int | None = None,
         max_microbatch_size: int = 16,
     ) -> LoraTrainingSession:
         """Load ``base_model`` and add fresh LoRA adapters.
@@ -279,13 +353,16 @@ class LoraTrainingSession:
             base_model: A registered model name or a local Hugging Face directory.
             rank: LoRA rank (alpha is fixed at :data:`LORA_ALPHA`).
             dp: The privacy policy; ``None`` trains without DP and requires ``allow_non_private``.
-            seed: Seed of the LoRA initialisation (and of the noise in deterministic mode).
+            seed: Seed of the LoRA initialisation (never of the noise).
             train_mlp: Adapt the MLP projections.
             train_attn: Adapt the attention projections.
             train_unembed: Adapt the output (unembedding) layer.
             allow_non_private: Explicit opt-in for ``dp=None`` (the tenant's policy must allow it).
             deterministic: Reproducible, NON-private noise and sampling (tests only); also
-                selected by ``TS_DETERMINISTIC=1``. A loud warning is logged.
+                selected by ``TS_DETERMINISTIC=1``. A loud warning is logged and the
+                certificate says ``private: false``.
+            noise_seed: Seed of the deterministic noise and sampling (0 when None); unused with
+                the OS CSPRNG. A server passes its own setting here, never a client's seed.
             max_microbatch_size: Largest physical micro-batch (memory only; no privacy effect).
 
         Raises:
@@ -302,8 +379,9 @@ class LoraTrainingSession:
             raise DpPolicyError("dp must be a DpPolicy or None")
         if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= _MAX_RANK:
             raise TrainingConfigError(f"LoRA rank must be an integer in [1, {_MAX_RANK}], got {rank!r}")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
-            raise TrainingConfigError(f"seed must be a non-negative integer, got {seed!r}")
+        for name, value in (("seed", seed), ("noise_seed", noise_seed)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+                raise TrainingConfigError(f"{name} must be a non-negative integer, got {value!r}")
         targets = (
             *(_ATTN if train_attn else ()),
             *(_MLP if train_mlp else ()),
@@ -325,7 +403,7 @@ class LoraTrainingSession:
             settings=settings,
             lora_flags=flags,
             dp=dp,
-            seed=seed,
+            noise_seed=noise_seed,
             deterministic=deterministic,
             max_microbatch_size=max_microbatch_size,
         )
@@ -346,7 +424,9 @@ class LoraTrainingSession:
             validate_delta(policy.delta, dataset_size)
         except PrivacyError as exc:
             raise DpPolicyError(f"DP policy: {exc}") from None
-        q = policy.expected_batch_size / dataset_size
+        # Amplification by sampling holds only for batches the engine draws itself. With batches
+        # the client chose, every privacy unit may be in every step: q = 1 (no amplification).
+        q = policy.expected_batch_size / dataset_size if policy.sampling == "server_poisson" else 1.0
         sigma = noise_multiplier if noise_multiplier is not None else policy.noise_multiplier
         if sigma is None:
             assert policy.max_steps is not None
@@ -367,7 +447,7 @@ class LoraTrainingSession:
             noise_multiplier=sigma,
             sample_rate=q,
         )
-        source = random_source_from_env(seed=self._seed, secure_rng=not self._deterministic_requested)
+        source = random_source_from_env(seed=self._noise_seed, secure_rng=not self._deterministic_requested)
         engine = DPGradientEngine(
             self._h.model,
             clip_norm=policy.clip_norm,
@@ -464,12 +544,14 @@ class LoraTrainingSession:
         self, data: Sequence[Datum], loss_fn: str, loss_fn_config: Mapping[str, float] | None = None
     ) -> ForwardBackwardResult:
         """Compute the loss and learner log-probabilities without touching gradients or state."""
-        return self._run(data, loss_fn, loss_fn_config, backward=False)
+        result = self._run(data, loss_fn, loss_fn_config, backward=False)
+        assert isinstance(result, ForwardBackwardResult)
+        return result
 
     def forward_backward(
         self, data: Sequence[Datum], loss_fn: str, loss_fn_config: Mapping[str, float] | None = None
     ) -> ForwardBackwardResult:
-        """Compute the loss and accumulate gradients for the next :meth:`optim_step`.
+        """Compute the loss and accumulate gradients for the next :meth:`optim_step` (atomic).
 
         Args:
             data: The datums (each one a privacy unit under DP).
@@ -480,15 +562,39 @@ class LoraTrainingSession:
             Per-datum ``{"logprobs": float32 array}`` and metrics (``loss:sum`` = the summed loss).
 
         Raises:
-            InvalidRequestError: If a datum, the loss or its config is invalid.
+            InvalidRequestError: If a datum, the loss or its config is invalid, or (under DP) a
+                datum repeats the tokens and targets of another datum of the same step.
             SessionStateError: In ``server_poisson`` mode, if a datum is not part of the batch
                 drawn by :meth:`sample_batch` (or was already used in this step).
-        """
-        return self._run(data, loss_fn, loss_fn_config, backward=True)
 
-    def _claim_poisson(
-        self, checked: list[tuple[list[int], dict[str, np.ndarray]]], raw: Sequence[Datum]
-    ) -> None:
+        If anything fails, nothing of the request remains in the step.
+        """
+        with self._lock:
+            staged = self.stage_forward_backward(data, loss_fn, loss_fn_config)
+            staged.commit()
+            return staged.result
+
+    def stage_forward_backward(
+        self, data: Sequence[Datum], loss_fn: str, loss_fn_config: Mapping[str, float] | None = None
+    ) -> _StagedRequest:
+        """Run a ``forward_backward`` whose contribution waits for :meth:`_StagedRequest.commit`.
+
+        The server uses it to make a request's effect on the step depend on the request's
+        own completion (committed together with its result), so that a request that fails
+        after the computation (e.g. while its result is stored) leaves no trace. Until the
+        staged request is committed or discarded, no other ``forward_backward`` or
+        ``optim_step`` runs.
+
+        Raises:
+            As :meth:`forward_backward`; on any error nothing is staged.
+        """
+        with self._lock:
+            if self._staged is not None:
+                raise SessionStateError("a forward_backward is staged; commit or discard it first")
+            return self._run(data, loss_fn, loss_fn_config, backward=True)  # type: ignore[return-value]
+
+    def _claim_poisson(self, raw: Sequence[Datum]) -> list[int]:
+        """Return the drawn examples still unused once ``raw`` is claimed (nothing is changed)."""
         if self._drawn is None:
             raise SessionStateError(
                 "server_poisson mode: call sample_batch() and train on exactly that batch"
@@ -503,41 +609,96 @@ class LoraTrainingSession:
                     "sample_batch() for this step; the engine, not the client, chooses the batches"
                 )
             remaining.remove(match)
-        self._remaining = remaining
+        return remaining
+
+    def _new_units(self, checked: list[tuple[list[int], dict[str, np.ndarray]]]) -> set[bytes]:
+        """The privacy units of a request, refusing one that is already in the step (or twice in it)."""
+        seen: dict[bytes, int] = {}
+        for i, (tokens, inputs) in enumerate(checked):
+            unit = _unit_digest(tokens, inputs)
+            if unit in seen:
+                raise InvalidRequestError(
+                    f"datum {i} repeats the tokens and targets of datum {seen[unit]} of this request: under "
+                    "DP-SGD each privacy unit may contribute once per optimizer step; merge the two "
+                    "(e.g. add their weights) or send one of them in another step"
+                )
+            if unit in self._step_units:
+                raise InvalidRequestError(
+                    f"datum {i} repeats the tokens and targets of a datum of an earlier forward_backward "
+                    "of this optimizer step: under DP-SGD each privacy unit may contribute once per step; "
+                    "send it in another step"
+                )
+            seen[unit] = i
+        return set(seen)
 
     def _run(
         self, data: Sequence[Datum], loss_fn: str, config: Mapping[str, float] | None, *, backward: bool
-    ) -> ForwardBackwardResult:
+    ) -> ForwardBackwardResult | _StagedRequest:
         with self._lock:
             cfg = losses.validate_config(loss_fn, config)
             checked = self._check_data(data, loss_fn)
             dp = self._dp
+            units: set[bytes] = set()
+            remaining: list[int] | None = None
             if backward and self._policy is not None:
                 if dp is None:
                     raise SessionStateError("server_poisson mode: register_dataset() first")
                 if dp.sampler is not None:
-                    self._claim_poisson(checked, data)
+                    remaining = self._claim_poisson(data)
+                units = self._new_units(checked)
             outputs: list[dict[str, np.ndarray]] = []
             total_loss = 0.0
             clipped = 0
-            for start in range(0, len(checked), self._micro):
-                micro = checked[start : start + self._micro]
-                per_example, lps = self._micro_losses(micro, loss_fn, cfg, grad=backward)
-                total_loss += float(per_example.detach().sum())
-                if backward:
-                    if dp is not None:
-                        stats = dp.engine.accumulate(per_example)
-                        clipped += stats.num_clipped
-                    else:
-                        per_example.sum().backward()
-                outputs.extend({"logprobs": lp} for lp in lps)
+            saved_grads: list[torch.Tensor | None] | None = None
             if backward:
-                self._pending += len(checked)
-                self._examples_seen += len(checked)
+                if dp is not None:
+                    dp.engine.begin_request()
+                else:  # plain gradients accumulate in .grad: keep a copy to restore on failure
+                    saved_grads = [None if p.grad is None else p.grad.clone() for _, p in self._params]
+            try:
+                for start in range(0, len(checked), self._micro):
+                    micro = checked[start : start + self._micro]
+                    per_example, lps = self._micro_losses(micro, loss_fn, cfg, grad=backward)
+                    total_loss += float(per_example.detach().sum())
+                    if backward:
+                        if dp is not None:
+                            stats = dp.engine.accumulate(per_example)
+                            clipped += stats.num_clipped
+                        else:
+                            per_example.sum().backward()
+                    outputs.extend({"logprobs": lp} for lp in lps)
+            except BaseException:
+                if backward:
+                    self._rollback(saved_grads)
+                raise
             metrics = {"loss:sum": total_loss}
             if backward and dp is not None:
                 metrics["dp_clipped:sum"] = float(clipped)
-            return ForwardBackwardResult(loss_fn_outputs=outputs, metrics=metrics)
+            result = ForwardBackwardResult(loss_fn_outputs=outputs, metrics=metrics)
+            if not backward:
+                return result
+            staged = _StagedRequest(
+                self, result, count=len(checked), units=units, remaining=remaining, saved_grads=saved_grads
+            )
+            self._staged = staged
+            return staged
+
+    def _rollback(self, saved_grads: list[torch.Tensor | None] | None) -> None:
+        """Undo a request's gradient contribution (see :meth:`stage_forward_backward`)."""
+        if self._dp is not None:
+            self._dp.engine.discard_request()
+        elif saved_grads is not None:
+            for (_, p), g in zip(self._params, saved_grads, strict=True):
+                p.grad = g
+
+    def _commit(self, staged: _StagedRequest) -> None:
+        if self._dp is not None:
+            self._dp.engine.commit_request()
+        self._pending += staged.count
+        self._examples_seen += staged.count
+        self._step_units |= staged.units
+        if staged.remaining is not None:
+            self._remaining = staged.remaining
 
     def _micro_losses(
         self,
@@ -590,22 +751,8 @@ class LoraTrainingSession:
         with self._lock:
             dp = self._dp
             examples = self._pending
-            if self._policy is not None:
-                if dp is None:
-                    raise SessionStateError("server_poisson mode: register_dataset() first")
-                if self._policy.max_steps is not None and dp.budget.steps >= self._policy.max_steps:
-                    raise StepLimitError(
-                        f"the DP policy allows {self._policy.max_steps} optimizer steps and all were taken"
-                    )
-                dp.budget.check_step()  # raises BudgetExceededError before anything changes
-                if dp.sampler is not None:
-                    if self._drawn is None:
-                        self.sample_batch()
-                    if self._remaining:
-                        raise SessionStateError(
-                            f"server_poisson mode: {len(self._remaining)} example(s) of the drawn batch were "
-                            "not trained on; call forward_backward on the whole sample_batch() first"
-                        )
+            self.check_optim_step()  # raises before anything changes
+            if dp is not None:
                 dp.engine.finalize_step()
             params = [p for _, p in self._params]
             grads = [p.grad for p in params if p.grad is not None]
@@ -628,12 +775,80 @@ class LoraTrainingSession:
                 "learning_rate:mean": adam.learning_rate,
                 "examples:sum": float(examples),
             }
+            self._step_units = set()
             if dp is not None:
                 dp.budget.record_step()
                 self._drawn = None
                 self._remaining = []
                 metrics["dp_epsilon:max"] = float(dp.budget.spent_epsilon())
             return metrics
+
+    def check_optim_step(self) -> None:
+        """Raise what :meth:`optim_step` would raise before changing anything; change nothing.
+
+        Raises:
+            BudgetExceededError: One more step would exceed the target ε.
+            StepLimitError: The policy's ``max_steps`` steps were taken.
+            SessionStateError: A request is staged; or in ``server_poisson`` mode, no data set is
+                registered or the drawn batch was not fully used.
+        """
+        with self._lock:
+            if self._staged is not None:
+                raise SessionStateError("a forward_backward is staged; commit or discard it first")
+            dp = self._dp
+            if self._policy is None:
+                return
+            if dp is None:
+                raise SessionStateError("server_poisson mode: register_dataset() first")
+            if self._policy.max_steps is not None and dp.budget.steps >= self._policy.max_steps:
+                raise StepLimitError(
+                    f"the DP policy allows {self._policy.max_steps} optimizer steps and all were taken"
+                )
+            dp.budget.check_step()
+            if dp.sampler is not None:
+                if self._drawn is None:
+                    raise SessionStateError(
+                        "server_poisson mode: call sample_batch() and forward_backward on that batch first"
+                    )
+                if self._remaining:
+                    raise SessionStateError(
+                        f"server_poisson mode: {len(self._remaining)} example(s) of the drawn batch were "
+                        "not trained on; call forward_backward on the whole sample_batch() first"
+                    )
+
+    # ------------------------------------------------------------------ privacy ledger
+    def sync_privacy(self, events: Sequence[DpSgdEvent]) -> None:
+        """Account from now on for exactly ``events`` (a privacy ledger's spend) plus later steps.
+
+        The training API keeps the privacy spent on a data set in a ledger outside the
+        restorable session state, shared by every run that trains on it (runs loaded from
+        each other's checkpoints); it calls this before every step, so a reloaded or branched
+        run continues from the total instead of from the count in its checkpoint.
+
+        Raises:
+            SessionStateError: The session has no DP state yet (non-private, or ``server_poisson``
+                before its data set is registered).
+        """
+        with self._lock:
+            if self._dp is None:
+                raise SessionStateError("this session has no privacy budget to synchronise")
+            try:
+                self._dp.budget.rebase(events)
+            except PrivacyError as exc:
+                raise SessionStateError(f"cannot follow the privacy ledger: {exc}") from None
+
+    def step_event(self) -> DpSgdEvent:
+        """The spending record of one more step of this session (what a ledger records).
+
+        Raises:
+            SessionStateError: The session has no DP state.
+        """
+        with self._lock:
+            if self._dp is None:
+                raise SessionStateError("this session spends no privacy")
+            return DpSgdEvent(
+                noise_multiplier=self._dp.noise_multiplier, sample_rate=self._dp.sample_rate, steps=1
+            )
 
     # ------------------------------------------------------------------ server-side Poisson sampling
     def register_dataset(self, examples: Sequence[Datum]) -> None:
@@ -652,15 +867,24 @@ class LoraTrainingSession:
             if isinstance(examples, str | bytes) or not isinstance(examples, Sequence) or not examples:
                 raise InvalidRequestError("register_dataset needs a non-empty list of Datum")
             digests = []
+            units: dict[bytes, int] = {}
             for i, d in enumerate(examples):
                 if not isinstance(d, Datum):
                     raise InvalidRequestError(f"example {i} is not a Datum")
-                sampling.check_tokens(
+                tokens = sampling.check_tokens(
                     d.model_input,
                     vocab_size=self._h.vocab_size,
                     max_length=self._h.max_length,
                     what=f"example {i}",
                 )
+                unit = _unit_digest(tokens, d.loss_fn_inputs)
+                if unit in units:
+                    raise InvalidRequestError(
+                        f"example {i} repeats the tokens and targets of example {units[unit]}: each privacy "
+                        "unit must appear once in the registered data set (a duplicate would be sampled "
+                        "twice as often as the accounting assumes); remove the duplicates"
+                    )
+                units[unit] = i
                 digests.append(_datum_digest(list(d.model_input), d.loss_fn_inputs))
             self._setup_dp(len(examples))
             self._dataset = [
@@ -690,6 +914,41 @@ class LoraTrainingSession:
                 self._drawn = dp.sampler.sample(dp.budget.steps)
                 self._remaining = list(self._drawn)
             return [self._dataset[i] for i in self._drawn]
+
+    def drawn_indices(self) -> list[int] | None:
+        """The indices of the batch drawn for the current step (None before :meth:`sample_batch`).
+
+        The batch is secret (the amplification of Poisson sampling depends on it): keep it only
+        encrypted. The server persists it before training on it, so that a crash or a reload
+        cannot redraw the step's batch (see :meth:`restore_draw`).
+        """
+        with self._lock:
+            return None if self._drawn is None else list(self._drawn)
+
+    def restore_draw(self, indices: Sequence[int]) -> None:
+        """Re-establish the batch drawn for the current step (after a reload), instead of redrawing.
+
+        Raises:
+            SessionStateError: No data set is registered, another batch is already drawn, or a
+                request of this step is pending.
+            InvalidRequestError: An index is out of range or repeated.
+        """
+        with self._lock:
+            if self._dp is None or self._dp.sampler is None or self._dataset is None:
+                raise SessionStateError(
+                    "restore_draw needs a server_poisson policy and a registered data set"
+                )
+            wanted = [int(i) for i in indices]
+            if self._drawn is not None:
+                if self._drawn == wanted:
+                    return
+                raise SessionStateError("another batch is already drawn for this step")
+            if self._pending or self._staged is not None:
+                raise SessionStateError("requests of this step are pending; cannot restore its batch")
+            if len(set(wanted)) != len(wanted) or any(not 0 <= i < len(self._dataset) for i in wanted):
+                raise InvalidRequestError("a restored batch must list distinct indices of the data set")
+            self._drawn = sorted(wanted)
+            self._remaining = list(self._drawn)
 
     # ------------------------------------------------------------------ sampling
     def sample(
@@ -775,26 +1034,33 @@ class LoraTrainingSession:
                 return DpCertificate.non_private(
                     steps=self._step,
                     dataset_size=max(1, self._examples_seen),
+                    dataset_size_source="counted",
                     expected_batch_size=None,
                     sample_rate=None,
                     sampling_method=SamplingMethod.CLIENT_CHOSEN_BATCHES,
-                    sampling_performed_by_engine=False,
+                    sampled_by="client",
+                    privacy_unit="datum",
                     notes=("dataset_size counts the datums processed (repeats included).",),
                 )
             if dp is None:
                 raise SessionStateError("no certificate before the data set is registered")
             poisson = dp.sampler is not None
+            history = dp.budget.history()
             return DpCertificate.issue(
                 accountant=policy.accountant,
                 noise_multiplier=dp.noise_multiplier,
                 clip_norm=policy.clip_norm,
                 sample_rate=dp.sample_rate,
-                steps=dp.budget.steps,
+                steps=sum(e.steps for e in history),
+                events=history,
                 delta=policy.delta,
                 dataset_size=dp.dataset_size,
+                dataset_size_source="registered" if poisson else "declared",
                 expected_batch_size=policy.expected_batch_size,
                 sampling_method=SamplingMethod.POISSON if poisson else SamplingMethod.CLIENT_CHOSEN_BATCHES,
-                sampling_performed_by_engine=poisson,
+                sampled_by="engine" if poisson else "client",
+                noise_rng="csprng" if dp.source.secure else "deterministic",
+                privacy_unit="datum",
                 notes=(
                     ("The privacy unit is one Datum of forward_backward.",)
                     + (
@@ -850,6 +1116,8 @@ class LoraTrainingSession:
                         "budget": dp.budget.state_dict(),
                         "engine": dp.engine.state_dict(),
                         "secure_rng": dp.source.secure,
+                        # The step's drawn batch is durable: a reload must not redraw it.
+                        "drawn": None if self._drawn is None else list(self._drawn),
                     }
             data_header = self._pack_dataset(tensors)
             header = {
@@ -865,7 +1133,10 @@ class LoraTrainingSession:
                 "parameters": [n for n, _ in self._params],
                 "step": self._step,
                 "examples_seen": self._examples_seen,
-                "seed": self._seed if (self._dp is not None and not self._dp.source.secure) else None,
+                # Deterministic noise is reproducible from this seed (0 when none was given).
+                "noise_seed": (
+                    (self._noise_seed or 0) if (self._dp is not None and not self._dp.source.secure) else None
+                ),
                 "dp": dp_header,
                 "optimizer": optimizer,
                 "dataset": data_header,
@@ -984,7 +1255,7 @@ class LoraTrainingSession:
                 "the saved session runs under another DP policy; a resumed run keeps the policy and "
                 "budget it was saved with"
             )
-        seed = header.get("seed")
+        seed = header.get("noise_seed", header.get("seed"))
         if deterministic and seed is None:
             raise StateFormatError(
                 "this state was not saved in deterministic mode; resume without deterministic=True"
@@ -1013,7 +1284,7 @@ class LoraTrainingSession:
             settings=settings,
             lora_flags=flags,
             dp=saved_policy,
-            seed=seed,
+            noise_seed=seed,
             deterministic=deterministic,
             max_microbatch_size=max_microbatch_size,
         )
@@ -1066,6 +1337,9 @@ class LoraTrainingSession:
             except PrivacyError as exc:
                 raise StateFormatError(f"session state budget is inconsistent: {exc}") from None
             session._dp.engine.load_state_dict(setup["engine"])
+            drawn = setup.get("drawn")
+            if drawn is not None:
+                session.restore_draw(drawn)
         return session
 
     def close(self) -> None:

@@ -5,13 +5,14 @@
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import importlib
 import json
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Annotated, Any, TypeVar
 
 from fastapi import FastAPI, Query, Request
@@ -28,7 +29,7 @@ from tensafe.db import create_engine_from_url, current_revision, head_revision, 
 from tensafe.protocol.wire import WireFormatError, decode_forward_backward_request, message_bytes
 from tensafe.server.checkpoints import checkpoint_is_live, delete_checkpoint_artifacts
 from tensafe.server.checkpoints import router as checkpoints_router
-from tensafe.server.deps import Caller
+from tensafe.server.deps import Caller, authenticate_key
 from tensafe.server.errors import BadRequestError, NotFoundError, ServerError
 from tensafe.server.jobs import (
     OperationRegistry,
@@ -39,6 +40,7 @@ from tensafe.server.jobs import (
     stage_payload,
     submit_future,
 )
+from tensafe.server.limits import RequestGuard
 from tensafe.server.models import (
     FutureRow,
     SamplingSessionRow,
@@ -57,9 +59,6 @@ from tensafe.storage import EncryptedArtifactStore, LocalFilesystemBackend
 __all__ = ["create_app"]
 
 _log = logging.getLogger("tensafe.server")
-
-#: Largest request body accepted (bytes); bigger bodies get a 413 with a JSON body.
-MAX_BODY_BYTES = 64 * 1024 * 1024
 
 #: What ``/client/config`` answers: plain httpx transport, no JWT, server-side features off.
 CLIENT_CONFIG: dict[str, Any] = {
@@ -235,6 +234,8 @@ def create_app(
     app.state.settings = settings
 
     _install_error_handlers(app)
+    # Outside the routes: the API key is checked before the body is read, bodies are counted.
+    app.add_middleware(RequestGuard, authenticate=functools.partial(authenticate_key, services))
     # First: its .../publish and .../ttl routes must precede DELETE .../checkpoints/{path}.
     app.include_router(checkpoints_router)
 
@@ -1046,22 +1047,6 @@ def _result_response(services: Services, row: FutureRow) -> Response:
 
 
 def _install_error_handlers(app: FastAPI) -> None:
-    @app.middleware("http")
-    async def limit_body(request: Request, call_next: Callable[[Request], Any]) -> Response:
-        length = request.headers.get("content-length")
-        if length is not None:
-            try:
-                too_big = int(length) > MAX_BODY_BYTES
-            except ValueError:
-                return JSONResponse(_error_body("bad_request", "malformed Content-Length header"), 400)
-            if too_big:
-                return JSONResponse(
-                    _error_body("payload_too_large", f"request bodies are limited to {MAX_BODY_BYTES} bytes"),
-                    413,
-                )
-        response: Response = await call_next(request)
-        return response
-
     @app.exception_handler(ServerError)
     async def server_error(_request: Request, exc: ServerError) -> JSONResponse:
         return JSONResponse(_error_body(exc.error, str(exc)), exc.status_code)

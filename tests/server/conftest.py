@@ -4,7 +4,8 @@
   builder, loaded by path) saved with the real SmolLM2 tokenizer.
 * ``server_env``: a migrated database (SQLite and PostgreSQL), a development KEK with
   minimal Argon2 parameters, an encrypted store and a model catalog serving
-  ``TINY_MODEL`` from ``tiny_model_dir``.
+  ``TINY_MODEL`` from ``tiny_model_dir`` (also its configured tokenizer id: the client
+  runs on the same host).
 * ``live_server``: ``create_app`` served by uvicorn in a thread on a free loopback port.
 """
 
@@ -92,7 +93,15 @@ def server_env(
     settings = ServerSettings(
         database_url=migrated_database_url,
         data_dir=tmp_path,
-        catalog=ModelCatalog({TINY_MODEL: CatalogEntry(name=TINY_MODEL, source=str(tiny_model_dir))}),
+        # The tokenizer id is set explicitly: get_info never reveals a server directory by
+        # itself, and here the client shares the server's host, so the path loads.
+        catalog=ModelCatalog(
+            {
+                TINY_MODEL: CatalogEntry(
+                    name=TINY_MODEL, source=str(tiny_model_dir), tokenizer_id=str(tiny_model_dir)
+                )
+            }
+        ),
         long_poll_seconds=5.0,
         poll_interval_seconds=0.05,
     )

@@ -413,10 +413,12 @@ def create_app(
         if row.state == "failed":
             raise BadRequestError(f"model {row.id!r} could not be created: {row.error}")
         entry = services.catalog.get(row.base_model)
-        directory = entry.directory()
         return p.GetInfoResponse(
             model_id=row.id,
-            model_data=p.ModelData(arch=entry.arch(), model_name=row.base_model, tokenizer_id=str(directory)),
+            # Never the model's directory: the tokenizer id reveals nothing about the server's disk.
+            model_data=p.ModelData(
+                arch=entry.arch(), model_name=row.base_model, tokenizer_id=entry.client_tokenizer_id
+            ),
             is_lora=True,
             lora_rank=row.lora_rank,
             model_name=row.base_model,

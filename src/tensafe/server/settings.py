@@ -33,10 +33,38 @@ class CatalogEntry:
     Attributes:
         name: The name clients send as ``base_model`` (e.g. ``Qwen/Qwen3-8B``).
         source: A TenSafe registered model name or an absolute local model directory.
+        tokenizer_id: What ``get_info`` tells clients to load their tokenizer from
+            (``model_data.tokenizer_id``, passed to ``AutoTokenizer.from_pretrained`` on
+            the client's machine): a Hugging Face id, or a directory that exists on the
+            clients' machines. ``None`` (the default) means the model's name up to its
+            first ``:``, never ``source``: the server's directories are not revealed. It
+            must not contain ``:`` (the official SDK cuts the id there).
+
+    Raises:
+        ServerConfigurationError: ``tokenizer_id`` is empty or contains ``:`` or a
+            control character.
     """
 
     name: str
     source: str
+    tokenizer_id: str | None = None
+
+    def __post_init__(self) -> None:
+        tokenizer = self.tokenizer_id
+        if tokenizer is not None and (
+            not tokenizer.strip() or ":" in tokenizer or any(ord(c) < 32 or ord(c) == 127 for c in tokenizer)
+        ):
+            raise ServerConfigurationError(
+                f"the tokenizer id of base model {self.name!r} must be a Hugging Face id or a directory on "
+                f"the clients' machines, without ':' (the Tinker SDK cuts the id there); got {tokenizer!r}"
+            )
+
+    @property
+    def client_tokenizer_id(self) -> str:
+        """The ``tokenizer_id`` clients receive: the configured one, else the name up to its first ``:``."""
+        if self.tokenizer_id is not None:
+            return self.tokenizer_id
+        return self.name.split(":", 1)[0] or self.name
 
     def directory(self) -> Path:
         """Return the local Hugging Face directory, preparing a registered model once.
@@ -72,23 +100,30 @@ class ModelCatalog:
 
     @classmethod
     def parse(cls, text: str) -> ModelCatalog:
-        """Parse ``NAME=SOURCE[;NAME=SOURCE...]`` (the ``TS_SERVER_MODELS`` syntax).
+        """Parse ``NAME=SOURCE[|TOKENIZER][;NAME=SOURCE[|TOKENIZER]...]`` (``TS_SERVER_MODELS``).
+
+        ``TOKENIZER`` sets :attr:`CatalogEntry.tokenizer_id` (default: ``NAME`` up to its
+        first ``:``).
 
         Raises:
-            ServerConfigurationError: An item has no ``=`` or an empty side.
+            ServerConfigurationError: An item has no ``=``, an empty side, an empty
+                ``TOKENIZER`` after ``|``, or a tokenizer id with ``:``.
         """
         entries: dict[str, CatalogEntry] = {}
         for item in text.split(";"):
             item = item.strip()
             if not item:
                 continue
-            name, sep, source = item.partition("=")
-            if not sep or not name.strip() or not source.strip():
+            name, sep, rest = item.partition("=")
+            source, bar, tokenizer = rest.partition("|")
+            if not sep or not name.strip() or not source.strip() or (bar and not tokenizer.strip()):
                 raise ServerConfigurationError(
-                    f"TS_SERVER_MODELS item {item!r} must look like NAME=SOURCE, e.g. "
-                    "'Qwen/Qwen3-8B=/srv/models/qwen3-8b'"
+                    f"TS_SERVER_MODELS item {item!r} must look like NAME=SOURCE or NAME=SOURCE|TOKENIZER, "
+                    "e.g. 'Qwen/Qwen3-8B=/srv/models/qwen3-8b|Qwen/Qwen3-8B'"
                 )
-            entries[name.strip()] = CatalogEntry(name=name.strip(), source=source.strip())
+            entries[name.strip()] = CatalogEntry(
+                name=name.strip(), source=source.strip(), tokenizer_id=tokenizer.strip() if bar else None
+            )
         return cls(entries)
 
     @classmethod

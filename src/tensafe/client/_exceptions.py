@@ -9,6 +9,7 @@
         ├── APIConnectionError          network failure (after retries)
         │   └── APITimeoutError
         ├── APIResponseValidationError  the server's JSON has the wrong shape
+        ├── CrossOriginRedirectError    a redirect (or URL) to another origin: the key is not sent
         └── APIStatusError              an HTTP error answer (status_code, body)
             ├── BadRequestError (400), AuthenticationError (401),
             ├── PermissionDeniedError (403), NotFoundError (404), ConflictError (409),
@@ -33,6 +34,7 @@ __all__ = [
     "BadRequestError",
     "ClientConfigurationError",
     "ConflictError",
+    "CrossOriginRedirectError",
     "GoneError",
     "InternalServerError",
     "NotFoundError",
@@ -97,6 +99,33 @@ class APITimeoutError(APIConnectionError):
 
 class APIResponseValidationError(APIError):
     """The server answered with JSON that does not match the expected model."""
+
+
+class CrossOriginRedirectError(APIError):
+    """The SDK refused to send the API key to an origin other than ``base_url``'s.
+
+    Raised when the server answers with a redirect to another scheme, host or port (a
+    misconfigured proxy, or someone on the network path of plain HTTP), before anything
+    is sent there. Redirects within the origin of ``base_url`` are followed. Never
+    retried: fix ``base_url`` (e.g. the ``https://`` URL the server redirects to).
+
+    Attributes:
+        origin: ``scheme://host:port`` of ``base_url``.
+        target: ``scheme://host:port`` the request would have gone to (no path or query).
+    """
+
+    def __init__(self, message: str, *, origin: str = "", target: str = "") -> None:
+        """Create the error; ``origin`` and ``target`` are origins, never full URLs."""
+        super().__init__(message)
+        self.origin = origin
+        self.target = target
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild_cross_origin, (str(self), self.origin, self.target))
+
+
+def _rebuild_cross_origin(message: str, origin: str, target: str) -> CrossOriginRedirectError:
+    return CrossOriginRedirectError(message, origin=origin, target=target)
 
 
 class APIStatusError(APIError):

@@ -3,10 +3,22 @@
 Only connection errors, timeouts and 5xx answers are retried (with exponential backoff
 and jitter); every 4xx is final. Submits are safe to retry: the server de-duplicates
 training requests by ``(model_id, seq_id)``.
+
+The API key goes only to the origin (scheme, host, port) of ``base_url``:
+
+* Redirects are followed only within that origin (at most :data:`MAX_REDIRECTS`). A
+  redirect elsewhere raises :class:`CrossOriginRedirectError` before anything is sent
+  there. (httpx's own redirect handling strips only ``Authorization``, not
+  ``X-API-Key``, so it is switched off.) An httpx request hook checks every request
+  the client sends, as a second line: none leaves for another origin.
+* A plain ``http://`` base URL is refused unless its host is loopback (``localhost``,
+  127.0.0.0/8, ``::1``) or insecure HTTP is allowed explicitly
+  (``allow_insecure_http=True`` or ``TENSAFE_ALLOW_INSECURE_HTTP=1``).
 """
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import random
 import threading
@@ -20,19 +32,34 @@ from pydantic import BaseModel, ValidationError
 from tensafe._version import __version__
 from tensafe.client._exceptions import (
     APIConnectionError,
+    APIError,
     APIResponseValidationError,
     APITimeoutError,
     ClientConfigurationError,
+    CrossOriginRedirectError,
     status_error,
 )
 
-__all__ = ["DEFAULT_BASE_URL", "Transport", "resolve_api_key", "resolve_base_url"]
+__all__ = [
+    "ALLOW_INSECURE_HTTP_ENV",
+    "DEFAULT_BASE_URL",
+    "MAX_REDIRECTS",
+    "Transport",
+    "check_transport_security",
+    "resolve_api_key",
+    "resolve_base_url",
+]
 
 M = TypeVar("M", bound=BaseModel)
 
 #: Where the SDK connects when neither ``base_url`` nor ``TENSAFE_BASE_URL`` is given.
 DEFAULT_BASE_URL = "http://127.0.0.1:8000"
+#: Environment variable that, set to ``1``, allows plain ``http://`` to a non-loopback host.
+ALLOW_INSECURE_HTTP_ENV = "TENSAFE_ALLOW_INSECURE_HTTP"
+#: The most same-origin redirects one request follows.
+MAX_REDIRECTS = 10
 _KEY_PREFIX = "tml-"
+_DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
 def resolve_base_url(base_url: str | None) -> str:
@@ -56,6 +83,62 @@ def resolve_api_key(api_key: str | None) -> str:
     return key
 
 
+def _env_allows_insecure_http() -> bool:
+    raw = os.environ.get(ALLOW_INSECURE_HTTP_ENV, "").strip().lower()
+    if raw in ("", "0", "false", "no"):
+        return False
+    if raw in ("1", "true", "yes"):
+        return True
+    raise ClientConfigurationError(f"{ALLOW_INSECURE_HTTP_ENV} must be 1 or 0, not {raw[:20]!r}")
+
+
+def _is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_transport_security(base_url: str, *, allow_insecure_http: bool = False) -> None:
+    """Refuse to send the API key in clear text to another machine.
+
+    ``https://`` is always accepted, and so is ``http://`` to a loopback host
+    (``localhost``, 127.0.0.0/8, ``::1``). Plain HTTP to any other host needs
+    ``allow_insecure_http=True`` or ``TENSAFE_ALLOW_INSECURE_HTTP=1``.
+
+    Raises:
+        ClientConfigurationError: Plain HTTP to a remote host was not allowed, or the URL
+            has no host.
+    """
+    try:
+        url = httpx.URL(base_url)
+    except httpx.InvalidURL as exc:
+        raise ClientConfigurationError(f"invalid base URL: {exc}") from None
+    if not url.host:
+        raise ClientConfigurationError(f"the base URL {base_url[:80]!r} has no host")
+    if url.scheme != "http" or _is_loopback(url.host):
+        return
+    if allow_insecure_http or _env_allows_insecure_http():
+        return
+    raise ClientConfigurationError(
+        f"refusing plain HTTP to {url.host!r}: the API key and your data would cross the network "
+        f"unencrypted; use an https:// base URL, or allow it explicitly with allow_insecure_http=True "
+        f"or {ALLOW_INSECURE_HTTP_ENV}=1"
+    )
+
+
+def _origin(url: httpx.URL) -> tuple[str, str, int | None]:
+    return url.scheme, url.host, url.port or _DEFAULT_PORTS.get(url.scheme)
+
+
+def _origin_text(url: httpx.URL) -> str:
+    scheme, host, port = _origin(url)
+    host = f"[{host}]" if ":" in host else host
+    return f"{scheme}://{host}" + ("" if port is None else f":{port}")
+
+
 def _body(response: httpx.Response) -> Any:
     try:
         return response.json()
@@ -64,7 +147,12 @@ def _body(response: httpx.Response) -> Any:
 
 
 class Transport:
-    """A thread-safe HTTP client bound to one server and one API key."""
+    """A thread-safe HTTP client bound to one server and one API key.
+
+    Raises:
+        ClientConfigurationError: ``base_url`` is plain HTTP to a remote host and insecure
+            HTTP was not allowed (see :func:`check_transport_security`).
+    """
 
     def __init__(
         self,
@@ -74,10 +162,13 @@ class Transport:
         timeout: float = 60.0,
         max_retries: int = 5,
         headers: Mapping[str, str] | None = None,
+        allow_insecure_http: bool = False,
     ) -> None:
         """Create the transport (no request is sent yet)."""
+        check_transport_security(base_url, allow_insecure_http=allow_insecure_http)
         self.base_url = base_url
         self.max_retries = max_retries
+        self._origin = _origin(httpx.URL(base_url))
         self._client = httpx.Client(
             base_url=base_url + "/",
             timeout=httpx.Timeout(timeout, connect=5.0),
@@ -87,7 +178,9 @@ class Transport:
                 "Accept": "application/json",
                 **dict(headers or {}),
             },
-            follow_redirects=True,
+            # Redirects are followed by request(), only within the origin of base_url.
+            follow_redirects=False,
+            event_hooks={"request": [self._only_own_origin]},
         )
         self._closed = threading.Event()
 
@@ -103,6 +196,37 @@ class Transport:
     def closed(self) -> bool:
         """Whether :meth:`close` was called."""
         return self._closed.is_set()
+
+    def _refuse_cross_origin(self, url: httpx.URL, *, redirect: bool) -> None:
+        if _origin(url) == self._origin:
+            return
+        base = _origin_text(httpx.URL(self.base_url))
+        target = _origin_text(url)
+        why = "the server redirected to" if redirect else "a request was addressed to"
+        raise CrossOriginRedirectError(
+            f"{why} {target}, another origin than the base URL ({base}): refusing, so that the API key "
+            f"is not sent there; if the server has moved, use its new address as base_url",
+            origin=base,
+            target=target,
+        )
+
+    def _only_own_origin(self, request: httpx.Request) -> None:
+        """httpx request hook: nothing carrying the API key leaves for another origin."""
+        self._refuse_cross_origin(request.url, redirect=False)
+
+    def _send(self, method: str, path: str, kwargs: dict[str, Any]) -> httpx.Response:
+        """Send one request, following redirects within the origin of ``base_url`` only."""
+        response = self._client.request(method, path.lstrip("/"), **kwargs)
+        hops = 0
+        while response.next_request is not None:
+            target = response.next_request
+            response.close()
+            self._refuse_cross_origin(target.url, redirect=True)
+            hops += 1
+            if hops > MAX_REDIRECTS:
+                raise APIError(f"{method} {path}: more than {MAX_REDIRECTS} redirects; check base_url")
+            response = self._client.send(target)
+        return response
 
     def _backoff(self, attempt: int) -> None:
         time.sleep(min(0.5 * 2**attempt, 10.0) * random.uniform(0.75, 1.0))  # noqa: S311 (jitter, not a secret)
@@ -135,7 +259,7 @@ class Transport:
         attempt = 0
         while True:
             try:
-                response = self._client.request(method, path.lstrip("/"), **kwargs)
+                response = self._send(method, path, kwargs)
             except httpx.TimeoutException as exc:
                 if attempt >= self.max_retries or self.closed:
                     raise APITimeoutError(f"{method} {path}: the server did not answer in time") from exc

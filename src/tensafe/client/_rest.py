@@ -95,6 +95,8 @@ class RestClient:
         default_headers_overrides: Extra headers sent with every request.
         timeout: Read timeout of one HTTP request in seconds.
         max_retries: Retries after a connection error or a 5xx answer.
+        allow_insecure_http: Allow plain ``http://`` to a host that is not loopback (also
+            ``TENSAFE_ALLOW_INSECURE_HTTP=1``); see :class:`~tensafe.client.ServiceClient`.
     """
 
     def __init__(
@@ -105,6 +107,7 @@ class RestClient:
         default_headers_overrides: Mapping[str, str] | None = None,
         timeout: float = 60.0,
         max_retries: int = 5,
+        allow_insecure_http: bool = False,
     ) -> None:
         """Configure the client (nothing is sent yet)."""
         self._transport = Transport(
@@ -113,6 +116,7 @@ class RestClient:
             timeout=timeout,
             max_retries=max_retries,
             headers=default_headers_overrides,
+            allow_insecure_http=allow_insecure_http,
         )
         self._executor = concurrent.futures.ThreadPoolExecutor(8, thread_name_prefix="tensafe-rest")
 

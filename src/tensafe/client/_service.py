@@ -37,9 +37,16 @@ class ServiceClient:
         default_headers_overrides: Extra headers sent with every request.
         timeout: Read timeout of one HTTP request in seconds.
         max_retries: Retries of a request after a connection error or a 5xx answer.
+        allow_insecure_http: Allow a plain ``http://`` base URL whose host is not
+            loopback (also ``TENSAFE_ALLOW_INSECURE_HTTP=1``). Without it such a URL is
+            refused: the API key and the training data would cross the network in clear.
 
     Raises:
-        ClientConfigurationError: No API key, or a key without the ``tml-`` prefix.
+        ClientConfigurationError: No API key, a key without the ``tml-`` prefix, or plain
+            HTTP to a remote host without ``allow_insecure_http``.
+
+    The API key is sent only to the origin of ``base_url``: a redirect to another scheme,
+    host or port raises :class:`~tensafe.client.CrossOriginRedirectError`.
 
     No request is sent until the first operation; that one opens a session, which
     :meth:`close` finishes (also on leaving a ``with`` block).
@@ -56,14 +63,21 @@ class ServiceClient:
         default_headers_overrides: Mapping[str, str] | None = None,
         timeout: float = 60.0,
         max_retries: int = 5,
+        allow_insecure_http: bool = False,
     ) -> None:
         """Configure the client (nothing is sent yet)."""
         self._base_url = resolve_base_url(base_url)
         self._api_key = resolve_api_key(api_key)
         self._headers = dict(default_headers_overrides or {})
         self._timeout, self._max_retries = timeout, max_retries
+        self._allow_insecure_http = allow_insecure_http
         transport = Transport(
-            self._base_url, self._api_key, timeout=timeout, max_retries=max_retries, headers=self._headers
+            self._base_url,
+            self._api_key,
+            timeout=timeout,
+            max_retries=max_retries,
+            headers=self._headers,
+            allow_insecure_http=allow_insecure_http,
         )
         self._holder = Holder(
             transport,
@@ -270,6 +284,7 @@ class ServiceClient:
             default_headers_overrides=self._headers,
             timeout=self._timeout,
             max_retries=self._max_retries,
+            allow_insecure_http=self._allow_insecure_http,
         )
 
     # -- lifecycle -----------------------------------------------------------------------

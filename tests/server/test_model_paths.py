@@ -92,6 +92,44 @@ def test_get_info_and_neighbours_never_reveal_server_directories(
             assert secret not in answer.text, (name, secret)
 
 
+@pytest.mark.parametrize("broken", ["missing", "not-a-model"])
+def test_a_model_that_cannot_be_prepared_fails_without_naming_its_directory(
+    start_server: Callable[..., LiveServer], server_env: ServerEnv, tmp_path: pathlib.Path, broken: str
+) -> None:
+    """The job's failure and get_info's 400 say the model is unavailable, not where it was looked for."""
+    source = tmp_path / "operator-secret-models" / "tiny"
+    if broken == "not-a-model":
+        source.mkdir(parents=True)  # a directory without config.json
+    catalog = ModelCatalog({TINY_MODEL: CatalogEntry(name=TINY_MODEL, source=str(source))})
+    server = start_server(catalog=catalog)
+    with _api(server, server_env.tenant_key("acme")) as c:
+        r = c.post("/create_session", json={"tags": [], "user_metadata": {}, "sdk_version": "0.38.0"})
+        session_id = r.json()["session_id"]
+        r = c.post(
+            "/create_model",
+            json={
+                "session_id": session_id,
+                "model_seq_id": 0,
+                "base_model": TINY_MODEL,
+                "lora_config": {"rank": 4},
+                "optimizer_config": {"type": "adamw"},
+            },
+        )
+        assert r.status_code == 200, r.text
+        request_id, model_id = r.json()["request_id"], r.json()["model_id"]
+        for _ in range(20):
+            failed = c.post("/retrieve_future", json={"request_id": request_id})
+            if failed.status_code != 408:
+                break
+        assert failed.status_code == 200 and failed.json()["category"] == "user", failed.text
+        assert "not available on this server" in failed.json()["error"]
+        info = c.post("/get_info", json={"model_id": model_id})
+    assert info.status_code == 400 and "not available on this server" in info.json()["detail"]
+    for answer in (failed, info):
+        for secret in [*_secrets_of(server_env, source), "operator-secret-models", "config.json"]:
+            assert secret not in answer.text, (secret, answer.text)
+
+
 def test_a_configured_tokenizer_id_is_what_get_info_answers(
     start_server: Callable[..., LiveServer], server_env: ServerEnv, tiny_model_dir: pathlib.Path
 ) -> None:

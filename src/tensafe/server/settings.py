@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from collections.abc import Mapping
@@ -11,6 +12,8 @@ from pathlib import Path
 
 from tensafe.server.errors import BadRequestError, ServerConfigurationError
 from tensafe.server.privacy import OperatorPrivacy
+
+_log = logging.getLogger("tensafe.server")
 
 __all__ = [
     "DEFAULT_RESULT_TTL_SECONDS",
@@ -70,7 +73,8 @@ class CatalogEntry:
         """Return the local Hugging Face directory, preparing a registered model once.
 
         Raises:
-            BadRequestError: The model cannot be found or prepared.
+            BadRequestError: The model cannot be found or prepared. The message names the
+                model, never ``source`` or a path (clients see it); the reason is logged.
         """
         from tensafe.training.errors import TrainingError
         from tensafe.training.models import prepare_model
@@ -78,8 +82,10 @@ class CatalogEntry:
         try:
             return prepare_model(self.source)
         except TrainingError as exc:
+            _log.warning("base model %r cannot be prepared from its catalog source: %s", self.name, exc)
             raise BadRequestError(
-                f"base model {self.name!r} is not available on this server: {exc}"
+                f"base model {self.name!r} is not available on this server; ask the operator "
+                "(the server's log says why)"
             ) from None
 
     def arch(self) -> str | None:

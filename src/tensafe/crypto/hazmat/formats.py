@@ -12,6 +12,7 @@ from typing import Final
 __all__ = [
     "ALG_AES256_GCM",
     "ALG_AES256_KWP",
+    "ALG_AES256_KWP_BOUND",
     "ALG_ED25519",
     "ALG_HYBRID_KEM",
     "ALG_HYBRID_SIG",
@@ -21,6 +22,7 @@ __all__ = [
     "CLASSICAL_ONLY_ALGS",
     "FORMAT_VERSION",
     "LABEL_AEAD",
+    "LABEL_BOUND_KEY",
     "LABEL_KEM",
     "LABEL_KEY_SEAL",
     "LABEL_PASSPHRASE_KDF",
@@ -37,6 +39,8 @@ ALG_AES256_GCM: Final = 0x01
 ALG_AES256_KWP: Final = 0x02
 #: Chunked STREAM of AES-256-GCM (tensafe.crypto.stream).
 ALG_STREAM_AES256_GCM: Final = 0x03
+#: AES-256 key wrap with padding of a key bound to a context (tensafe.crypto.keywrap).
+ALG_AES256_KWP_BOUND: Final = 0x04
 #: Hybrid signature Ed25519 + ML-DSA-65.
 ALG_HYBRID_SIG: Final = 0x10
 #: Classical-only Ed25519 (legacy mode, refused when TS_PQC_REQUIRED=true).
@@ -58,3 +62,4 @@ LABEL_KEM: Final = b"tensafe/kem/x25519-mlkem768/v1"
 LABEL_STREAM: Final = b"tensafe/stream/v1"
 LABEL_KEY_SEAL: Final = b"tensafe/key-seal/v1"
 LABEL_PASSPHRASE_KDF: Final = b"tensafe/passphrase-kdf/v1"
+LABEL_BOUND_KEY: Final = b"tensafe/bound-key/v1"

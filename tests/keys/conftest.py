@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import base64
 import secrets
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import hvac
 import pytest
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
 from tensafe.crypto.kdf import Argon2idParams
+from tensafe.crypto.keywrap import wrap_key
 from tensafe.db import create_engine_from_url, ensure_tenant
 from tensafe.keys import KekProvider, LocalKekProvider, Pkcs11KekProvider, VaultTransitKekProvider
 
@@ -84,3 +87,39 @@ def make_tenant(engine: Engine) -> Callable[[], str]:
         return tenant_id
 
     return _make
+
+
+def legacy_wrap(provider: KekProvider, key: bytes, request: pytest.FixtureRequest) -> bytes:
+    """Wrap ``key`` under the provider's current KEK exactly as TenSafe did before binding.
+
+    local: ``tensafe.crypto.keywrap.wrap_key`` (``0x01 0x02`` AES-256-KWP); vault: Transit
+    ``encrypt`` without associated data (a bare ``vault:v<N>:...``); pkcs11: the token's
+    ``CKM_AES_KEY_WRAP_PAD`` of an AES session object, prefixed ``0x01 0x02``.
+    """
+    if isinstance(provider, LocalKekProvider):
+        return wrap_key(provider._keks[provider.current_version], key)
+    if isinstance(provider, VaultTransitKekProvider):
+        server = request.getfixturevalue("openbao")
+        client = hvac.Client(url=server.address, token=server.token)
+        response = client.secrets.transit.encrypt_data(
+            name=provider.describe()["key"], plaintext=base64.b64encode(key).decode()
+        )
+        return str(response["data"]["ciphertext"]).encode("ascii")
+    assert isinstance(provider, Pkcs11KekProvider)
+    from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
+
+    temp = provider._session.create_object(
+        {
+            Attribute.CLASS: ObjectClass.SECRET_KEY,
+            Attribute.KEY_TYPE: KeyType.AES,
+            Attribute.VALUE: key,
+            Attribute.TOKEN: False,
+            Attribute.EXTRACTABLE: True,
+            Attribute.SENSITIVE: False,
+        }
+    )
+    try:
+        kek = provider._key(provider.current_version)
+        return b"\x01\x02" + bytes(kek.wrap_key(temp, mechanism=Mechanism.AES_KEY_WRAP_PAD))
+    finally:
+        temp.destroy()

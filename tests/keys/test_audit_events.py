@@ -12,9 +12,18 @@ import pytest
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
-from tensafe.audit import AuditError, AuditRecord, iter_records, verify_chain
+from tensafe.audit import (
+    AuditError,
+    AuditRecord,
+    AuditVerificationError,
+    iter_records,
+    list_checkpoints,
+    verify_chain,
+)
 from tensafe.audit.canonical import canonical_json
-from tensafe.keys import DEPLOYMENT_TENANT, KEY_EVENTS, KeyManager, LocalKekProvider
+from tensafe.cli.main import main
+from tensafe.crypto.signing import HybridSigningKey
+from tensafe.keys import DEPLOYMENT_TENANT, KEY_EVENTS, KeyConfigurationError, KeyManager, LocalKekProvider
 from tensafe.keys.models import DeploymentKey, TenantDek
 from tensafe.storage import EncryptedArtifactStore, LocalFilesystemBackend
 
@@ -151,8 +160,13 @@ def test_a_failing_audit_append_rolls_the_key_change_back(
     """Same transaction: an actor the audit log refuses makes every key change fail, atomically."""
     tenant = make_tenant()
     good = KeyManager(engine, local_provider)
-    good.create_dek(tenant)
     bad = KeyManager(engine, local_provider, actor="user:\x00evil")
+    # First, while no signing key exists: its creation (audited) rolls back.
+    with pytest.raises(AuditError):
+        bad.deployment_signing_key()
+    with Session(engine) as session:
+        assert session.get(DeploymentKey, "signing") is None
+    good.create_dek(tenant)  # creates the signing key too (it signs the key events' checkpoints)
     with pytest.raises(AuditError):
         bad.rotate_dek(tenant)
     with pytest.raises(AuditError):
@@ -160,14 +174,11 @@ def test_a_failing_audit_append_rolls_the_key_change_back(
     other = make_tenant()
     with pytest.raises(AuditError):
         bad.create_dek(other)
-    with pytest.raises(AuditError):
-        bad.deployment_signing_key()
     assert [d.version for d in good.dek_versions(tenant)] == [1]
     assert [d.state for d in good.dek_versions(tenant)] == ["active"]
     assert good.dek_versions(other) == []
-    with Session(engine) as session:
-        assert session.get(DeploymentKey, "signing") is None
     assert _events(engine, tenant) == ["keys.dek.created"]
+    assert _events(engine, DEPLOYMENT_TENANT) == ["keys.deployment_key.created"]
     assert _events(engine, other) == []
     assert good.decryption_key(tenant, 1)  # the tenant was not shredded
 
@@ -178,3 +189,72 @@ def test_default_actor_names_the_key_service(
     tenant = make_tenant()
     KeyManager(engine, local_provider).create_dek(tenant)
     assert _records(engine, tenant)[0].actor == "service:tensafe.keys"
+
+
+# --- signed checkpoints over key events ----------------------------------------------------
+
+
+def test_key_events_are_covered_by_checkpoints_signed_with_the_deployment_key(
+    engine: Engine, local_provider: LocalKekProvider, make_tenant: Any
+) -> None:
+    """With interval N, every run of N key events is covered by a checkpoint the verifier accepts."""
+    manager = KeyManager(engine, local_provider, audit_checkpoint_every=2)
+    tenant = make_tenant()
+    manager.create_dek(tenant)
+    manager.rotate_dek(tenant)
+    manager.rotate_dek(tenant)
+    manager.shred_tenant(tenant)
+    manager.rotate_kek()
+    key = manager.deployment_verifying_key()
+    with Session(engine) as session, session.begin():
+        tenant_checkpoints = list_checkpoints(session, tenant=tenant)
+        deployment_checkpoints = list_checkpoints(session, tenant=DEPLOYMENT_TENANT)
+        # tenant: strict (its 4 records are all signed); deployment: a tail shorter than N is allowed.
+        verify_chain(session, tenant=tenant, verifying_key=key, checkpoint_every=2, allow_unsigned_tail=False)
+        verify_chain(
+            session, tenant=DEPLOYMENT_TENANT, verifying_key=key, checkpoint_every=2, allow_unsigned_tail=True
+        )
+        other = HybridSigningKey.generate().verifying_key()
+        with pytest.raises(AuditVerificationError):
+            verify_chain(session, tenant=tenant, verifying_key=other, checkpoint_every=2)
+    # tenant: dek.created, dek.rotated, dek.rotated, tenant.shredded -> checkpoints at 2 and 4
+    assert [c.length for c in tenant_checkpoints] == [2, 4]
+    # deployment: deployment_key.created, kek.rotated, kek.rewrapped -> a checkpoint at 2
+    assert [c.length for c in deployment_checkpoints] == [2]
+    assert {c.key_id for c in tenant_checkpoints + deployment_checkpoints} == {key.key_id}
+
+
+def test_the_signing_keys_creation_record_is_signed_by_the_new_key(
+    engine: Engine, local_provider: LocalKekProvider
+) -> None:
+    """The recursion case: the first deployment record is due a checkpoint (N = 1) before any key exists."""
+    manager = KeyManager(engine, local_provider, audit_checkpoint_every=1)
+    key = manager.deployment_signing_key()
+    with Session(engine) as session, session.begin():
+        (checkpoint,) = list_checkpoints(session, tenant=DEPLOYMENT_TENANT)
+        report = verify_chain(
+            session, tenant=DEPLOYMENT_TENANT, verifying_key=key.verifying_key(), checkpoint_every=1
+        )
+    assert checkpoint.length == 1 and checkpoint.key_id == key.key_id and report.length == 1
+
+
+def test_the_interval_comes_from_the_environment(
+    engine: Engine, tmp_path: Any, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    base = {"TS_DATA_DIR": str(tmp_path / "data"), "TS_KEY_MASTER": "Zq8#vL2!pR7@wX4$kM9%"}
+    assert KeyManager.from_environment(base, engine=engine).audit_checkpoint_every == 1000
+    chosen = KeyManager.from_environment({**base, "TS_AUDIT_CHECKPOINT_EVERY": " 7 "}, engine=engine)
+    assert chosen.audit_checkpoint_every == 7
+    for bad in ("0", "-3", "abc", "1.5", "1e3", "true", "٣"):
+        with pytest.raises(
+            KeyConfigurationError, match="TS_AUDIT_CHECKPOINT_EVERY must be a positive integer"
+        ):
+            KeyManager.from_environment({**base, "TS_AUDIT_CHECKPOINT_EVERY": bad}, engine=engine)
+    for value in (0, -1, True, 2.0):
+        with pytest.raises(KeyConfigurationError, match="audit_checkpoint_every"):
+            KeyManager(engine, chosen.provider, audit_checkpoint_every=value)  # type: ignore[arg-type]
+    monkeypatch.setenv("TS_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("TS_AUDIT_CHECKPOINT_EVERY", "often")
+    assert main(["keys", "status"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("tensafe: error:") and "TS_AUDIT_CHECKPOINT_EVERY" in err and err.count("\n") == 1

@@ -84,3 +84,43 @@ def test_errors_are_one_line(
     monkeypatch.setenv("TS_ENVIRONMENT", "production")
     assert main(["keys", "status"]) == 2
     assert "no KEK provider configured" in capsys.readouterr().err
+
+
+def test_rebind_command(
+    dev_env: dict[str, str], capsys: pytest.CaptureFixture[str], request: pytest.FixtureRequest
+) -> None:
+    from keys.conftest import legacy_wrap
+    from tensafe.db import utcnow
+    from tensafe.keys import UnboundKeyError
+    from tensafe.keys.models import TenantDek
+
+    assert main(["keys", "init"]) == 0
+    engine = create_engine_from_url(dev_env["DATABASE_URL"])
+    manager = KeyManager.from_environment()
+    dek = bytes(range(32))
+    with Session(engine) as session, session.begin():
+        ensure_tenant(session, "acme")
+        session.add(
+            TenantDek(
+                tenant_id="acme",
+                version=1,
+                kek_provider="local",
+                kek_version=1,
+                wrapped_dek=legacy_wrap(manager.provider, dek, request),
+                created_at=utcnow(),
+                destroyed_at=None,
+                state="active",
+            )
+        )
+    with pytest.raises(UnboundKeyError):
+        manager.decryption_key("acme", 1)
+    capsys.readouterr()
+    assert main(["keys", "status"]) == 0
+    assert "legacy (unbound) wrapped keys: 1" in capsys.readouterr().out
+    assert main(["keys", "rebind"]) == 0
+    assert "1 legacy wrapped key(s) rebound" in capsys.readouterr().out
+    assert main(["keys", "rebind"]) == 0
+    assert "already bound" in capsys.readouterr().out
+    assert KeyManager.from_environment().decryption_key("acme", 1) == dek
+    manager.close()
+    engine.dispose()

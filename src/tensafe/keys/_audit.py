@@ -6,6 +6,11 @@ record's ``action`` is the event's dotted id; its ``details`` carry ``severity``
 ``recoverable`` and identifiers, versions and provider names, never key material.
 Tenant events go to the tenant's own chain; deployment-wide events (KEK rotation, the
 deployment signing key) go to the reserved tenant :data:`DEPLOYMENT_TENANT`.
+
+Appends pass the deployment's signing key and checkpoint interval
+(``TS_AUDIT_CHECKPOINT_EVERY``), so key events take part in the periodic signed
+checkpoints like every other appender's records (docs/audit.md, "The checkpoint
+interval").
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from typing import Any, Final, Literal
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from tensafe.audit import AuditRecord, append_record
+from tensafe.audit import AuditRecord, CheckpointSigner, append_record
 from tensafe.db import Tenant, utcnow
 from tensafe.keys.errors import KeyManagementError
 
@@ -66,6 +71,11 @@ KEY_EVENTS: Final[Mapping[str, KeyEventSpec]] = {
     "keys.deployment_key.created": KeyEventSpec(
         "warning", True, "the deployment's hybrid signing key was created"
     ),
+    "keys.kek.rebound": KeyEventSpec(
+        "warning",
+        True,
+        "stored keys in the legacy unbound format were re-wrapped bound to their tenant and version",
+    ),
 }
 
 
@@ -97,6 +107,8 @@ def record_key_event(
     actor: str,
     resource: str,
     details: Mapping[str, Any],
+    signer: CheckpointSigner | None,
+    checkpoint_every: int | None,
 ) -> AuditRecord:
     """Append the audit record of a key event inside the caller's transaction.
 
@@ -108,6 +120,9 @@ def record_key_event(
         actor: Who acted (an identifier).
         resource: What was acted on, e.g. ``dek/acme/3``.
         details: Identifiers, versions, provider names and counts (no key material).
+        signer: The deployment signing key, which signs the checkpoint when one is due.
+        checkpoint_every: The deployment's checkpoint interval (``None``: never sign;
+            the chain then fails verification once that many records are unsigned).
 
     Returns:
         The appended record.
@@ -116,4 +131,13 @@ def record_key_event(
     if tenant == DEPLOYMENT_TENANT:
         ensure_deployment_tenant(session)
     body = {"severity": spec.severity, "recoverable": spec.recoverable, **details}
-    return append_record(session, tenant=tenant, actor=actor, action=event, resource=resource, details=body)
+    return append_record(
+        session,
+        tenant=tenant,
+        actor=actor,
+        action=event,
+        resource=resource,
+        details=body,
+        signer=signer,
+        checkpoint_every=checkpoint_every,
+    )

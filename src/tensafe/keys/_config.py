@@ -25,6 +25,8 @@ from tensafe.keys._vault import is_loopback_host
 from tensafe.keys.errors import KeyConfigurationError, KeyNotFoundError
 
 __all__ = [
+    "AUDIT_CHECKPOINT_EVERY_ENV",
+    "DEFAULT_AUDIT_CHECKPOINT_EVERY",
     "ENVIRONMENTS",
     "KeySettings",
     "check_passphrase",
@@ -39,6 +41,10 @@ MIN_PASSPHRASE_CHARS = 16
 #: Minimum estimated entropy of ``TS_KEY_MASTER`` (length x empirical Shannon entropy).
 MIN_PASSPHRASE_BITS = 50.0
 _TRUE = {"1", "true", "yes", "on"}
+#: The deployment's audit checkpoint interval (shared with tensafe.audit and the server).
+AUDIT_CHECKPOINT_EVERY_ENV = "TS_AUDIT_CHECKPOINT_EVERY"
+DEFAULT_AUDIT_CHECKPOINT_EVERY = 1000
+_MAX_CHECKPOINT_EVERY = 2**53 - 1
 
 
 def check_passphrase(passphrase: str) -> None:
@@ -124,7 +130,26 @@ class KeySettings:
         settings._check()
         return settings
 
+    @property
+    def audit_checkpoint_every(self) -> int:
+        """``TS_AUDIT_CHECKPOINT_EVERY``: records between signed audit checkpoints (default 1000).
+
+        Raises:
+            KeyConfigurationError: The value is set but is not a positive integer.
+        """
+        raw = self.env.get(AUDIT_CHECKPOINT_EVERY_ENV, "").strip()
+        if not raw:
+            return DEFAULT_AUDIT_CHECKPOINT_EVERY
+        value = int(raw, 10) if raw.isascii() and raw.isdigit() else 0
+        if not 1 <= value <= _MAX_CHECKPOINT_EVERY:
+            raise KeyConfigurationError(
+                f"{AUDIT_CHECKPOINT_EVERY_ENV} must be a positive integer (records between signed audit "
+                f"checkpoints), not {raw[:40]!r}"
+            )
+        return value
+
     def _check(self) -> None:
+        self.audit_checkpoint_every  # noqa: B018 - validates the variable early
         if self.env.get("TS_KEY_MASTER"):
             check_passphrase(self.env["TS_KEY_MASTER"])
         if self.provider == "local" and self.production:

@@ -17,7 +17,13 @@ The master key is Argon2id(passphrase, salt, params). Each ``sealed_kek`` is
 associated_data=b"version:<n>")``. ``mac`` is ``seal(master, b"",
 label="tensafe/local-kek-file/v1", associated_data=<canonical JSON of every other
 field>)``, so removing a version, changing ``current`` or swapping sealed KEKs between
-versions is detected. DEKs are wrapped with AES-256-KWP (:mod:`tensafe.crypto.keywrap`).
+versions is detected.
+
+Keys are wrapped with AES-256-KWP bound to their context
+(:func:`tensafe.crypto.keywrap.wrap_key_bound`, prefix ``0x01 0x04``; docs/spec/crypto.md,
+"Bound wrapped key"). Blobs of the legacy, unbound format ``0x01 0x02`` (plain
+:func:`~tensafe.crypto.keywrap.wrap_key` of a 256-bit key, written before binding) are
+refused by :meth:`LocalKekProvider.unwrap` and only read by ``rebind``.
 """
 
 from __future__ import annotations
@@ -38,8 +44,8 @@ from typing import Any, ClassVar
 from tensafe.crypto.aead import open_sealed, seal
 from tensafe.crypto.errors import CryptoError
 from tensafe.crypto.kdf import Argon2idParams, derive_key_from_passphrase
-from tensafe.crypto.keywrap import unwrap_key, wrap_key
-from tensafe.keys._provider import KekProvider
+from tensafe.crypto.keywrap import WRAP_PREFIX, unwrap_key, unwrap_key_bound, wrap_key_bound
+from tensafe.keys._provider import WRAPPED_KEY_BYTES, KekProvider, check_context, unbound_key_error
 from tensafe.keys.errors import KeyConfigurationError, KeyNotFoundError, ProviderError
 
 __all__ = ["LocalKekProvider"]
@@ -47,6 +53,8 @@ __all__ = ["LocalKekProvider"]
 _FORMAT = "tensafe-local-kek/v1"
 _LABEL_KEK = "tensafe/local-kek/v1"
 _LABEL_FILE = "tensafe/local-kek-file/v1"
+#: A legacy blob: 0x01 0x02 || RFC 5649 output of a 256-bit key (8 + 32 bytes).
+_LEGACY_LENGTH = len(WRAP_PREFIX) + 8 + WRAPPED_KEY_BYTES
 
 
 def _canonical(obj: dict[str, Any]) -> bytes:
@@ -263,24 +271,47 @@ class LocalKekProvider(KekProvider):
         """Every KEK version in the file, oldest first."""
         return sorted(self._keks)
 
-    def wrap(self, dek: bytes) -> tuple[int, bytes]:
-        """See :meth:`KekProvider.wrap` (AES-256-KWP)."""
+    def wrap(self, dek: bytes, *, context: bytes) -> tuple[int, bytes]:
+        """See :meth:`KekProvider.wrap` (AES-256-KWP bound to ``context``)."""
+        ctx = check_context(context)
         version = self.current_version
-        return version, wrap_key(self._keks[version], dek)
+        return version, wrap_key_bound(self._keks[version], dek, context=ctx)
 
-    def unwrap(self, kek_version: int, blob: bytes) -> bytes:
-        """See :meth:`KekProvider.unwrap`."""
+    def _kek(self, kek_version: int) -> bytes:
         kek = self._keks.get(kek_version)
         if kek is None:
             self._reload()
             kek = self._keks.get(kek_version)
         if kek is None:
             raise KeyNotFoundError(f"the local KEK file {self._path} has no KEK version {kek_version}")
+        return kek
+
+    def unwrap(self, kek_version: int, blob: bytes, *, context: bytes) -> bytes:
+        """See :meth:`KekProvider.unwrap`."""
+        ctx = check_context(context)
+        if self.is_legacy(blob):
+            raise unbound_key_error(self.name)
+        kek = self._kek(kek_version)
+        try:
+            return unwrap_key_bound(kek, blob, context=ctx)
+        except CryptoError:
+            raise ProviderError(
+                f"a wrapped key did not unwrap under local KEK version {kek_version}: it belongs to "
+                "another tenant or DEK version (moved in the database), was modified, or the key is wrong"
+            ) from None
+
+    def is_legacy(self, blob: bytes) -> bool:
+        """See :meth:`KekProvider.is_legacy` (``0x01 0x02`` and 42 bytes)."""
+        return bytes(blob[:2]) == WRAP_PREFIX and len(blob) == _LEGACY_LENGTH
+
+    def _unwrap_legacy(self, kek_version: int, blob: bytes) -> bytes:
+        kek = self._kek(kek_version)
         try:
             return unwrap_key(kek, blob)
         except CryptoError:
             raise ProviderError(
-                f"a wrapped key did not unwrap under local KEK version {kek_version} (modified or wrong key)"
+                f"a legacy wrapped key did not unwrap under local KEK version {kek_version} "
+                "(modified or wrong key)"
             ) from None
 
     def _reload(self) -> None:
@@ -314,6 +345,6 @@ class LocalKekProvider(KekProvider):
             "path": str(self._path),
             "current_version": self.current_version,
             "versions": self.versions,
-            "wrap": "AES-256-KWP (RFC 5649)",
+            "wrap": "AES-256-KWP (RFC 5649) bound to tenant and version",
             "kdf": f"argon2id m={params.memory_cost}KiB t={params.iterations} p={params.lanes}",
         }

@@ -1,10 +1,22 @@
 """The ``vault`` KEK provider: HashiCorp Vault / OpenBao Transit.
 
 The KEK is a named Transit key (type ``aes256-gcm96``, not exportable) that never
-leaves Vault. Wrapping a DEK is Transit ``encrypt`` of the DEK (Transit's own versioned
-AES-256-GCM envelope, ``vault:v<N>:<base64>``); AES-256-KWP is not used here because
-the KEK is not available outside Vault. Rotation is Transit ``rotate``; re-wrapping is
-Transit ``rewrap``, so re-wrapped DEKs never leave Vault in plaintext.
+leaves Vault. Wrapping a key is Transit ``encrypt`` of the key with the binding context
+as ``associated_data`` (Transit's own versioned AES-256-GCM envelope,
+``vault:v<N>:<base64>``, with the context authenticated by GCM); AES-256-KWP is not
+used here because the KEK is not available outside Vault. The stored blob is
+``tensafe-bound/v1:`` followed by Transit's ciphertext; a bare ``vault:v<N>:...`` blob is
+the legacy, unbound format (encrypted without associated data), refused by
+:meth:`VaultTransitKekProvider.unwrap` and only read by ``rebind``.
+
+Rotation is Transit ``rotate``. Re-wrapping is Transit ``decrypt`` then ``encrypt``
+with the same associated data: Transit ``rewrap`` does not take ``associated_data``
+(checked against OpenBao 2.7: it fails with "message authentication failed" on a
+ciphertext made with associated data), so the key is in this process's memory while it
+is re-wrapped, as it is whenever the process uses it. The alternative, a ``derived``
+Transit key with ``context``, would keep ``rewrap`` inside Vault but cannot be enabled
+on an existing key (every deployment would need a new Transit key); see
+docs/security/keys.md, "Binding".
 """
 
 from __future__ import annotations
@@ -15,12 +27,14 @@ import re
 from typing import Any, ClassVar
 from urllib.parse import urlsplit
 
-from tensafe.keys._provider import KekProvider
+from tensafe.keys._provider import KekProvider, check_context, unbound_key_error
 from tensafe.keys.errors import KeyConfigurationError, KeyNotFoundError, ProviderError
 
-__all__ = ["VaultTransitKekProvider", "is_loopback_host"]
+__all__ = ["BOUND_PREFIX", "VaultTransitKekProvider", "is_loopback_host"]
 
 _CIPHERTEXT = re.compile(r"vault:v([1-9][0-9]{0,9}):[A-Za-z0-9+/=]+")
+#: Prefix of a blob whose Transit ciphertext authenticates the binding context.
+BOUND_PREFIX = b"tensafe-bound/v1:"
 
 
 def is_loopback_host(host: str | None) -> bool:
@@ -54,7 +68,7 @@ class VaultTransitKekProvider(KekProvider):
 
         Args:
             address: Vault address, ``https://host:8200`` (``http`` only for loopback).
-            token: Vault token with encrypt/decrypt/rewrap/rotate/read on the key.
+            token: Vault token with read/encrypt/decrypt (and rotate, for rotation) on the key.
             mount: Mount path of the Transit engine.
             key_name: Name of the Transit key used as KEK.
             ca_cert: CA bundle to verify Vault's TLS certificate.
@@ -144,17 +158,21 @@ class VaultTransitKekProvider(KekProvider):
         """See :attr:`KekProvider.current_version`."""
         return int(self._info["latest_version"])
 
-    def wrap(self, dek: bytes) -> tuple[int, bytes]:
-        """See :meth:`KekProvider.wrap` (Transit encrypt)."""
+    def wrap(self, dek: bytes, *, context: bytes) -> tuple[int, bytes]:
+        """See :meth:`KekProvider.wrap` (Transit encrypt with the context as associated data)."""
+        ad = base64.b64encode(check_context(context)).decode("ascii")
         response = self._call(
             lambda: self._client.secrets.transit.encrypt_data(
-                name=self._key, plaintext=base64.b64encode(dek).decode("ascii"), mount_point=self._mount
+                name=self._key,
+                plaintext=base64.b64encode(dek).decode("ascii"),
+                associated_data=ad,
+                mount_point=self._mount,
             )
         )
-        version, blob = self._parse(response["data"]["ciphertext"])
+        version, ciphertext = self._parse(response["data"]["ciphertext"])
         if version > self.current_version:  # rotated by another process meanwhile
             self._info["latest_version"] = version
-        return version, blob
+        return version, BOUND_PREFIX + ciphertext
 
     @staticmethod
     def _parse(ciphertext: str) -> tuple[int, bytes]:
@@ -163,9 +181,10 @@ class VaultTransitKekProvider(KekProvider):
             raise ProviderError("Vault returned a ciphertext in an unexpected format")
         return int(match.group(1)), ciphertext.encode("ascii")
 
-    def _check_blob(self, kek_version: int, blob: bytes) -> str:
+    @staticmethod
+    def _check_ciphertext(kek_version: int, data: bytes) -> str:
         try:
-            text = blob.decode("ascii")
+            text = data.decode("ascii")
         except UnicodeDecodeError:
             raise ProviderError("a stored Vault-wrapped key is malformed") from None
         match = _CIPHERTEXT.fullmatch(text)
@@ -173,12 +192,13 @@ class VaultTransitKekProvider(KekProvider):
             raise ProviderError("a stored Vault-wrapped key is malformed or does not match its KEK version")
         return text
 
-    def unwrap(self, kek_version: int, blob: bytes) -> bytes:
-        """See :meth:`KekProvider.unwrap` (Transit decrypt)."""
-        text = self._check_blob(kek_version, blob)
+    def _decrypt(self, ciphertext: str, *, associated_data: str | None) -> bytes:
         response = self._call(
             lambda: self._client.secrets.transit.decrypt_data(
-                name=self._key, ciphertext=text, mount_point=self._mount
+                name=self._key,
+                ciphertext=ciphertext,
+                associated_data=associated_data,
+                mount_point=self._mount,
             )
         )
         try:
@@ -186,15 +206,27 @@ class VaultTransitKekProvider(KekProvider):
         except (KeyError, TypeError, binascii.Error):
             raise ProviderError("Vault returned a malformed plaintext") from None
 
-    def rewrap(self, kek_version: int, blob: bytes) -> tuple[int, bytes]:
-        """See :meth:`KekProvider.rewrap` (Transit rewrap: the DEK never leaves Vault)."""
-        text = self._check_blob(kek_version, blob)
-        response = self._call(
-            lambda: self._client.secrets.transit.rewrap_data(
-                name=self._key, ciphertext=text, mount_point=self._mount
-            )
-        )
-        return self._parse(response["data"]["ciphertext"])
+    def unwrap(self, kek_version: int, blob: bytes, *, context: bytes) -> bytes:
+        """See :meth:`KekProvider.unwrap` (Transit decrypt with the context as associated data).
+
+        A blob moved to a row with another context fails Transit's GCM check; Vault
+        answers "message authentication failed", raised as :class:`ProviderError`.
+        """
+        ad = base64.b64encode(check_context(context)).decode("ascii")
+        data = bytes(blob)
+        if self.is_legacy(data):
+            raise unbound_key_error(self.name)
+        if not data.startswith(BOUND_PREFIX):
+            raise ProviderError("a stored Vault-wrapped key is malformed")
+        text = self._check_ciphertext(kek_version, data[len(BOUND_PREFIX) :])
+        return self._decrypt(text, associated_data=ad)
+
+    def is_legacy(self, blob: bytes) -> bool:
+        """See :meth:`KekProvider.is_legacy` (a bare ``vault:v<N>:...`` ciphertext)."""
+        return bytes(blob).startswith(b"vault:")
+
+    def _unwrap_legacy(self, kek_version: int, blob: bytes) -> bytes:
+        return self._decrypt(self._check_ciphertext(kek_version, bytes(blob)), associated_data=None)
 
     def rotate(self) -> int:
         """See :meth:`KekProvider.rotate` (Transit rotate)."""
@@ -220,7 +252,7 @@ class VaultTransitKekProvider(KekProvider):
             "current_version": self.current_version,
             "min_decryption_version": int(self._info.get("min_decryption_version", 1)),
             "exportable": self.exportable,
-            "wrap": "Vault Transit encrypt (AES-256-GCM96)",
+            "wrap": "Vault Transit encrypt (AES-256-GCM96), tenant and version as associated data",
         }
 
     def close(self) -> None:

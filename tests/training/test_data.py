@@ -16,9 +16,9 @@ from tensafe.training.data import (
     IGNORE_INDEX,
     TokenizedExample,
     collate,
-    dataset_commitment,
+    dataset_sha256,
     load_jsonl,
-    records_commitment,
+    records_sha256,
     tokenize_examples,
     train_eval_split,
 )
@@ -353,10 +353,10 @@ def test_split_rejects_bad_input(items: list[int], frac: float) -> None:
         train_eval_split(items, eval_fraction=frac)
 
 
-# ----------------------------------------------------------------- commitment
+# ----------------------------------------------------------------- plain SHA-256 digest
 
 
-def test_commitment_matches_spec_and_ignores_formatting(tmp_path: pathlib.Path) -> None:
+def test_plain_sha256_matches_spec_and_ignores_formatting(tmp_path: pathlib.Path) -> None:
     records = [
         {"prompt": "é ü", "completion": "b", "id": 1},
         {"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]},
@@ -376,8 +376,8 @@ def test_commitment_matches_spec_and_ignores_formatting(tmp_path: pathlib.Path) 
         for r in records
     )
     expected = hashlib.sha256(b"tensafe/dataset-commitment/v1\n" + canonical).hexdigest()
-    assert dataset_commitment(a) == dataset_commitment(b) == records_commitment(records) == expected
+    assert dataset_sha256(a) == dataset_sha256(b) == records_sha256(records) == expected
     c = _write(tmp_path / "c.jsonl", [json.dumps(r) for r in reversed(records)])
-    assert dataset_commitment(c) != expected
+    assert dataset_sha256(c) != expected
     d = _write(tmp_path / "d.jsonl", [json.dumps(records[0] | {"completion": "B"}), json.dumps(records[1])])
-    assert dataset_commitment(d) != expected
+    assert dataset_sha256(d) != expected

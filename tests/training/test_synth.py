@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from tensafe.cli.main import main
-from tensafe.training.data import dataset_commitment, load_jsonl, to_messages
+from tensafe.training.data import dataset_sha256, load_jsonl, to_messages
 from tensafe.training.errors import TrainingConfigError
 from tensafe.training.synth import synthesize, synthesize_dataset
 
@@ -146,11 +146,11 @@ def test_cli_synth_writes_data_and_private_canary_file(
     assert summary["canary_out"] == str(canary_path)
     records = load_jsonl(out)
     assert len(records) == 40 and all("messages" in r for r in records)
-    assert summary["dataset_commitment"] == dataset_commitment(out)
+    assert summary["dataset_sha256"] == dataset_sha256(out)
     canary_file = json.loads(canary_path.read_text())
     assert stat.S_IMODE(canary_path.stat().st_mode) == 0o600
     assert canary_file["format"] == "tensafe-canaries/v1"
-    assert canary_file["dataset_commitment"] == dataset_commitment(out)
+    assert canary_file["dataset_commitment"] == dataset_sha256(out)
     text = out.read_text()
     for c in canary_file["canaries"]:
         assert text.count(c["text"]) == 2 == len(c["record_indices"])
@@ -196,7 +196,7 @@ def test_cli_check(tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str], t
     assert main(["data", "check", str(out), "--model", "smollm2-135m-instruct", "--json"]) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["records"] == summary["examples"] == 12
-    assert summary["dataset_commitment"] == dataset_commitment(out)
+    assert summary["dataset_sha256"] == dataset_sha256(out)
     assert 0 < summary["target_tokens_mean"] < summary["tokens_mean"] <= summary["tokens_max"]
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a", "completion": "b"}\n{oops\n')

@@ -7,47 +7,28 @@ import pathlib
 from typing import Any
 
 import pytest
-import yaml
+from _run_helpers import isolated_deployment
+from _run_helpers import write_run as _write_run
 
 from tensafe.cli.main import main
+from tensafe.crypto.signing import HybridSigningKey
 from tensafe.privacy import BudgetExceededError, DpCertificate, compute_epsilon
 from tensafe.training.config import load_config
 from tensafe.training.errors import TrainingConfigError
-from tensafe.training.synth import synthesize_dataset, write_jsonl
+from tensafe.training.synth import synthesize_dataset
 from tensafe.training.trainer import BudgetStopError, train
 
 
-def _write_run(tmp_path: pathlib.Path, model_dir: pathlib.Path, **overrides: Any) -> pathlib.Path:
-    data = tmp_path / "data"
-    data.mkdir(exist_ok=True)
-    if not (data / "train.jsonl").exists():
-        ds = synthesize_dataset("clinical", 240, seed=3)
-        write_jsonl(data / "train.jsonl", ds.records[:200])
-        write_jsonl(data / "eval.jsonl", ds.records[200:])
-    cfg: dict[str, Any] = {
-        "model": str(model_dir),
-        "output_dir": "run",
-        "data": {"train": "data/train.jsonl", "eval": "data/eval.jsonl", "max_length": 160},
-        "lora": {"rank": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj", "down_proj"]},
-        "optimizer": {"learning_rate": 0.05},
-        "training": {"steps": 6, "batch_size": 20, "micro_batch_size": 8, "checkpoint_every": 2, "seed": 1},
-        "privacy": {
-            "enabled": True,
-            "target_epsilon": 8.0,
-            "delta": 1e-5,
-            "clip_norm": 1.0,
-            "accountant": "rdp",
-        },
-    }
-    for key, value in overrides.items():
-        section, _, field = key.partition("__")
-        if field:
-            cfg[section][field] = value
-        else:
-            cfg[section] = value
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
-    return path
+@pytest.fixture(autouse=True)
+def _deployment(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test has its own deployment database and development KEK (the CLI signs with them)."""
+    isolated_deployment(monkeypatch, tmp_path / "deployment")
+
+
+@pytest.fixture(scope="module")
+def signer() -> HybridSigningKey:
+    """A deployment-style signing key for runs that call :func:`train` directly."""
+    return HybridSigningKey.generate()
 
 
 class _Crash(Exception):
@@ -55,10 +36,10 @@ class _Crash(Exception):
 
 
 def test_dp_training_writes_adapter_certificate_and_metrics(
-    tmp_path: pathlib.Path, tiny_model_dir: pathlib.Path
+    tmp_path: pathlib.Path, tiny_model_dir: pathlib.Path, signer: HybridSigningKey
 ) -> None:
     cfg = load_config(_write_run(tmp_path, tiny_model_dir))
-    result = train(cfg, show_progress=False)
+    result = train(cfg, signer=signer, show_progress=False)
     adapter = result.adapter_dir
     assert (adapter / "adapter_config.json").is_file()
     assert (adapter / "adapter_model.safetensors").is_file()
@@ -74,6 +55,11 @@ def test_dp_training_writes_adapter_certificate_and_metrics(
     assert cert.epsilon <= 8.0
     evidence = json.loads((adapter / "evidence.json").read_text())
     assert evidence["config_sha256"] == cfg.config_hash() and evidence["dataset_size"] == 200
+    assert evidence["schema"] == "tensafe.evidence/v2" and evidence["private"] is True
+    # Both copies of the certificate carry the signature of the run's signer.
+    assert result.signed_by == signer.key_id
+    for path in (adapter / "dp_certificate.json", result.output_dir / "dp_certificate.json"):
+        assert DpCertificate.read(path).verify_signature(signer.verifying_key()) == signer.key_id
     lines = [json.loads(x) for x in result.metrics_path.read_text().splitlines()]
     assert [m["step"] for m in lines] == list(range(6))
     assert lines[-1]["epsilon"] == pytest.approx(cert.epsilon)
@@ -81,7 +67,7 @@ def test_dp_training_writes_adapter_certificate_and_metrics(
 
 
 def test_resume_neither_loses_nor_repeats_a_step(
-    tmp_path: pathlib.Path, tiny_model_dir: pathlib.Path
+    tmp_path: pathlib.Path, tiny_model_dir: pathlib.Path, signer: HybridSigningKey
 ) -> None:
     cfg = load_config(_write_run(tmp_path, tiny_model_dir))
 
@@ -90,19 +76,20 @@ def test_resume_neither_loses_nor_repeats_a_step(
             raise _Crash
 
     with pytest.raises(_Crash):
-        train(cfg, show_progress=False, on_step=crash_after_step_3)
+        train(cfg, signer=signer, show_progress=False, on_step=crash_after_step_3)
     assert not (cfg.output_dir / "adapter").exists()
-    result = train(cfg, show_progress=False)
+    result = train(cfg, signer=signer, show_progress=False)
     assert result.resumed_from == 2
     assert result.steps == 6
     steps = [json.loads(x)["step"] for x in result.metrics_path.read_text().splitlines()]
     assert steps == list(range(6)), steps  # step 2 was redone once, not counted twice
     cert = DpCertificate.read(result.adapter_dir / "dp_certificate.json")
     assert cert.steps == 6
+    cert.verify_signature(signer.verifying_key())
 
 
 def test_budget_refuses_the_step_that_would_exceed_it(
-    tmp_path: pathlib.Path, tiny_model_dir: pathlib.Path
+    tmp_path: pathlib.Path, tiny_model_dir: pathlib.Path, signer: HybridSigningKey
 ) -> None:
     sigma = 1.0
     eps3 = compute_epsilon(accountant="rdp", noise_multiplier=sigma, sample_rate=0.1, steps=3, delta=1e-5)
@@ -112,22 +99,27 @@ def test_budget_refuses_the_step_that_would_exceed_it(
         tmp_path, tiny_model_dir, privacy__noise_multiplier=sigma, privacy__target_epsilon=target
     )
     with pytest.raises(BudgetStopError, match="last allowed step") as info:
-        train(load_config(path), show_progress=False)
+        train(load_config(path), signer=signer, show_progress=False)
     assert isinstance(info.value.budget_error, BudgetExceededError)
     assert info.value.budget_error.step == 4
     cert = DpCertificate.read(tmp_path / "run" / "adapter" / "dp_certificate.json")
     assert cert.steps == 3 and cert.epsilon is not None and cert.epsilon <= target
+    assert cert.verify_signature(signer.verifying_key()) == signer.key_id  # signed before the stop
 
 
-def test_non_private_run_says_so(tmp_path: pathlib.Path, tiny_model_dir: pathlib.Path) -> None:
+def test_non_private_run_says_so(
+    tmp_path: pathlib.Path, tiny_model_dir: pathlib.Path, signer: HybridSigningKey
+) -> None:
     path = _write_run(tmp_path, tiny_model_dir, privacy={"enabled": False})
-    result = train(load_config(path), show_progress=False)
+    result = train(load_config(path), signer=signer, show_progress=False)
     cert = DpCertificate.read(result.adapter_dir / "dp_certificate.json")
     assert cert.dp_enabled is False and cert.epsilon is None
     assert "not" in cert.statement.lower() or "no " in cert.statement.lower()
 
 
-def test_dp_training_lowers_held_out_loss(tmp_path: pathlib.Path, tiny_model_dir: pathlib.Path) -> None:
+def test_dp_training_lowers_held_out_loss(
+    tmp_path: pathlib.Path, tiny_model_dir: pathlib.Path, signer: HybridSigningKey
+) -> None:
     path = _write_run(
         tmp_path,
         tiny_model_dir,
@@ -135,7 +127,7 @@ def test_dp_training_lowers_held_out_loss(tmp_path: pathlib.Path, tiny_model_dir
         privacy={"enabled": True, "target_epsilon": 8.0, "delta": 1e-5, "clip_norm": 1.0},
         optimizer={"learning_rate": 0.05},
     )
-    result = train(load_config(path), show_progress=False)
+    result = train(load_config(path), signer=signer, show_progress=False)
     assert result.eval_loss_before is not None and result.eval_loss_after is not None
     assert result.eval_loss_after < result.eval_loss_before - 0.05, (
         result.eval_loss_before,

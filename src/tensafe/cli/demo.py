@@ -4,6 +4,11 @@ It synthesises a clinical-notes dataset (Faker, nothing downloaded), writes a tr
 configuration next to it, runs ``tensafe train`` on SmolLM2-135M-Instruct at ε ≤ 8,
 δ = 1e-5, and prints the held-out loss before and after and a sample generation. It exits
 non-zero when the adapter does not lower the held-out loss.
+
+The DP certificate is signed with the deployment signing key on the embedded defaults
+(SQLite ./tensafe.db, a development KEK under TS_DATA_DIR, both created on first use). The
+public key is written to OUT/deployment.pub and the command that verifies the certificate
+with it is printed.
 """
 
 from __future__ import annotations
@@ -94,15 +99,22 @@ def _num_layers(model: str) -> int:
 def _run(args: argparse.Namespace) -> int:
     import yaml
 
+    from tensafe._fsutil import atomic_write_bytes
+    from tensafe.cli._certificate_signing import deployment_certificate_signer
     from tensafe.cli.train import report
     from tensafe.errors import TenSafeError
     from tensafe.training.config import load_config
+    from tensafe.training.dp.rng import deterministic_requested
     from tensafe.training.synth import synthesize_dataset, write_jsonl
     from tensafe.training.trainer import train
 
     out = Path(args.out).resolve()
+    deterministic = deterministic_requested()  # a malformed TS_DETERMINISTIC fails here
+    signer = deployment_certificate_signer(actor="cli:demo")  # before any work: fail closed
     data_dir = out / "data"
     data_dir.mkdir(parents=True, exist_ok=True)
+    public_key = out / "deployment.pub"
+    atomic_write_bytes(public_key, signer.verifying_key().public_bytes(), mode=0o644)
     if not (data_dir / "train.jsonl").exists():
         ds = synthesize_dataset("clinical", args.records + args.eval_records, seed=args.seed)
         # A short system turn replaces the template's default one: fewer tokens per example.
@@ -126,9 +138,17 @@ def _run(args: argparse.Namespace) -> int:
     cfg_path.write_text(yaml.safe_dump(demo_config(args, data_dir), sort_keys=False), encoding="utf-8")
     cfg = load_config(cfg_path)
     held_out = json.loads((data_dir / "eval.jsonl").read_text(encoding="utf-8").splitlines()[0])["messages"]
-    print(f"Training {args.model} with DP-SGD (target ε={args.epsilon}, δ={args.delta}) -> {cfg.output_dir}")
-    result = train(cfg, show_progress=not args.no_progress, sample_prompt=held_out[:2])
-    report(result)
+    if deterministic:
+        print(
+            f"Training {args.model} with DP-SGD on DETERMINISTIC noise (TS_DETERMINISTIC=1): this run is "
+            f"NOT differentially private and has no ε -> {cfg.output_dir}"
+        )
+    else:
+        print(
+            f"Training {args.model} with DP-SGD (target ε={args.epsilon}, δ={args.delta}) -> {cfg.output_dir}"
+        )
+    result = train(cfg, signer=signer, show_progress=not args.no_progress, sample_prompt=held_out[:2])
+    report(result, public_key=public_key)
     print(f"Held-out prompt: {held_out[1]['content']}")
     print(f"Reference completion: {held_out[2]['content']}")
     before, after = result.eval_loss_before, result.eval_loss_after

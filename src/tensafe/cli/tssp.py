@@ -371,7 +371,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.add_argument("--dp-certificate", metavar="FILE", help="default: ADAPTER_DIR/dp_certificate.json")
     p.add_argument("--run-id", help="evidence: training run id")
     p.add_argument("--config-hash", help="evidence: SHA-256 of the training config")
-    p.add_argument("--dataset-commitment", help="evidence: dataset commitment")
+    p.add_argument(
+        "--dataset-commitment",
+        metavar="HEX",
+        help="evidence: KEYED dataset commitment (hmac-sha256/v2, from 'tensafe data commitment DATA "
+        "--key KEYFILE'), never a plain hash of the data: recipients could confirm guesses about it",
+    )
     p.add_argument("--audit-head", help="evidence: audit chain head")
     p.add_argument("--passphrase-env", metavar="VAR", help="passphrase of sealed signing keys in $VAR")
     p.set_defaults(handler=_cmd_pack)

@@ -71,10 +71,18 @@ def build_evidence(
 ) -> dict[str, Any]:
     """Build a ``tensafe.tssp.evidence/v1`` record; library versions are filled in automatically.
 
+    The evidence travels in the package header to every recipient and verifier, so it must not
+    tell them anything about the training data.
+
     Args:
         training_run_id: Identifier of the training run.
         config_sha256: SHA-256 of the training configuration.
-        dataset_commitment: Commitment to (hash of) the training dataset.
+        dataset_commitment: The hex value of a KEYED dataset commitment (``hmac-sha256/v2``:
+            :func:`tensafe.training.data.dataset_commitment` with the run's secret key, as
+            ``tensafe train`` records it), never a plain hash of the data: anyone holding the
+            package could confirm a guess about a record (which of two diagnoses it holds) by
+            hashing candidate data sets. The data owner verifies it with ``tensafe data
+            commitment DATA.jsonl --key KEYFILE --expect VALUE``.
         audit_chain_head: Head hash of the audit chain when the adapter was produced.
     """
     return {

@@ -16,36 +16,61 @@ truncated to ``max_length`` tokens from the right; an example with no supervised
 dropped (and counted in the log).
 
 Errors never quote record contents: a malformed line is reported by file and line number.
+
+Dataset commitment. Training evidence names its data set by a *keyed* commitment,
+``HMAC-SHA256(key, "tensafe/dataset-commitment/v2" || 0x00 || c_1 || "\\n" || ... || c_n ||
+"\\n")`` over the canonical JSON of each record (:func:`records_commitment`, scheme
+:data:`COMMITMENT_SCHEME`). The 32-byte key is random per run and stays with the data owner
+(:func:`write_commitment_key`, mode 0600): without it, nobody can test a guess about the data
+(which of two diagnoses a record holds) against the commitment, as anyone could with a plain
+hash. :func:`records_sha256` is that plain, unkeyed hash; it identifies a file for its owner
+(``tensafe data check``, the canary file) and must never be published.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import hmac
 import json
 import logging
 import os
+import secrets
+import stat
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from tensafe.training.errors import DataError, EmptyDatasetError, TrainingConfigError
+from tensafe._fsutil import atomic_write_bytes
+from tensafe.crypto.mac import KeyedDigest
+from tensafe.training.errors import DataError, EmptyDatasetError, TrainingConfigError, TrainingError
 
 if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedTokenizerBase
 
 __all__ = [
+    "COMMITMENT_KEY_BYTES",
+    "COMMITMENT_KEY_FILENAME",
+    "COMMITMENT_KEY_FORMAT",
+    "COMMITMENT_SCHEME",
     "IGNORE_INDEX",
     "Batch",
+    "CommitmentMismatchError",
     "TokenizedExample",
     "collate",
     "dataset_commitment",
+    "dataset_sha256",
     "load_jsonl",
+    "new_commitment_key",
+    "read_commitment_key",
     "records_commitment",
+    "records_sha256",
     "to_messages",
     "tokenize_examples",
     "train_eval_split",
+    "verify_records_commitment",
+    "write_commitment_key",
 ]
 
 _log = logging.getLogger(__name__)
@@ -54,7 +79,18 @@ _log = logging.getLogger(__name__)
 IGNORE_INDEX = -100
 
 _ROLES = frozenset({"system", "user", "assistant"})
-_COMMITMENT_LABEL = b"tensafe/dataset-commitment/v1\n"
+#: The keyed commitment scheme that training evidence records (``{"scheme": ..., "value": ...}``).
+COMMITMENT_SCHEME = "hmac-sha256/v2"
+_COMMITMENT_LABEL = b"tensafe/dataset-commitment/v2"
+#: Format identifier of a commitment key file.
+COMMITMENT_KEY_FORMAT = "tensafe.dataset-commitment-key/v1"
+#: File name of the key in a run's ``output_dir`` (never inside ``adapter/``).
+COMMITMENT_KEY_FILENAME = "dataset_commitment.key"
+#: Length of a commitment key in bytes.
+COMMITMENT_KEY_BYTES = 32
+_MAX_KEY_FILE_BYTES = 4096
+#: Label of the plain digest; it kept the v1 commitment's label, so old values still compare.
+_SHA256_LABEL = b"tensafe/dataset-commitment/v1\n"
 _SPLIT_LABEL = b"tensafe/train-eval-split/v1\n"
 
 T = TypeVar("T")
@@ -417,32 +453,178 @@ def _canonical(record: Mapping[str, Any]) -> bytes:
     ).encode("utf-8")
 
 
-def records_commitment(records: Iterable[Mapping[str, Any]]) -> str:
-    """Return the dataset commitment of records already in memory (see :func:`dataset_commitment`)."""
-    digest = hashlib.sha256(_COMMITMENT_LABEL)
+class CommitmentMismatchError(TrainingError):
+    """The data set does not match the recorded commitment (other records, or another key)."""
+
+
+def records_sha256(records: Iterable[Mapping[str, Any]]) -> str:
+    """Return the plain, unkeyed SHA-256 of records (see :func:`dataset_sha256`).
+
+    Never publish it: anyone can hash candidate data sets and compare. Training evidence
+    carries :func:`records_commitment` instead.
+    """
+    digest = hashlib.sha256(_SHA256_LABEL)
     for record in records:
         digest.update(_canonical(record))
         digest.update(b"\n")
     return digest.hexdigest()
 
 
-def dataset_commitment(path: str | os.PathLike[str]) -> str:
-    """Return a SHA-256 commitment to a JSONL dataset's records.
+def dataset_sha256(path: str | os.PathLike[str]) -> str:
+    """Return the plain SHA-256 of a JSONL dataset's records, for its owner's bookkeeping.
 
-    The commitment is ``SHA-256("tensafe/dataset-commitment/v1\\n" || c_1 || "\\n" || ... ||
-    c_n || "\\n")`` where ``c_i`` is record ``i`` (file order, blank lines skipped) serialised as
-    canonical JSON: keys sorted, separators ``","`` and ``":"``, no ASCII escaping, UTF-8.
-    Whitespace, key order and escaping in the file therefore do not change it; any change to a
-    record's content, to the order or to the number of records does.
+    The digest is ``SHA-256("tensafe/dataset-commitment/v1\\n" || c_1 || "\\n" || ... ||
+    c_n || "\\n")`` where ``c_i`` is record ``i`` (file order, blank lines skipped) serialised
+    as canonical JSON: keys sorted, separators ``","`` and ``":"``, no ASCII escaping, UTF-8.
+    Whitespace, key order and escaping in the file therefore do not change it. (The label is
+    the one of the former unkeyed commitment, so values printed by earlier versions compare.)
 
-    Args:
-        path: A JSONL dataset accepted by :func:`load_jsonl`.
-
-    Returns:
-        64 lower-case hex characters.
+    It is NOT a commitment that may be shown to others: a field with few possible values
+    (a diagnosis, a yes/no answer) is recovered from it by hashing each candidate. Use
+    :func:`dataset_commitment` with a secret key for anything that leaves the data owner.
 
     Raises:
         DataError: The file is malformed.
         EmptyDatasetError: The file holds no record.
     """
-    return records_commitment(load_jsonl(path))
+    return records_sha256(load_jsonl(path))
+
+
+def _check_key(key: bytes) -> bytes:
+    if not isinstance(key, bytes | bytearray) or len(key) != COMMITMENT_KEY_BYTES:
+        raise TrainingConfigError(f"a dataset commitment key is {COMMITMENT_KEY_BYTES} random bytes")
+    return bytes(key)
+
+
+def _keyed(records: Iterable[Mapping[str, Any]], key: bytes) -> bytes:
+    digest = KeyedDigest(_check_key(key), label=_COMMITMENT_LABEL)
+    for record in records:
+        digest.update(_canonical(record))
+        digest.update(b"\n")
+    return digest.digest()
+
+
+def records_commitment(records: Iterable[Mapping[str, Any]], *, key: bytes) -> str:
+    """Return the keyed commitment of records already in memory (see :func:`dataset_commitment`).
+
+    Raises:
+        TrainingConfigError: ``key`` is not 32 bytes.
+    """
+    return _keyed(records, key).hex()
+
+
+def dataset_commitment(path: str | os.PathLike[str], *, key: bytes) -> str:
+    """Return the keyed commitment (scheme ``hmac-sha256/v2``) to a JSONL dataset's records.
+
+    The commitment is ``HMAC-SHA256(key, "tensafe/dataset-commitment/v2" || 0x00 || c_1 ||
+    "\\n" || ... || c_n || "\\n")`` with ``c_i`` as in :func:`dataset_sha256`, written as 64
+    lower-case hex digits. Any change to a record, to the order or to the number of records
+    changes it; without ``key`` nobody can compute it, so it reveals nothing about the data to
+    whoever sees it (a package's recipients, an auditor) and cannot be used to confirm a guess.
+
+    Args:
+        path: A JSONL dataset accepted by :func:`load_jsonl`.
+        key: The run's 32-byte commitment key (:func:`read_commitment_key`).
+
+    Raises:
+        DataError: The file is malformed.
+        EmptyDatasetError: The file holds no record.
+        TrainingConfigError: ``key`` is not 32 bytes.
+    """
+    return records_commitment(load_jsonl(path), key=key)
+
+
+def verify_records_commitment(records: Iterable[Mapping[str, Any]], *, key: bytes, expected: str) -> str:
+    """Return the commitment of ``records`` if it is ``expected`` (constant-time comparison), else raise.
+
+    Raises:
+        CommitmentMismatchError: The records (or the key) are not the ones committed to.
+        TrainingConfigError: ``key`` is not 32 bytes.
+    """
+    actual = _keyed(records, key)
+    try:
+        wanted = bytes.fromhex(expected) if isinstance(expected, str) else b""
+    except ValueError:
+        wanted = b""
+    if not hmac.compare_digest(actual, wanted):
+        raise CommitmentMismatchError(
+            "the data set does not match the dataset commitment: other records, another order, "
+            "or not the key of the run that recorded it"
+        )
+    return actual.hex()
+
+
+def new_commitment_key() -> bytes:
+    """Return a fresh random 32-byte commitment key (operating-system CSPRNG)."""
+    return secrets.token_bytes(COMMITMENT_KEY_BYTES)
+
+
+def write_commitment_key(path: str | os.PathLike[str], key: bytes) -> Path:
+    """Write ``key`` to a new key file, owner-readable only (mode 0600), atomically.
+
+    The file is JSON: ``{"format": "tensafe.dataset-commitment-key/v1", "scheme":
+    "hmac-sha256/v2", "key": "<64 hex digits>"}``. It is never overwritten: a different key
+    would orphan the commitments recorded with the old one.
+
+    Raises:
+        DataError: A file already exists at ``path``.
+        TrainingConfigError: ``key`` is not 32 bytes.
+    """
+    target = Path(path)
+    payload = {"format": COMMITMENT_KEY_FORMAT, "key": _check_key(key).hex(), "scheme": COMMITMENT_SCHEME}
+    if target.exists() or target.is_symlink():
+        raise DataError("a dataset commitment key already exists; it is never overwritten", path=str(target))
+    atomic_write_bytes(target, (json.dumps(payload, sort_keys=True) + "\n").encode("ascii"), mode=0o600)
+    return target
+
+
+def read_commitment_key(path: str | os.PathLike[str]) -> bytes:
+    """Read a key file written by :func:`write_commitment_key`.
+
+    Raises:
+        DataError: The file is missing, readable by group or others, or not a key file.
+    """
+    target = Path(path)
+    name = str(target)
+    try:
+        fd = os.open(target, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except FileNotFoundError:
+        raise DataError("no such dataset commitment key file", path=name) from None
+    except OSError as exc:
+        raise DataError(
+            f"cannot read the key file ({exc.strerror or type(exc).__name__})", path=name
+        ) from None
+    with os.fdopen(fd, "rb") as handle:
+        info = os.fstat(handle.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise DataError("not a regular file", path=name)
+        if info.st_mode & 0o077:
+            raise DataError(
+                f"the key file is accessible by group or others; run 'chmod 600 {name}'", path=name
+            )
+        raw = handle.read(_MAX_KEY_FILE_BYTES + 1)
+    bad = DataError(f"not a dataset commitment key file ({COMMITMENT_KEY_FORMAT})", path=name)
+    if len(raw) > _MAX_KEY_FILE_BYTES:
+        raise bad
+    try:
+        doc = json.loads(raw.decode("ascii"))
+    except (UnicodeDecodeError, ValueError):
+        raise bad from None
+    if not isinstance(doc, dict) or doc.get("format") != COMMITMENT_KEY_FORMAT:
+        raise bad
+    if doc.get("scheme") != COMMITMENT_SCHEME:
+        raise DataError(
+            f"unsupported commitment scheme {str(doc.get('scheme'))[:40]!r}; this TenSafe reads "
+            f"{COMMITMENT_SCHEME!r}",
+            path=name,
+        )
+    value = doc.get("key")
+    try:
+        key = (
+            bytes.fromhex(value) if isinstance(value, str) and len(value) == 2 * COMMITMENT_KEY_BYTES else b""
+        )
+    except ValueError:
+        key = b""
+    if len(key) != COMMITMENT_KEY_BYTES:
+        raise bad
+    return key

@@ -357,8 +357,8 @@ def write_canaries(
     Args:
         path: Destination (``*.json``).
         dataset: The dataset whose canaries are written.
-        dataset_commitment: :func:`tensafe.training.data.dataset_commitment` of the data file,
-            binding the canaries to it.
+        dataset_commitment: The plain :func:`tensafe.training.data.dataset_sha256` of the data
+            file, binding the canaries to it (this file is private, like the data).
     """
     payload = {
         "format": CANARY_FILE_FORMAT,

@@ -6,6 +6,7 @@ One run reads a :class:`~tensafe.training.config.TrainConfig`, and writes into i
     output_dir/
       adapter/                  PEFT adapter + dp_certificate.json + evidence.json (atomic)
       dp_certificate.json       copy of the certificate, next to the metrics
+      dataset_commitment.key    the key of evidence.json's dataset commitment (0600; never packed)
       metrics.jsonl             one JSON line per logged step (loss, ε, tokens/s, ...)
       summary.json              held-out loss before/after, ε, steps, timings
       training.png              loss and ε against steps (when matplotlib is installed)
@@ -20,6 +21,16 @@ resumed run neither repeats nor loses a step.
 Training-batch losses in ``metrics.jsonl`` are computed on private examples and are not
 covered by the DP guarantee (as in every DP-SGD library); treat the metrics file as
 sensitive, like the data. Held-out loss is computed on the held-out split.
+
+The certificate (``tensafe.dp_certificate/v2``) is signed by the ``signer`` the caller
+passes, in practice the deployment signing key (``tensafe train`` opens it with
+:class:`tensafe.keys.KeyManager`); ``signer=None`` must be written out to get an unsigned
+certificate, and the result says so. ``evidence.json`` (``tensafe.evidence/v2``) names the
+training records only by a keyed commitment (HMAC-SHA256 under a random per-run key that stays
+in ``output_dir``, see :func:`tensafe.training.data.records_commitment`), never by a plain
+hash that would let anyone confirm a guess about the data. With ``TS_DETERMINISTIC=1`` the
+noise is not private: the certificate, ``evidence.json``, ``summary.json`` and every
+``metrics.jsonl`` line say ``private: false``, and no ε is written anywhere.
 """
 
 from __future__ import annotations
@@ -38,6 +49,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 from tensafe._fsutil import atomic_write_json, fsync_dir
+from tensafe.errors import TenSafeError
 from tensafe.privacy import (
     CERTIFICATE_FILENAME,
     BudgetExceededError,
@@ -47,6 +59,7 @@ from tensafe.privacy import (
     calibrate_noise,
     validate_delta,
 )
+from tensafe.privacy.certificate import CertificateSigner
 from tensafe.training.config import CONFIG_SCHEMA, TrainConfig
 from tensafe.training.errors import TrainingConfigError, TrainingError
 
@@ -74,7 +87,8 @@ _log = logging.getLogger(__name__)
 CHECKPOINT_SCHEMA = "tensafe.checkpoint/v1"
 #: Budget target used when only σ is configured: large enough never to bind.
 _NO_TARGET = 1e9
-EVIDENCE_SCHEMA = "tensafe.evidence/v1"
+#: Schema of ``adapter/evidence.json`` (v2: keyed dataset commitment and ``private``).
+EVIDENCE_SCHEMA = "tensafe.evidence/v2"
 
 #: ``name -> (model, tokenizer)``; the default is :func:`tensafe.training.models.load_model_and_tokenizer`.
 ModelLoader = Callable[[str], "tuple[PreTrainedModel, PreTrainedTokenizerBase]"]
@@ -105,7 +119,14 @@ class BudgetStopError(TrainingError):
 
 @dataclasses.dataclass(frozen=True)
 class TrainResult:
-    """What a finished (or budget-stopped) run produced."""
+    """What a finished (or budget-stopped) run produced.
+
+    Attributes:
+        certificate: The certificate written (signed unless the run passed ``signer=None``).
+        signed_by: Key id of the key that signed the certificate; ``None`` when unsigned.
+        evidence_path: ``adapter/evidence.json``.
+        commitment_key_path: The key of the evidence's dataset commitment (outside the adapter).
+    """
 
     output_dir: Path
     adapter_dir: Path
@@ -117,6 +138,9 @@ class TrainResult:
     metrics_path: Path
     summary_path: Path
     plot_path: Path | None
+    signed_by: str | None
+    evidence_path: Path
+    commitment_key_path: Path
     sample: str | None = None
 
 
@@ -356,9 +380,16 @@ class _Metrics:
 
 
 def plot_metrics(
-    metrics: Sequence[dict[str, Any]], path: Path, *, target_epsilon: float | None = None
+    metrics: Sequence[dict[str, Any]],
+    path: Path,
+    *,
+    target_epsilon: float | None = None,
+    private: bool = True,
 ) -> Path | None:
-    """Plot training loss and ε spent against steps into a PNG (``None`` without matplotlib)."""
+    """Plot training loss and ε spent against steps into a PNG (``None`` without matplotlib).
+
+    With ``private=False`` no ε is drawn and the title says the run is not private.
+    """
     try:
         import matplotlib
 
@@ -368,7 +399,9 @@ def plot_metrics(
         return None
     steps = [m["step"] + 1 for m in metrics if m.get("loss") is not None]
     losses = [m["loss"] for m in metrics if m.get("loss") is not None]
-    eps_points = [(m["step"] + 1, m["epsilon"]) for m in metrics if m.get("epsilon") is not None]
+    eps_points = (
+        [(m["step"] + 1, m["epsilon"]) for m in metrics if m.get("epsilon") is not None] if private else []
+    )
     fig, ax1 = plt.subplots(figsize=(7, 4))
     ax1.plot(steps, losses, color="tab:blue", label="training loss (private batches)")
     ax1.set_xlabel("step")
@@ -379,7 +412,7 @@ def plot_metrics(
         if target_epsilon is not None:
             ax2.axhline(target_epsilon, color="tab:red", linestyle="--", linewidth=0.8, label="ε target")
         ax2.set_ylabel("ε spent", color="tab:red")
-    ax1.set_title("TenSafe training")
+    ax1.set_title("TenSafe training" if private else "TenSafe training: NOT differentially private")
     fig.tight_layout()
     tmp = path.with_suffix(".tmp.png")
     fig.savefig(tmp, dpi=100)
@@ -411,6 +444,7 @@ def _resolve_steps(cfg: TrainConfig, n: int, batch_size: float) -> int:
 def train(
     config: TrainConfig,
     *,
+    signer: CertificateSigner | None,
     model_loader: ModelLoader | None = None,
     resume: bool = True,
     show_progress: bool = True,
@@ -421,6 +455,11 @@ def train(
 
     Args:
         config: The validated configuration.
+        signer: Signs the DP certificate (both copies): the deployment signing key, or
+            anything with ``sign(message, *, context)`` and ``verifying_key()``. There is no
+            default: ``signer=None`` must be passed on purpose and writes an UNSIGNED
+            certificate that nobody can verify (a warning is logged and
+            ``TrainResult.signed_by`` is ``None``). The signer is checked before training.
         model_loader: Returns ``(model, tokenizer)`` for the configured model name.
         resume: Continue from the latest checkpoint in ``output_dir`` when there is one
             (its configuration hash must match); ``False`` refuses a non-empty run dir.
@@ -431,13 +470,17 @@ def train(
 
     Raises:
         TrainingConfigError: Invalid data or privacy parameters (nothing is written).
-        BudgetExceededError: The next step would exceed the ε target; the adapter of the
+        TrainingError: The signer cannot produce a signature that its own public key
+            verifies (nothing is written).
+        BudgetStopError: The next step would exceed the ε target; the adapter of the
             last allowed step has been written before this is raised.
     """
     import torch
 
     from tensafe.training._heap import settle_heap
     from tensafe.training.data import (
+        COMMITMENT_KEY_FILENAME,
+        COMMITMENT_SCHEME,
         collate,
         load_jsonl,
         records_commitment,
@@ -457,6 +500,7 @@ def train(
         raise TrainingConfigError(f"{out} already holds a finished run; choose another output_dir")
     if latest is not None and not resume:
         raise TrainingConfigError(f"{out} holds checkpoints; resume or choose another output_dir")
+    signed_by = _check_signer(signer)  # a broken signer fails now, not after the training
 
     # ---- data (validated before anything is written)
     records = load_jsonl(cfg.data.train)
@@ -582,11 +626,15 @@ def train(
         g = torch.Generator().manual_seed(int.from_bytes(raw, "big") >> 1)
         return sorted(torch.randperm(n, generator=g)[:batch_size].tolist())
 
+    # A guarantee holds only for DP-SGD with CSPRNG noise (TS_DETERMINISTIC=1 gives none); the
+    # certificate derives the same from its fields, and nothing below shows an ε without it.
+    private = engine is not None and engine.random_source.secure
     bar = None
     if show_progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
+        desc = "train" if private else "train [NOT PRIVATE]"
+        bar = tqdm(total=steps, initial=start, desc=desc, unit="step", dynamic_ncols=True)
     model.train()
     resumed_from = start if latest is not None else None
     step = start
@@ -614,7 +662,7 @@ def train(
                     norms.extend(engine.accumulate(losses).grad_norms.tolist())
                 else:
                     (losses.sum() / len(indices)).backward()
-            record: dict[str, Any] = {"step": step, "batch": len(indices)}
+            record: dict[str, Any] = {"step": step, "batch": len(indices), "private": private}
             if engine is not None:
                 stats = engine.finalize_step()
                 record["clipped"] = stats.num_clipped
@@ -629,7 +677,7 @@ def train(
             record["tokens_per_s"] = tokens / dt if dt > 0 else None
             record["seconds"] = dt
             last = step + 1 == steps
-            if budget is not None and (step % cfg.training.log_every == 0 or last):
+            if private and budget is not None and (step % cfg.training.log_every == 0 or last):
                 record["epsilon"] = budget.spent_epsilon()
             metrics.append(record)
             if (step + 1) % cfg.training.checkpoint_every == 0 or last:
@@ -699,15 +747,27 @@ def train(
             sampling_method=method,
             sampled_by="engine",
         )
+    assert certificate.private == private
+    if signer is not None:
+        certificate = _signed(certificate, signer)
+    # The commitment key stays in output_dir, outside adapter/ (what gets packed and shipped).
+    key_path = out / COMMITMENT_KEY_FILENAME
+    commitment_key = _commitment_key(key_path)
     evidence = {
         "schema": EVIDENCE_SCHEMA,
         "training_run_id": hashlib.sha256(f"{config_hash}:{out}".encode()).hexdigest()[:32],
         "config_sha256": config_hash,
         "config_schema": CONFIG_SCHEMA,
         "base_model": cfg.model,
-        "dataset_commitment": records_commitment(train_records),
+        "dataset_commitment": {
+            "scheme": COMMITMENT_SCHEME,
+            "value": records_commitment(train_records, key=commitment_key),
+        },
         "dataset_size": n,
         "steps": done_steps,
+        "private": certificate.private,
+        "dp_enabled": certificate.dp_enabled,
+        "noise_rng": certificate.noise_rng,
         "audit_chain_head": None,
         "library_versions": _library_versions(),
     }
@@ -731,6 +791,9 @@ def train(
         "eval_examples": len(eval_ex),
         "sample_rate": q,
         "noise_multiplier": sigma,
+        "private": certificate.private,
+        "dp_enabled": certificate.dp_enabled,
+        "noise_rng": certificate.noise_rng,
         "epsilon": certificate.epsilon,
         "delta": certificate.delta,
         "eval_loss_before": eval_before,
@@ -739,10 +802,15 @@ def train(
         "resumed_from": resumed_from,
         "stopped_by_budget": stopped is not None,
         "statement": certificate.statement,
+        "certificate_signed_by": signed_by,
+        "dataset_commitment_key": str(key_path),
     }
     atomic_write_json(out / "summary.json", summary)
     plot_path = plot_metrics(
-        metrics.read(), out / "training.png", target_epsilon=priv.target_epsilon if priv.enabled else None
+        metrics.read(),
+        out / "training.png",
+        target_epsilon=priv.target_epsilon if private else None,
+        private=private,
     )
     result = TrainResult(
         output_dir=out,
@@ -755,11 +823,49 @@ def train(
         metrics_path=metrics.path,
         summary_path=out / "summary.json",
         plot_path=plot_path,
+        signed_by=signed_by,
+        evidence_path=adapter_dir / "evidence.json",
+        commitment_key_path=key_path,
         sample=sample,
     )
     if stopped is not None:
         raise BudgetStopError(stopped, result)
     return result
+
+
+def _check_signer(signer: CertificateSigner | None) -> str | None:
+    """Return the signer's key id after a test signature; warn loudly when there is no signer."""
+    if signer is None:
+        _log.warning(
+            "signer=None: the DP certificate of this run will be UNSIGNED; nobody can verify who issued it"
+        )
+        return None
+    # A throw-away message under its own context: never anything a certificate verifier accepts.
+    probe, context = b"signer check", "tensafe/trainer/signer-check/v1"
+    try:
+        verifier = signer.verifying_key()
+        verifier.verify(signer.sign(probe, context=context), probe, context=context)
+        return verifier.key_id
+    except TenSafeError as exc:
+        raise TrainingError(f"the certificate signer does not work ({exc}); nothing was trained") from None
+
+
+def _signed(certificate: DpCertificate, signer: CertificateSigner) -> DpCertificate:
+    """Sign ``certificate`` and check the result with the signer's own public key."""
+    signed = certificate.sign(signer)
+    signed.verify_signature(signer.verifying_key())
+    return signed
+
+
+def _commitment_key(path: Path) -> bytes:
+    """The run's dataset commitment key: read it (resumed run) or create it (mode 0600)."""
+    from tensafe.training.data import new_commitment_key, read_commitment_key, write_commitment_key
+
+    if path.exists() or path.is_symlink():
+        return read_commitment_key(path)
+    key = new_commitment_key()
+    write_commitment_key(path, key)
+    return key
 
 
 def _saved_noise_multiplier(checkpoint: Path) -> float | None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pathlib
+
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -60,3 +62,41 @@ def test_invalid_ids_are_refused(store: EncryptedArtifactStore) -> None:
         store.seal_bytes("acme", "../x", b"", kind="request-payload")
     with pytest.raises(StoreError):
         store.seal_bytes("acme", "ok", b"", kind="Bad Kind")
+
+
+def test_tenant_digest_is_keyed_per_tenant_stable_across_rotation_and_gone_after_shredding(
+    tmp_path: pathlib.Path,
+) -> None:
+    """``tenant_digest``: the same data gives the same digest for one tenant (also after a DEK
+    rotation), another digest for another tenant, never a plain hash, and none after shredding."""
+    import hashlib
+
+    from tensafe.crypto.kdf import Argon2idParams
+    from tensafe.db import create_engine_from_url, ensure_tenant, make_session_factory, upgrade
+    from tensafe.keys import KeyManager, LocalKekProvider, TenantShreddedError
+    from tensafe.storage import EncryptedArtifactStore, LocalFilesystemBackend
+
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    upgrade(url)
+    engine = create_engine_from_url(url)
+    with make_session_factory(engine).begin() as session:
+        ensure_tenant(session, "acme")
+        ensure_tenant(session, "other")
+    provider = LocalKekProvider.create(
+        tmp_path / "kek.json", passphrase=b"tenant digest test 1234", params=Argon2idParams.minimum()
+    )
+    keys = KeyManager(engine, provider)
+    store = EncryptedArtifactStore(LocalFilesystemBackend(tmp_path / "blobs"), keys)
+    label = b"tensafe/test-digest/v1"
+    first = store.tenant_digest("acme", label=label, data=b"record")
+    assert len(first) == 64 and first != hashlib.sha256(b"record").hexdigest()
+    assert store.tenant_digest("acme", label=label, data=[b"rec", b"ord"]) == first
+    assert store.tenant_digest("other", label=label, data=b"record") != first
+    assert store.tenant_digest("acme", label=b"tensafe/other-purpose/v1", data=b"record") != first
+    keys.rotate_dek("acme")
+    assert store.tenant_digest("acme", label=label, data=b"record") == first
+    keys.shred_tenant("acme")
+    with pytest.raises(TenantShreddedError):
+        store.tenant_digest("acme", label=label, data=b"record")
+    keys.close()
+    engine.dispose()

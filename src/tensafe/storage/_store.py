@@ -9,7 +9,7 @@ import os
 import re
 import secrets
 import struct
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -20,6 +20,7 @@ from tensafe.crypto.aead import open_sealed, seal
 from tensafe.crypto.errors import CryptoError
 from tensafe.crypto.hashing import ThreadedSha256
 from tensafe.crypto.kdf import hkdf_sha256
+from tensafe.crypto.mac import keyed_digest
 from tensafe.crypto.stream import CHUNK_SIZE, StreamDecryptor, decrypt_stream, encrypt_stream
 from tensafe.storage import _format
 from tensafe.storage._backend import BlobBackend
@@ -33,6 +34,10 @@ _SUFFIX = ".tsa"
 _READ_BLOCK = 1 << 20
 _MAX_META_JSON = 16 * 1024
 _TRAILER = struct.Struct(">32sQ")
+
+
+#: HKDF info of the key behind :meth:`EncryptedArtifactStore.tenant_digest`.
+_LABEL_TENANT_DIGEST = b"tensafe/tenant-digest/v1"
 
 
 @runtime_checkable
@@ -400,6 +405,32 @@ class EncryptedArtifactStore:
             return self._encrypt_into(
                 tenant, artifact_id, src, out, kind=kind, metadata=metadata, meta_json=meta_json
             )
+
+    def ensure_key(self, tenant: str) -> None:
+        """Make sure the tenant has a DEK (created on first use).
+
+        Call it outside any database transaction before work that will need the tenant's
+        key inside one (on SQLite, creating a DEK while another connection holds the write
+        lock would wait for that lock).
+        """
+        self._keys.encryption_key(tenant)
+
+    def tenant_digest(self, tenant: str, *, label: bytes, data: bytes | Iterable[bytes]) -> str:
+        """A keyed digest of ``data`` under the tenant's key, as 64 hex digits.
+
+        ``HMAC-SHA256(K, label || 0x00 || data)`` with ``K = HKDF-SHA256(DEK version 1 of the
+        tenant, info = b"tensafe/tenant-digest/v1")``. It recognises the same data again
+        (de-duplication, a data set registered twice) without letting anyone who reads the
+        digest (the audit log, the database) confirm a guess of low-entropy data, and it
+        becomes unlinkable once the tenant is crypto-shredded. The tenant's first DEK anchors
+        it, so it is stable across DEK rotations (retired DEKs stay until shredding).
+
+        Raises:
+            KeyNotFoundError, TenantShreddedError: From the key resolver.
+        """
+        self._keys.encryption_key(tenant)  # creates DEK version 1 on first use
+        key = hkdf_sha256(self._keys.decryption_key(tenant, 1), salt=None, info=_LABEL_TENANT_DIGEST)
+        return keyed_digest(key, label=label, data=data).hex()
 
     def seal_bytes(
         self,

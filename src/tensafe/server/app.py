@@ -198,7 +198,11 @@ def create_app(
         result_ttl_seconds=settings.result_ttl_seconds,
     )
     waiters = _Waiters()
-    compute = ComputeOps(auto_checkpoint=settings.auto_checkpoint)
+    compute = ComputeOps(
+        auto_checkpoint=settings.auto_checkpoint,
+        max_loaded_models=settings.max_loaded_models,
+        max_loaded_per_tenant=settings.max_loaded_per_tenant,
+    )
     worker = Worker(
         services,
         registry or compute.registry(),

@@ -6,6 +6,17 @@ weights live in memory; everything else is in the database and the encrypted sto
 * training models, ``{session_id}:train:{n}`` -> :class:`LoraTrainingSession`;
 * sampling sessions, ``{session_id}:sample:{n}`` -> :class:`SamplingSession`.
 
+**Memory.** The table is bounded (:mod:`tensafe.server.cache`): at most
+``max_loaded_models`` sessions in all and ``max_loaded_per_tenant`` of one tenant; a load
+that would exceed a cap first evicts the least recently used entry (the tenant's own when
+it is at its cap), idle ones before training runs with un-stepped gradients. An evicted
+run is reloaded from its auto-checkpoint on its next request; gradients it held are
+reported lost by its next ``optim_step`` (see *Durability*). Before each use a session is
+checked against the database (one read): a sampling session whose row is gone, whose
+``sampler_weights`` checkpoint was deleted, expired or saved again, or whose tenant was
+deleted (crypto-shredded) is evicted and the request fails, as is any request of a
+deleted tenant's training run.
+
 **Durability.** After ``create_model``, ``load_weights`` and every completed
 ``optim_step`` the session's full state (adapter and optimizer) is written, encrypted
 under the tenant's DEK, as a new auto-checkpoint artifact; the ``training_models`` row
@@ -24,15 +35,22 @@ import json
 import logging
 import re
 import secrets
-import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import and_, func, select
 from sqlalchemy.orm import Session
 
-from tensafe.db import utcnow
+from tensafe.db import Tenant, utcnow
+from tensafe.server.cache import (
+    DEFAULT_MAX_LOADED_MODELS,
+    CacheStats,
+    Evicted,
+    Kind,
+    LoadedModels,
+    LoadedSession,
+)
 from tensafe.server.checkpoints import (
     export_external_weights,
     find_checkpoint,
@@ -86,12 +104,43 @@ def parse_tinker_path(path: str) -> tuple[str, str, str]:
 
 @dataclass
 class _Loaded:
-    """A training session loaded in this worker."""
+    """A training session loaded in this worker.
+
+    ``lost``: forward_backward requests whose gradients a reload lost (reported by the next
+    step). ``unstepped``: forward_backward requests run here since the last step (their
+    gradients exist only in this session's memory; evicting it would lose them).
+    """
 
     session: Any
     step: int
     last_seq: int
     lost: list[int] = field(default_factory=list)
+    unstepped: list[int] = field(default_factory=list)
+
+
+def _has_unstepped(value: Any) -> bool:
+    """Whether a table entry holds gradients that exist nowhere else (``LoadedModels`` busy)."""
+    return isinstance(value, _Loaded) and bool(value.unstepped)
+
+
+@dataclass(frozen=True)
+class _SamplerSource:
+    """Where a sampling session's weights come from, as the database said when it was checked.
+
+    ``checkpoint`` is ``(run, kind, name)`` of ``model_path`` (None for a base model or an
+    ephemeral sampler saved with ``save_weights_for_sampler``).
+    """
+
+    base_model: str
+    weights_ref: str | None
+    model_path: str | None
+    checkpoint: tuple[str, str, str] | None
+
+
+@dataclass(frozen=True)
+class _LoadedSampler:
+    sampler: Any
+    source: _SamplerSource
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
@@ -104,12 +153,32 @@ def _user_errors() -> tuple[type[Exception], ...]:
 class ComputeOps:
     """The compute operations of one worker, with its table of loaded sessions."""
 
-    def __init__(self, *, auto_checkpoint: bool = True) -> None:
-        """Create an empty table (``auto_checkpoint=False`` only for benchmarks)."""
+    def __init__(
+        self,
+        *,
+        auto_checkpoint: bool = True,
+        max_loaded_models: int = DEFAULT_MAX_LOADED_MODELS,
+        max_loaded_per_tenant: int | None = None,
+    ) -> None:
+        """Create an empty table (``auto_checkpoint=False`` only for benchmarks).
+
+        Args:
+            auto_checkpoint: Persist the state after every completed step.
+            max_loaded_models: Most training and sampling sessions loaded at once.
+            max_loaded_per_tenant: Most of them of one tenant (default: half of
+                ``max_loaded_models``, at least 1).
+
+        Raises:
+            ServerConfigurationError: A cap is not a positive integer, or the per-tenant cap
+                exceeds the global one.
+        """
         self.auto_checkpoint = auto_checkpoint
-        self._training: dict[str, _Loaded] = {}
-        self._sampling: dict[str, Any] = {}
-        self._lock = threading.Lock()
+        self._models = LoadedModels(
+            max_models=max_loaded_models, max_per_tenant=max_loaded_per_tenant, busy=_has_unstepped
+        )
+        # Views by kind; entries are added only through _put (which needs the tenant).
+        self._training = self._models.view("training")
+        self._sampling = self._models.view("sampling")
 
     def __repr__(self) -> str:
         return f"ComputeOps(training={len(self._training)}, sampling={len(self._sampling)})"
@@ -117,6 +186,14 @@ class ComputeOps:
     def loaded_models(self) -> list[str]:
         """Return the ids of the training models loaded in memory."""
         return sorted(self._training)
+
+    def loaded_sessions(self) -> list[LoadedSession]:
+        """Every loaded training and sampling session, least recently used first."""
+        return self._models.entries()
+
+    def memory_stats(self) -> CacheStats:
+        """How many sessions are loaded, and how many were evicted so far."""
+        return self._models.stats()
 
     def registry(self) -> OperationRegistry:
         """Return a registry with every operation this server version implements."""
@@ -196,9 +273,9 @@ class ComputeOps:
     def _training_session(self, ctx: JobContext) -> _Loaded:
         """The model's loaded session, (re)loaded from its auto-checkpoint when needed."""
         assert ctx.model_id is not None
-        row = self._model_row(ctx)
+        row = self._live_model_row(ctx)
         last_seq, unstepped = self._finished_seqs(ctx)
-        loaded = self._training.get(ctx.model_id)
+        loaded: _Loaded | None = self._training.get(ctx.model_id)
         # Stale when another worker completed requests of this model since (its seq_ids are
         # higher than any we ran) or the step moved; a request we ran that then failed is not.
         if loaded is not None and loaded.step == (row.step or 0) and loaded.last_seq >= last_seq:
@@ -210,13 +287,88 @@ class ComputeOps:
                 category="server",
             )
         if loaded is not None:
+            self._training.pop(ctx.model_id)
             loaded.session.close()
+            del loaded
+        self._make_room(ctx.tenant, ctx.model_id)
         _log.info("loading %s from its auto-checkpoint (step %s)", ctx.model_id, row.step)
         session = self._restore(ctx, row.state_ref, base_model=row.base_model, restore_optimizer=True)
         fresh = _Loaded(session=session, step=int(row.step or 0), last_seq=last_seq, lost=unstepped)
-        self._training[ctx.model_id] = fresh
+        self._put(ctx.tenant, ctx.model_id, "training", fresh)
         settle_heap()  # keep the loaded model out of later garbage collections
         return fresh
+
+    def _live_model_row(self, ctx: JobContext) -> TrainingModel:
+        """The model's row, read together with its tenant (one read); refused for a deleted tenant.
+
+        A deleted (crypto-shredded) tenant's sessions are evicted and its requests fail as for
+        an unknown model: nothing it loaded is served from memory any more.
+        """
+        with ctx.services.reads() as db:
+            found = db.execute(
+                select(TrainingModel, Tenant.deleted_at)
+                .join(Tenant, Tenant.id == TrainingModel.tenant_id)
+                .where(TrainingModel.id == ctx.model_id)
+            ).one_or_none()
+            if found is not None:
+                db.expunge(found[0])
+        if found is None or found[0].tenant_id != ctx.tenant:
+            raise JobFailedError(f"unknown model {ctx.model_id!r}", category="user")
+        if found[1] is not None:
+            self._forget_tenant(ctx.tenant)
+            raise JobFailedError(f"unknown model {ctx.model_id!r}", category="user")
+        row: TrainingModel = found[0]
+        return row
+
+    # ------------------------------------------------------------------ the bounded table
+
+    def _make_room(self, tenant: str, key: str) -> None:
+        """Evict what must go before ``tenant`` loads ``key`` (see :mod:`tensafe.server.cache`)."""
+        self._release(self._models.make_room(tenant=tenant, key=key), why="to make room for another model")
+
+    def _put(self, tenant: str, key: str, kind: Kind, value: Any) -> None:
+        """Record a loaded session (evicting others if the caps require it)."""
+        self._release(self._models.put(key, value, tenant=tenant, kind=kind), why="to make room")
+
+    def _drop(self, tenant: str, key: str, kind: Kind, *, why: str) -> None:
+        """Evict ``key`` if ``tenant`` has it loaded as ``kind``, and close it."""
+        value = self._models.pop(key, kind=kind, tenant=tenant)
+        if value is not None:
+            self._release([Evicted(key, tenant, kind, value, _has_unstepped(value))], why=why)
+
+    def _forget_tenant(self, tenant: str) -> None:
+        """Evict every session of a deleted tenant and free their memory now."""
+        evicted = self._models.pop_tenant(tenant)
+        if evicted:
+            self._release(evicted, why="because its tenant was deleted")
+            settle_heap()  # collect them now: no load follows that would
+
+    @staticmethod
+    def _release(evicted: list[Evicted], *, why: str) -> None:
+        """Close evicted sessions; their memory is freed with the last reference.
+
+        A training run's gradients since its last step are lost with it: the run's next
+        ``optim_step`` fails and names the forward_backward requests to resubmit (the same
+        report as after a restart: :meth:`_check_lost` on the reloaded session).
+        """
+        for entry in evicted:
+            value = entry.value
+            session = value.session if isinstance(value, _Loaded) else value.sampler
+            close = getattr(session, "close", None)
+            if callable(close):
+                close()
+            if entry.busy:
+                _log.warning(
+                    "unloaded training model %s %s while it held the gradients of forward_backward "
+                    "request(s) %s; its next optim_step will ask the client to resubmit them "
+                    "(raise TS_SERVER_MAX_LOADED_MODELS / TS_SERVER_MAX_LOADED_PER_TENANT)",
+                    entry.key,
+                    why,
+                    ", ".join(map(str, value.unstepped)),
+                )
+            else:
+                _log.info("unloaded %s session %s %s", entry.kind, entry.key, why)
+        evicted.clear()  # drop the last references here, not when the caller's frame ends
 
     def _restore(self, ctx: JobContext, ref: str, *, base_model: str, restore_optimizer: bool) -> Any:
         from tensafe.training.runtime import LoraTrainingSession
@@ -241,6 +393,10 @@ class ComputeOps:
         """Record that ``loaded`` executed ``ctx`` successfully (call only on success)."""
         assert ctx.seq_id is not None
         loaded.last_seq = max(loaded.last_seq, ctx.seq_id)
+        if ctx.request_type == "forward_backward":
+            loaded.unstepped.append(ctx.seq_id)  # its gradients now live only in this session
+        elif ctx.request_type in ("optim_step", "train_step"):
+            loaded.unstepped.clear()
 
     def _state_result(
         self,
@@ -301,6 +457,7 @@ class ComputeOps:
             effective = EffectivePolicy.from_json(row.dp_policy)
         except ValueError as exc:
             raise JobFailedError(str(exc), category="server") from None
+        self._make_room(ctx.tenant, ctx.model_id)
         session = LoraTrainingSession.create(
             base_model=str(directory),
             rank=int(lora.get("rank", 32)),
@@ -314,7 +471,7 @@ class ComputeOps:
         old = self._training.pop(ctx.model_id, None)
         if old is not None:
             old.session.close()
-        self._training[ctx.model_id] = _Loaded(session=session, step=0, last_seq=0)
+        self._put(ctx.tenant, ctx.model_id, "training", _Loaded(session=session, step=0, last_seq=0))
         settle_heap()  # keep the loaded model out of later garbage collections
         return self._state_result(
             ctx,
@@ -335,6 +492,7 @@ class ComputeOps:
         row = self._model_row(ctx)
         source = _checkpoint(ctx, str(ctx.payload["path"]), kinds=("weights",))
         optimizer = bool(ctx.payload.get("optimizer", False))
+        self._make_room(ctx.tenant, ctx.model_id)
         session = self._restore(
             ctx, source.artifact_id or "", base_model=row.base_model, restore_optimizer=optimizer
         )
@@ -356,7 +514,7 @@ class ComputeOps:
         if old is not None:
             old.session.close()
         loaded = _Loaded(session=session, step=int(session.step), last_seq=int(ctx.seq_id or 0))
-        self._training[ctx.model_id] = loaded
+        self._put(ctx.tenant, ctx.model_id, "training", loaded)
         settle_heap()  # keep the loaded model out of later garbage collections
         return self._state_result(
             ctx,
@@ -435,7 +593,8 @@ class ComputeOps:
         self._training.pop(str(ctx.model_id), None)
         loaded.session.close()
         raise JobFailedError(
-            "the server restarted after forward_backward request(s) with seq_id "
+            "the server restarted (or unloaded this model to stay within its memory limits) after "
+            "forward_backward request(s) with seq_id "
             f"{', '.join(map(str, lost))} and lost their accumulated gradients; no step was taken: "
             "run forward_backward again, then optim_step",
             category="server",
@@ -611,18 +770,23 @@ class ComputeOps:
     # ------------------------------------------------------------------ sampling
 
     def _sampler(self, ctx: JobContext, sampler_id: str) -> Any:
+        """The sampling session, checked against the database before each use (cached or not)."""
         from tensafe.training.runtime import SamplingSession
 
-        with self._lock:
-            cached = self._sampling.get(sampler_id)
+        cached: _LoadedSampler | None = self._sampling.get(sampler_id)
+        checked = None if cached is None else cached.source
+        del cached  # a session refused below is freed with the table's reference, not kept by this frame
+        source = self._sampler_source(ctx, sampler_id, checked)
+        cached = self._sampling.get(sampler_id)
         if cached is not None:
-            return cached
-        with ctx.services.sessions() as db:
-            row = db.get(SamplingSessionRow, sampler_id)
-            if row is None or row.tenant_id != ctx.tenant:
-                raise JobFailedError(f"unknown sampling session {sampler_id!r}", category="user")
-            base_model, ref = row.base_model, row.weights_ref
-        directory = str(ctx.services.catalog.get(base_model).directory())
+            if cached.source == source:
+                return cached.sampler
+            # The database names other weights now: never serve the old ones.
+            del cached
+            self._drop(ctx.tenant, sampler_id, "sampling", why="because its weights changed")
+        self._make_room(ctx.tenant, sampler_id)
+        directory = str(ctx.services.catalog.get(source.base_model).directory())
+        ref = source.weights_ref
         if ref is None:
             sampler = SamplingSession.for_base_model(directory)
         else:
@@ -631,10 +795,75 @@ class ComputeOps:
                 for i, name in enumerate(_ADAPTER_FILES)
             }
             sampler = SamplingSession.from_adapter_files(directory, files)
-        with self._lock:
-            self._sampling[sampler_id] = sampler
-            settle_heap()  # keep the loaded model out of later garbage collections
+        self._put(ctx.tenant, sampler_id, "sampling", _LoadedSampler(sampler=sampler, source=source))
+        settle_heap()  # keep the loaded model out of later garbage collections
         return sampler
+
+    def _sampler_source(
+        self, ctx: JobContext, sampler_id: str, cached: _SamplerSource | None
+    ) -> _SamplerSource:
+        """What the database allows ``sampler_id`` to serve now (one statement when it is loaded).
+
+        Raises (after evicting what may no longer be served):
+            JobFailedError: ``unknown sampling session`` when the row is gone, belongs to
+                another tenant or its tenant was deleted (crypto-shredded); a message that
+                the checkpoint is gone when ``model_path`` was deleted, has expired or was
+                saved again (it no longer holds the weights the session was created from).
+        """
+        known = None if cached is None else cached.checkpoint
+        stmt = (
+            select(SamplingSessionRow, Tenant.deleted_at)
+            .join(Tenant, Tenant.id == SamplingSessionRow.tenant_id)
+            .where(SamplingSessionRow.id == sampler_id)
+        )
+        if known is not None:  # a loaded session: its checkpoint row in the same statement
+            run, kind, name = known
+            stmt = stmt.add_columns(TrainingCheckpoint).outerjoin(
+                TrainingCheckpoint,
+                and_(
+                    TrainingCheckpoint.model_id == run,
+                    TrainingCheckpoint.kind == kind,
+                    TrainingCheckpoint.name == name,
+                ),
+            )
+        source: _SamplerSource | None = None
+        live = tenant_deleted = False
+        with ctx.services.reads() as db:
+            found: tuple[Any, ...] = tuple(db.execute(stmt).one_or_none() or ())
+            row = found[0] if found and found[0].tenant_id == ctx.tenant else None
+            tenant_deleted = row is not None and found[1] is not None
+            if row is not None and not tenant_deleted:
+                coords = _checkpoint_coords(row.model_path)
+                source = _SamplerSource(
+                    base_model=row.base_model,
+                    weights_ref=row.weights_ref,
+                    model_path=row.model_path,
+                    checkpoint=coords,
+                )
+                if row.model_path is None:
+                    live = True  # a base model, or an ephemeral sampler of a run
+                elif coords is not None:
+                    ckpt = found[2] if coords == known else find_checkpoint(db, *coords)
+                    live = (
+                        ckpt is not None
+                        and ckpt.tenant_id == ctx.tenant
+                        and ckpt.kind == "sampler_weights"
+                        and not is_expired(ckpt)
+                        and ckpt.artifact_id == row.weights_ref
+                    )
+        if tenant_deleted:
+            self._forget_tenant(ctx.tenant)
+        if source is None or not live:
+            self._drop(ctx.tenant, sampler_id, "sampling", why="because the database no longer allows it")
+            if source is not None:
+                raise JobFailedError(
+                    f"sampling session {sampler_id!r} was created from {source.model_path!r}, which was "
+                    "deleted, has expired or was saved again since; create a new sampling session from "
+                    "a live sampler_weights checkpoint",
+                    category="user",
+                )
+            raise JobFailedError(f"unknown sampling session {sampler_id!r}", category="user")
+        return source
 
     def sample(self, ctx: JobContext) -> JobResult:
         """``asample`` / ``compute_logprobs``: protobuf ``SampleResponse``."""
@@ -682,6 +911,18 @@ def _checkpoint(ctx: JobContext, path: str, *, kinds: tuple[str, ...]) -> Traini
             raise JobFailedError(f"unknown checkpoint {path!r}", category="user")
         db.expunge(row)
         return row
+
+
+def _checkpoint_coords(model_path: str | None) -> tuple[str, str, str] | None:
+    """``(run, kind, name)`` of a sampling session's ``model_path`` (None: none, or malformed)."""
+    from tensafe.server.errors import BadRequestError
+
+    if model_path is None:
+        return None
+    try:
+        return parse_tinker_path(model_path)
+    except BadRequestError:
+        return None
 
 
 def _put_files(ctx: JobContext, ref: str, files: Mapping[str, bytes]) -> int:

@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tensafe.server.cache import DEFAULT_MAX_LOADED_MODELS, check_caps
 from tensafe.server.errors import BadRequestError, ServerConfigurationError
 from tensafe.server.privacy import OperatorPrivacy
 
@@ -187,6 +188,12 @@ class ServerSettings:
             sweeper deletes it and ``retrieve_future`` answers 410 ``result_expired``; the
             future's row stays, so re-submitting the same ``(model_id, seq_id)`` still
             returns the same future (see :mod:`tensafe.server.retention`).
+        max_loaded_models: Most training and sampling sessions a worker keeps loaded
+            (``TS_SERVER_MAX_LOADED_MODELS``, default 8); a load beyond it evicts the least
+            recently used one (:mod:`tensafe.server.cache`).
+        max_loaded_per_tenant: Most of them of one tenant (``TS_SERVER_MAX_LOADED_PER_TENANT``,
+            at most ``max_loaded_models``; None, the default: half of ``max_loaded_models``,
+            at least 1). A tenant at its cap evicts its own sessions, never another's.
     """
 
     database_url: str
@@ -203,6 +210,8 @@ class ServerSettings:
     privacy: OperatorPrivacy = field(default_factory=OperatorPrivacy)
     auto_checkpoint: bool = True
     result_ttl_seconds: float = DEFAULT_RESULT_TTL_SECONDS
+    max_loaded_models: int = DEFAULT_MAX_LOADED_MODELS
+    max_loaded_per_tenant: int | None = None
 
     def __post_init__(self) -> None:
         if not 0 < self.long_poll_seconds <= 40:
@@ -223,13 +232,15 @@ class ServerSettings:
                 f"result_ttl_seconds (TS_SERVER_RESULT_TTL_S) must be a finite number of seconds, at least "
                 f"{MIN_RESULT_TTL_SECONDS:g}; got {self.result_ttl_seconds!r}"
             )
+        check_caps(self.max_loaded_models, self.max_loaded_per_tenant)
 
     @classmethod
     def from_environment(cls, env: Mapping[str, str] | None = None) -> ServerSettings:
         """Read ``DATABASE_URL``, ``TS_DATA_DIR``, ``TS_SERVER_MODELS``, ``TS_SERVER_LONG_POLL_S``,
         ``TS_SERVER_LEASE_S``, ``TS_SERVER_POLL_INTERVAL_S``, ``TS_SERVER_RESULT_TTL_S``,
         ``TS_AUDIT_CHECKPOINT_EVERY``, ``TS_AUDIT_VERIFY_INTERVAL_S``,
-        ``TS_AUDIT_VERIFY_CONCURRENCY`` and ``TS_DP_*``.
+        ``TS_AUDIT_VERIFY_CONCURRENCY``, ``TS_SERVER_MAX_LOADED_MODELS``,
+        ``TS_SERVER_MAX_LOADED_PER_TENANT`` and ``TS_DP_*``.
 
         Raises:
             ServerConfigurationError: A value is malformed.
@@ -263,6 +274,14 @@ class ServerSettings:
         raw_concurrency = env.get("TS_AUDIT_VERIFY_CONCURRENCY", "").strip()
         if raw_concurrency and not (raw_concurrency.isascii() and raw_concurrency.isdigit()):
             raise ServerConfigurationError("TS_AUDIT_VERIFY_CONCURRENCY must be a positive integer")
+        caps: dict[str, int | None] = {}
+        for name in ("TS_SERVER_MAX_LOADED_MODELS", "TS_SERVER_MAX_LOADED_PER_TENANT"):
+            raw = env.get(name, "").strip()
+            if raw and not (raw.isascii() and raw.isdigit() and int(raw) >= 1):
+                raise ServerConfigurationError(
+                    f"{name} must be a positive integer (a number of loaded models); got {raw!r}"
+                )
+            caps[name] = int(raw) if raw else None
         return cls(
             database_url=url,
             data_dir=data_dir,
@@ -275,4 +294,6 @@ class ServerSettings:
             audit_verify_interval_seconds=seconds["TS_AUDIT_VERIFY_INTERVAL_S"],
             audit_verify_concurrency=int(raw_concurrency) if raw_concurrency else 2,
             privacy=OperatorPrivacy.from_environment(env),
+            max_loaded_models=caps["TS_SERVER_MAX_LOADED_MODELS"] or DEFAULT_MAX_LOADED_MODELS,
+            max_loaded_per_tenant=caps["TS_SERVER_MAX_LOADED_PER_TENANT"],
         )

@@ -12,7 +12,7 @@ from tensafe.db import Base, create_engine_from_url, head_revision, upgrade
 from tensafe.db._migrate import alembic_config
 
 SERVER_TABLES = {"api_keys", "server_sessions", "training_models", "futures", "training_checkpoints"}
-PRIVACY_TABLES = {"privacy_policies", "sampling_sessions"}
+PRIVACY_TABLES = {"privacy_policies", "sampling_sessions", "privacy_ledgers", "privacy_spends"}
 DOWNLOAD_TABLES = {"download_tokens"}
 
 

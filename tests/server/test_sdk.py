@@ -74,11 +74,14 @@ def test_official_sdk_training_requests_are_stored_encrypted_and_run_in_order(
     service = tinker.ServiceClient(base_url=live_server.url, api_key=key)
     try:
         training = service.create_lora_training_client(base_model=TINY_MODEL, rank=4).result()
-        datum = tinker.types.Datum(
-            model_input=tinker.types.ModelInput.from_ints([101, 102, 103]),
-            loss_fn_inputs={"target_tokens": [102, 103, 104], "weights": [0.0, 1.0, 1.0]},
-        )
-        fwd = training.forward_backward([datum, datum], "cross_entropy")
+        data = [
+            tinker.types.Datum(
+                model_input=tinker.types.ModelInput.from_ints([101 + i, 102, 103]),
+                loss_fn_inputs={"target_tokens": [102, 103, 104], "weights": [0.0, 1.0, 1.0]},
+            )
+            for i in range(2)  # two privacy units (a repeat within a step would be refused)
+        ]
+        fwd = training.forward_backward(data, "cross_entropy")
         opt = training.optim_step(tinker.types.AdamParams(learning_rate=1e-4))
         assert len(fwd.result().loss_fn_outputs) == 2
         assert opt.result().metrics is not None

@@ -128,7 +128,7 @@ def test_register_dataset_leaves_exactly_one_copy_of_the_dataset(
         assert holding == [state_ref], artifacts
         assert refs == [None] * len(refs) and _payloads(server_env) == []
         # The run still trains from that copy.
-        assert training.train_step("cross_entropy", AdamParams(learning_rate=1e-2)).result().batch_size >= 0
+        assert training.train_step("cross_entropy", AdamParams(learning_rate=1e-2)).result().metrics
         holding = [
             a for a in server_env.store.list("acme") if _holds_dataset(server_env.store.get_bytes("acme", a))
         ]

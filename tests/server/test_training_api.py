@@ -73,18 +73,19 @@ def test_sdk_full_flow(loose_server: LiveServer, server_env: ServerEnv, tiny_mod
         np.testing.assert_allclose(lp, oracle, rtol=1e-4, atol=1e-4)
         assert ce.metrics["loss:sum"] == pytest.approx(-float(np.dot(weights, oracle)), rel=1e-4)
 
-        # every RL loss runs and reports name:reduction metrics.
-        for loss_fn, config in [
-            ("importance_sampling", None),
-            ("ppo", None),
-            ("cispo", None),
-            ("dro", {"beta": 0.1}),
-        ]:
-            out = training.forward_backward([_rl_datum(TOKENS[1])], loss_fn, loss_fn_config=config).result()
+        # every RL loss runs and reports name:reduction metrics (distinct datums: under DP each
+        # privacy unit contributes once per step, and a repeat is refused).
+        for i, (loss_fn, config) in enumerate(
+            [("importance_sampling", None), ("ppo", None), ("cispo", None), ("dro", {"beta": 0.1})]
+        ):
+            tokens = [t + i for t in TOKENS[1]]
+            out = training.forward_backward([_rl_datum(tokens)], loss_fn, loss_fn_config=config).result()
             assert len(out.loss_fn_outputs) == 1 and "loss:sum" in out.metrics, loss_fn
             assert math.isfinite(out.metrics["loss:sum"])
         with pytest.raises(tinker.RequestFailedError, match="beta"):
-            training.forward_backward([_rl_datum(TOKENS[1])], "dro").result()
+            training.forward_backward([_rl_datum([t + 20 for t in TOKENS[1]])], "dro").result()
+        with pytest.raises(tinker.RequestFailedError, match="privacy unit may contribute once per step"):
+            training.forward_backward([_rl_datum(TOKENS[1])], "ppo").result()  # a repeat of the first
 
         step = training.optim_step(tinker.types.AdamParams(learning_rate=1e-2)).result()
         assert step.metrics is not None and "grad_norm:mean" in step.metrics

@@ -54,7 +54,8 @@ def test_supervised_dp_loop_lowers_held_out_loss(tiny_model_dir: pathlib.Path) -
         session.forward_backward([train[i] for i in batch], "cross_entropy")
         metrics = session.optim_step(AdamParams(learning_rate=0.05))
     after = _mean_loss(session, held_out)
-    assert after < before - 1.0, (before, after)
+    # Secure (random) noise: over 6 runs the loss fell by 2.2 to 6.5 nats; 0.5 leaves a wide margin.
+    assert after < before - 0.5, (before, after)
 
     spent = session.privacy_spent()
     cert = session.privacy_certificate()

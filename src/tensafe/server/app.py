@@ -6,7 +6,6 @@
 import asyncio
 import contextlib
 import functools
-import hashlib
 import importlib
 import json
 import logging
@@ -40,6 +39,7 @@ from tensafe.server.jobs import (
     stage_payload,
     submit_future,
 )
+from tensafe.server.ledger import lineage_ledger, new_ledger
 from tensafe.server.limits import RequestGuard
 from tensafe.server.models import (
     FutureRow,
@@ -127,10 +127,12 @@ def _new_model_row(
     lora_config: str,
     optimizer_config: str,
     dp_policy: str,
+    ledger_id: str | None,
 ) -> TrainingModel:
     """A training model row in state ``creating``, for create_model and create-via-load_weights.
 
     ``body`` is the request (it carries ``session_id``, ``model_seq_id`` and ``user_metadata``).
+    ``ledger_id`` is the privacy ledger the run spends from (None without DP).
     """
     now = utcnow()
     return TrainingModel(
@@ -147,6 +149,7 @@ def _new_model_row(
         created_at=now,
         last_request_time=now,
         dp_policy=dp_policy,
+        ledger_id=ledger_id,
         step=0,
     )
 
@@ -363,6 +366,7 @@ def create_app(
         model_id = p.model_id_for(body.session_id, body.model_seq_id)
         payload = body.model_dump(mode="json", exclude_none=True, exclude={"type"})
         request = client_request(body.user_metadata)
+        services.store.ensure_key(who.tenant)  # the request digest needs the tenant's key
         with sessions.begin() as session:
             own_session(session, who, body.session_id)
             policy = effective_policy(settings.privacy, tenant_row(session, who.tenant), request)
@@ -393,6 +397,7 @@ def create_app(
                             body.optimizer_config.model_dump(mode="json", exclude_none=True)
                         ),
                         dp_policy=policy.to_json(),
+                        ledger_id=None if policy.policy is None else new_ledger(session, who.tenant),
                     )
                 )
                 session.flush()
@@ -402,7 +407,7 @@ def create_app(
                     "api.create_model",
                     model_id,
                     request_id=future.id,
-                    request_sha256=future.request_sha256,
+                    request_digest=future.request_sha256,
                     base_model=body.base_model,
                     dp_policy=policy.to_json(),
                 )
@@ -447,6 +452,7 @@ def create_app(
             if row.state == "failed":
                 raise BadRequestError(f"model {model_id!r} could not be created: {row.error}")
         # Stage training data in the encrypted store before taking the database write lock.
+        services.store.ensure_key(who.tenant)
         staged = None if data is None else stage_payload(services, who.tenant, data)
         with sessions.begin() as session:
             future, created = submit_future(
@@ -471,7 +477,7 @@ def create_app(
                     f"api.{request_type}",
                     model_id,
                     request_id=future.id,
-                    request_sha256=future.request_sha256,
+                    request_digest=future.request_sha256,
                     seq_id=seq_id,
                     **details,
                 )
@@ -568,7 +574,6 @@ def create_app(
                 payload={"num_datums": len(req.data)},
                 data=plain,
                 num_datums=len(req.data),
-                dataset_sha256=hashlib.sha256(plain).hexdigest(),
             )
 
         return await run_in_threadpool(submit)
@@ -652,6 +657,7 @@ def create_app(
                 who, model_id=body.model_id, seq_id=body.seq_id, request_type="load_weights", payload=payload
             )
         model_id = p.model_id_for(body.session_id, body.model_seq_id)
+        services.store.ensure_key(who.tenant)  # the request digest needs the tenant's key
         with sessions.begin() as session:
             own_session(session, who, body.session_id)
             ckpt = own_checkpoint(session, who, body.path)
@@ -688,6 +694,9 @@ def create_app(
                         lora_config=source.lora_config,
                         optimizer_config=source.optimizer_config,
                         dp_policy=policy.to_json(),
+                        # The loaded state spends from the ledger of the run that saved it:
+                        # reloading or branching never resets the privacy spent on the data.
+                        ledger_id=None if policy.policy is None else lineage_ledger(session, source),
                     )
                 )
                 session.flush()
@@ -697,7 +706,7 @@ def create_app(
                     "api.load_weights",
                     model_id,
                     request_id=future.id,
-                    request_sha256=future.request_sha256,
+                    request_digest=future.request_sha256,
                     source_checkpoint=ckpt.id,
                     optimizer=body.optimizer,
                 )
@@ -827,7 +836,7 @@ def create_app(
             "topk_prompt_logprobs": body.topk_prompt_logprobs,
         }
         data = json.dumps(tokens).encode()
-        staged = stage_payload(services, who.tenant, data)
+        staged = stage_payload(services, who.tenant, data)  # also creates the tenant's key if needed
         with sessions.begin() as session:
             future, _ = submit_future(
                 services,
@@ -847,7 +856,7 @@ def create_app(
                 "api.sample",
                 body.sampling_session_id,
                 request_id=future.id,
-                request_sha256=future.request_sha256,
+                request_digest=future.request_sha256,
                 num_samples=body.num_samples,
             )
         worker.wake()

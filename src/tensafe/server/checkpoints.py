@@ -32,6 +32,7 @@ Every route is scoped to the caller's tenant: another tenant's checkpoint is a 4
 
 # No "from __future__ import annotations": FastAPI evaluates the annotations.
 
+import dataclasses
 import datetime as _dt
 import hashlib
 import json
@@ -248,14 +249,37 @@ def _own_live(session: Session, who: Principal, run_id: str, kind: str, name: st
     return row
 
 
-def _trained_with_dp(model: TrainingModel | None) -> bool:
+def _publish_refusal(model: TrainingModel | None, kind: str) -> str | None:
+    """Why TenSafe's privacy rule forbids publishing a checkpoint of ``kind`` of ``model``, or None.
+
+    Only the adapter of a run with a differential privacy guarantee may be published: a
+    ``weights`` checkpoint (training state) holds the optimizer state and, for a
+    server-sampled run, the registered data set itself; a run without DP, or whose noise was
+    deterministic (``TS_DETERMINISTIC=1``), has no guarantee.
+    """
+    if kind == "weights":
+        return (
+            "training-state (weights) checkpoints hold the optimizer state and, for server-sampled runs, "
+            "the registered data set; publish the adapter instead (save_weights_for_sampler or "
+            "save_weights_external)"
+        )
     if model is None or not model.dp_policy:
-        return False
+        return "this run has no DP policy"
     try:
         data = json.loads(model.dp_policy)
     except ValueError:
-        return False
-    return isinstance(data, dict) and isinstance(data.get("policy"), dict)
+        return "this run has no readable DP policy"
+    if not (isinstance(data, dict) and isinstance(data.get("policy"), dict)):
+        return "this run has no DP policy"
+    from tensafe.server.privacy import model_certificate
+
+    try:
+        certificate = model_certificate(model)
+    except Exception:  # an unreadable record never admits a publication
+        return "the run's DP certificate cannot be read"
+    if certificate is not None and not certificate.private:
+        return "the run's noise was deterministic (TS_DETERMINISTIC=1), so it has no privacy guarantee"
+    return None
 
 
 def _hash_token(token: str) -> str:
@@ -292,22 +316,34 @@ def _age_recipients(raw: Sequence[Any]) -> list[Any]:
     return recipients
 
 
-def _export_files(session: Any) -> dict[str, bytes]:
-    """The PEFT adapter files and, for a run with a DP policy, its DP certificate."""
+def _export_files(ctx: JobContext, session: Any, ledger_id: str | None) -> dict[str, bytes]:
+    """The PEFT adapter files and, for a run with a DP policy, its signed DP certificate."""
     from tensafe.privacy.certificate import CERTIFICATE_FILENAME
     from tensafe.training.runtime import SessionStateError
 
     files: dict[str, bytes] = dict(session.sampler_weights_files())
     if getattr(session, "policy", None) is not None:
         try:
-            files[CERTIFICATE_FILENAME] = session.privacy_certificate().to_json().encode("utf-8")
+            certificate = session.privacy_certificate()
         except SessionStateError:
-            pass  # server_poisson before its data set is registered: nothing trained yet
+            return files  # server_poisson before its data set is registered: nothing trained yet
+        signer = ctx.services.signer
+        if signer is None:
+            raise JobFailedError(
+                "this server has no deployment signing key, so it cannot issue a signed DP certificate",
+                category="server",
+            )
+        if ledger_id is not None:
+            certificate = dataclasses.replace(certificate, ledger_id=ledger_id)
+        files[CERTIFICATE_FILENAME] = certificate.sign(signer).to_json().encode("utf-8")
     return files
 
 
-def export_external_weights(ctx: JobContext, session: Any) -> JobResult:
+def export_external_weights(ctx: JobContext, session: Any, *, ledger_id: str | None = None) -> JobResult:
     """Execute ``save_weights_external`` for the loaded training ``session`` of ``ctx.model_id``.
+
+    The DP certificate is signed by the deployment's key and names the run's privacy ledger
+    (``ledger_id``), whose whole spend its ε covers (the caller synchronises the session).
 
     Raises:
         JobFailedError: A bad name, an existing live checkpoint of that name or invalid age
@@ -330,7 +366,7 @@ def export_external_weights(ctx: JobContext, session: Any) -> JobResult:
             )
         old_ref = None if existing is None else existing.artifact_id
 
-    files = _export_files(session)
+    files = _export_files(ctx, session, ledger_id)
     ref = "ext-" + secrets.token_hex(12)
     entries: list[dict[str, Any]] = []
     size = 0
@@ -491,6 +527,7 @@ def save_weights_external(
     if body.seq_id < 1:
         raise BadRequestError("seq_id must be at least 1 (0 is the model's creation)")
     payload = body.model_dump(mode="json", exclude_none=True, exclude={"type", "model_id", "seq_id"})
+    services.store.ensure_key(who.tenant)  # the request digest needs the tenant's key
     with services.sessions.begin() as session:
         model = session.get(TrainingModel, body.model_id)
         if model is None or model.tenant_id != who.tenant:
@@ -516,7 +553,7 @@ def save_weights_external(
                 "api.save_weights_external",
                 body.model_id,
                 request_id=future.id,
-                request_sha256=future.request_sha256,
+                request_digest=future.request_sha256,
                 seq_id=body.seq_id,
                 age_recipients=len(body.age_encryption_recipients or ()),
             )
@@ -641,10 +678,11 @@ def publish(run_id: str, kind: str, name: str, who: Caller, services: Svc) -> di
     """Mark a checkpoint public (only for runs trained with DP; no cross-tenant access follows)."""
     with services.sessions.begin() as session:
         row = _own_live(session, who, run_id, kind, name)
-        if not _trained_with_dp(session.get(TrainingModel, row.model_id)):
+        reason = _publish_refusal(session.get(TrainingModel, row.model_id), kind)
+        if reason is not None:
             raise PublishRefusedError(
-                f"tinker://{run_id}/{kind}/{name} cannot be published: TenSafe publishes only checkpoints "
-                "of runs trained with differential privacy, and this run has no DP policy"
+                f"tinker://{run_id}/{kind}/{name} cannot be published: TenSafe publishes only the adapter "
+                f"of runs with a differential privacy guarantee, and {reason}"
             )
         if not row.public:
             row.public = True

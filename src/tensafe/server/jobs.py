@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as _dt
-import hashlib
 import json
 import logging
 import secrets
@@ -141,6 +140,10 @@ class JobResult:
         details: Extra audit details (hashes, counts, privacy spent).
         after_commit: Called once the result is committed (e.g. delete a superseded
             artifact); its errors are logged, never raised.
+        on_abort: Called instead of ``after_commit`` when the result could not be committed
+            (the transaction failed, or another worker took the future over): it undoes what
+            the handler did in memory (e.g. a staged ``forward_backward``), so that a request
+            that did not complete leaves no trace.
     """
 
     json: Mapping[str, Any] | None = None
@@ -149,6 +152,7 @@ class JobResult:
     apply: Callable[[Session], None] | None = None
     details: Mapping[str, Any] = field(default_factory=dict)
     after_commit: Callable[[], None] | None = None
+    on_abort: Callable[[], None] | None = None
 
 
 @dataclass(frozen=True)
@@ -190,13 +194,27 @@ class OperationRegistry:
         return sorted(self._ops)
 
 
-def request_digest(request_type: str, payload: Mapping[str, Any] | None, data: bytes | None) -> str:
-    """Hash a request for de-duplication and audit (canonical JSON plus raw bytes)."""
-    h = hashlib.sha256(b"tensafe-request-v1\x00" + request_type.encode() + b"\x00")
-    h.update(json.dumps(payload or {}, sort_keys=True, separators=(",", ":")).encode())
-    h.update(b"\x00")
-    h.update(data or b"")
-    return h.hexdigest()
+#: Labels of the keyed digests the server records (``EncryptedArtifactStore.tenant_digest``).
+REQUEST_DIGEST_LABEL = b"tensafe/request-digest/v2"
+RESULT_DIGEST_LABEL = b"tensafe/result-digest/v1"
+
+
+def request_digest(
+    services: Services, tenant: str, request_type: str, payload: Mapping[str, Any] | None, data: bytes | None
+) -> str:
+    """The keyed digest of a request, for de-duplication and the audit log.
+
+    HMAC-SHA256 under the tenant's digest key of the request type, its canonical JSON
+    parameters and its raw bytes. Unlike a plain hash it lets no reader of the database or
+    the audit log confirm a guess of the training data, and it becomes unlinkable once the
+    tenant is crypto-shredded.
+    """
+    head = json.dumps(payload or {}, sort_keys=True, separators=(",", ":")).encode()
+    return services.store.tenant_digest(
+        tenant,
+        label=REQUEST_DIGEST_LABEL,
+        data=[request_type.encode(), b"\x00", head, b"\x00", data or b""],
+    )
 
 
 #: Request payloads and results up to this size are sealed into the future's row (one
@@ -270,7 +288,7 @@ def submit_future(
     """
     if (payload_bytes is None) != (staged is None):
         raise ValueError("payload_bytes must be staged with stage_payload() and passed as staged")
-    digest = request_digest(request_type, payload, payload_bytes)
+    digest = request_digest(services, tenant, request_type, payload, payload_bytes)
 
     def duplicate(existing: FutureRow) -> tuple[FutureRow, bool]:
         if staged is not None and staged.blob is None:
@@ -641,26 +659,55 @@ class Worker:
         self._complete(row, result)
 
     def _complete(self, row: FutureRow, result: JobResult) -> None:
+        try:
+            committed = self._commit_result(row, result)
+        except BaseException:
+            self._abort(row, result)
+            raise
+        if not committed:
+            self._abort(row, result)
+            return
+        if result.after_commit is not None:
+            try:
+                result.after_commit()
+            except Exception:
+                _log.exception("after-commit action of future %s failed", row.id)
+        self._drop_payload(row.tenant_id, None if row.payload_blob is not None else row.payload_ref)
+        self._signal(row.id)
+
+    @staticmethod
+    def _abort(row: FutureRow, result: JobResult) -> None:
+        if result.on_abort is not None:
+            try:
+                result.on_abort()
+            except Exception:
+                _log.exception("abort action of future %s failed", row.id)
+
+    def _commit_result(self, row: FutureRow, result: JobResult) -> bool:
+        """Store the result and complete the future in one transaction; False if taken over."""
         result_ref = None
         result_blob = None
-        details: dict[str, Any] = {"request_id": row.id, "request_sha256": row.request_sha256}
+        details: dict[str, Any] = {"request_id": row.id, "request_digest": row.request_sha256}
         if row.seq_id is not None:
             details["seq_id"] = row.seq_id
+        store = self.services.store
         if result.data is not None:
             result_ref = f"{row.id}.result"
             if len(result.data) <= INLINE_MAX_BYTES:
-                result_blob, info = self.services.store.seal_bytes(
+                result_blob, _ = store.seal_bytes(
                     row.tenant_id, result_ref, result.data, kind="request-result"
                 )
             else:
-                info = self.services.store.put_bytes(
-                    row.tenant_id, result_ref, result.data, kind="request-result"
-                )
-            details["result_sha256"] = info.sha256
+                store.put_bytes(row.tenant_id, result_ref, result.data, kind="request-result")
+            details["result_digest"] = store.tenant_digest(
+                row.tenant_id, label=RESULT_DIGEST_LABEL, data=result.data
+            )
             details["result_artifact"] = result_ref
         else:
             text = json.dumps(dict(result.json or {}), sort_keys=True)
-            details["result_sha256"] = hashlib.sha256(text.encode()).hexdigest()
+            details["result_digest"] = store.tenant_digest(
+                row.tenant_id, label=RESULT_DIGEST_LABEL, data=text.encode()
+            )
         details.update(result.details)
         now = utcnow()
         with self.services.sessions.begin() as session:
@@ -685,7 +732,7 @@ class Worker:
             )
             if not done.rowcount:  # type: ignore[attr-defined]
                 _log.warning("future %s was taken over by another worker; result discarded", row.id)
-                return
+                return False
             if result.apply is not None:
                 result.apply(session)
             self.services.audit(
@@ -696,13 +743,7 @@ class Worker:
                 resource=row.model_id or row.id,
                 details=details,
             )
-        if result.after_commit is not None:
-            try:
-                result.after_commit()
-            except Exception:
-                _log.exception("after-commit action of future %s failed", row.id)
-        self._drop_payload(row.tenant_id, None if row.payload_blob is not None else row.payload_ref)
-        self._signal(row.id)
+        return True
 
     def _fail(
         self, row: FutureRow, message: str, category: Category, ctx: JobContext | None, op: Operation | None
@@ -742,7 +783,7 @@ class Worker:
             actor=row.actor,
             action=f"api.{row.request_type}.failed",
             resource=row.model_id or row.id,
-            details={"request_id": row.id, "request_sha256": row.request_sha256, "category": category},
+            details={"request_id": row.id, "request_digest": row.request_sha256, "category": category},
         )
         return payload_ref
 

@@ -1,7 +1,7 @@
 """Database tables of the training API server.
 
-Created by the migrations ``0003_server``, ``0004_privacy``, ``0005_downloads`` and
-``0006_inline_records``
+Created by the migrations ``0003_server``, ``0004_privacy``, ``0005_downloads``,
+``0006_inline_records`` and ``0007_privacy_ledger``
 (``tensafe/db/migrations/versions/``), which must stay identical to these models
 (``tests/server/test_schema.py`` checks it on SQLite and PostgreSQL). Every resource
 row carries ``tenant_id``; queries always filter on it, so another tenant's rows are
@@ -39,7 +39,9 @@ __all__ = [
     "ApiKey",
     "DownloadToken",
     "FutureRow",
+    "PrivacyLedger",
     "PrivacyPolicyRow",
+    "PrivacySpend",
     "SamplingSessionRow",
     "ServerSession",
     "TrainingCheckpoint",
@@ -118,6 +120,51 @@ class TrainingModel(Base):
     state_ref: Mapped[str | None] = mapped_column(String(128), nullable=True)
     state_seq_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
     privacy_spent: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # 0007_privacy_ledger: the ledger this run spends from (shared with the runs it was loaded
+    # from or into, and with runs that registered the same data set); NULL without DP.
+    ledger_id: Mapped[str | None] = mapped_column(String(40), nullable=True, index=True)
+
+
+class PrivacyLedger(Base):
+    """The privacy spent on one body of data, across every run that trains on it.
+
+    A ledger is created with a run (``create_model``); a run created from a checkpoint
+    (``load_weights``) spends from the ledger of the run that saved it, so reloading or
+    branching never resets the budget. ``dataset_key`` is the keyed digest
+    (:meth:`tensafe.storage.EncryptedArtifactStore.tenant_digest`) of a data set registered for
+    server-side sampling: registering the same data set again continues its ledger.
+    """
+
+    __tablename__ = "privacy_ledgers"
+    __table_args__ = (UniqueConstraint("tenant_id", "dataset_key"),)
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(String(64), ForeignKey("tenants.id"))
+    dataset_key: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    created_at: Mapped[_dt.datetime] = mapped_column(UTCDateTime())
+
+
+class PrivacySpend(Base):
+    """One DP-SGD step charged to a ledger, recorded before the step runs (never removed).
+
+    ``(model_id, step_index)`` is unique: a step retried after a crash reuses its spend.
+    ``draw_blob`` holds the Poisson batch the engine drew for a server-sampled step, sealed
+    under the tenant's DEK, until the step completes; a reload restores it instead of
+    drawing again.
+    """
+
+    __tablename__ = "privacy_spends"
+    __table_args__ = (UniqueConstraint("model_id", "step_index"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    ledger_id: Mapped[str] = mapped_column(String(40), ForeignKey("privacy_ledgers.id"), index=True)
+    tenant_id: Mapped[str] = mapped_column(String(64), ForeignKey("tenants.id"))
+    model_id: Mapped[str] = mapped_column(String(200))
+    step_index: Mapped[int] = mapped_column(Integer)
+    noise_multiplier: Mapped[float] = mapped_column(Float)
+    sample_rate: Mapped[float] = mapped_column(Float)
+    created_at: Mapped[_dt.datetime] = mapped_column(UTCDateTime())
+    draw_blob: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
 
 
 class FutureRow(Base):

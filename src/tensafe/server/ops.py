@@ -17,6 +17,14 @@ checked against the database (one read): a sampling session whose row is gone, w
 deleted (crypto-shredded) is evicted and the request fails, as is any request of a
 deleted tenant's training run.
 
+**Privacy.** Every DP-SGD step is charged to the run's privacy ledger before it runs
+(:mod:`tensafe.server.ledger`): the session is synchronised to the ledger's spend, the
+budget is checked against it under the ledger's lock, and the step is recorded; a
+server-sampled step's Poisson batch is sealed into its charge before it is trained on. A
+``forward_backward`` is staged in the session and becomes part of the step only when its
+future completes (``JobResult.on_abort`` discards it otherwise). Non-DP statistics of a
+server-sampled batch (its loss, its size) are not returned to the client.
+
 **Durability.** After ``create_model``, ``load_weights`` and every completed
 ``optim_step`` the session's full state (adapter and optimizer) is written, encrypted
 under the tenant's DEK, as a new auto-checkpoint artifact; the ``training_models`` row
@@ -30,6 +38,7 @@ a ``server`` error that says which requests to resubmit.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -58,6 +67,15 @@ from tensafe.server.checkpoints import (
     record_checkpoint,
 )
 from tensafe.server.jobs import JobContext, JobFailedError, JobResult, Operation, OperationRegistry
+from tensafe.server.ledger import (
+    CHARGE_ACTION,
+    attach_dataset,
+    clear_draw,
+    ledger_events,
+    new_ledger,
+    pending_draw,
+    reserve_step,
+)
 from tensafe.server.models import FutureRow, SamplingSessionRow, TrainingCheckpoint, TrainingModel
 from tensafe.server.privacy import EffectivePolicy
 from tensafe.training._heap import settle_heap
@@ -510,6 +528,8 @@ class ComputeOps:
                 "applies now; it cannot be resumed",
                 category="user",
             )
+        # A loaded state continues from its ledger's total, not from the count it carries.
+        self.sync_ledger(ctx, row, session)
         old = self._training.pop(ctx.model_id, None)
         if old is not None:
             old.session.close()
@@ -539,16 +559,28 @@ class ComputeOps:
             for d in req.data
         ]
         config = {str(k): v for k, v in req.loss_fn_config.items()} or None
-        run = loaded.session.forward_backward if backward else loaded.session.forward
-        result = run(data, req.loss_fn, loss_fn_config=config)
+        if not backward:
+            result = loaded.session.forward(data, req.loss_fn, loss_fn_config=config)
+            staged = None
+        else:
+            # The request becomes part of the step only once its future completes.
+            staged = loaded.session.stage_forward_backward(data, req.loss_fn, loss_fn_config=config)
+            result = staged.result
+        try:
+            body = encode_forward_backward_output(
+                result.loss_fn_outputs, result.metrics, type_tag=result.loss_fn_output_type
+            )
+        except BaseException:
+            if staged is not None:
+                staged.discard()
+            raise
         self._finish(ctx, loaded)
-        body = encode_forward_backward_output(
-            result.loss_fn_outputs, result.metrics, type_tag=result.loss_fn_output_type
-        )
         return JobResult(
             data=body,
             content_type="application/x-protobuf",
             details={"loss_fn": req.loss_fn, "num_datums": len(data)},
+            after_commit=None if staged is None else staged.commit,
+            on_abort=None if staged is None else staged.discard,
         )
 
     def forward_backward(self, ctx: JobContext) -> JobResult:
@@ -569,6 +601,7 @@ class ComputeOps:
         loaded = self._training_session(ctx)
         self._check_lost(ctx, loaded)
         adam = AdamParams(**dict(ctx.payload["adam_params"]))
+        self._charge(ctx, row, loaded.session)
         metrics = loaded.session.optim_step(adam)
         self._finish(ctx, loaded)
         loaded.step = int(loaded.session.step)
@@ -583,6 +616,69 @@ class ComputeOps:
                 "dp_enabled": bool(spent.get("dp_enabled")),
             },
         )
+
+    # ------------------------------------------------------------------ privacy ledger
+
+    @staticmethod
+    def _ledger_of(ctx: JobContext, row: TrainingModel) -> str:
+        """The run's ledger id; a run created before ledgers existed gets one now."""
+        if row.ledger_id is not None:
+            return row.ledger_id
+        with ctx.services.sessions.begin() as db:
+            model = db.get(TrainingModel, row.id)
+            assert model is not None
+            if model.ledger_id is None:
+                model.ledger_id = new_ledger(db, model.tenant_id)
+            row.ledger_id = model.ledger_id
+            return model.ledger_id
+
+    def sync_ledger(self, ctx: JobContext, row: TrainingModel, session: Any) -> None:
+        """Tell a DP session what its ledger has spent (every run on the same data)."""
+        if session.policy is None or row.ledger_id is None or not session.has_dp_state:
+            return
+        with ctx.services.reads() as db:
+            events = ledger_events(db, row.ledger_id)
+        session.sync_privacy(events)
+
+    def _charge(
+        self, ctx: JobContext, row: TrainingModel, session: Any, *, draw_blob: bytes | None = None
+    ) -> None:
+        """Charge the session's next step to its ledger.
+
+        Raises the budget's refusal (and records nothing) when the ledger's spend leaves no room.
+        """
+        if session.policy is None:
+            return
+        ledger = self._ledger_of(ctx, row)
+        event = session.step_event()
+        full_check = draw_blob is None  # a server-sampled step checks its batch after training on it
+
+        def check(events: Any) -> None:
+            session.sync_privacy(events)
+            if full_check:
+                session.check_optim_step()
+            else:
+                session.check_budget()
+
+        def audit(db: Session, details: dict[str, Any]) -> None:
+            ctx.services.audit(
+                db, tenant=ctx.tenant, actor=ctx.actor, action=CHARGE_ACTION, resource=ledger, details=details
+            )
+
+        with ctx.services.sessions.begin() as db:
+            before = reserve_step(
+                db,
+                tenant=ctx.tenant,
+                ledger_id=ledger,
+                model_id=str(ctx.model_id),
+                step_index=int(session.step),
+                noise_multiplier=event.noise_multiplier,
+                sample_rate=event.sample_rate,
+                check=check,
+                audit=audit,
+                draw_blob=draw_blob,
+            )
+        session.sync_privacy(before)
 
     def _check_lost(self, ctx: JobContext, loaded: _Loaded) -> None:
         """Fail the step when a restart lost gradients accumulated since the last step."""
@@ -621,16 +717,26 @@ class ComputeOps:
         ]
         loaded.session.register_dataset(data)
         self._finish(ctx, loaded)
-        return self._state_result(
+        # The same examples registered again (by any run of the tenant) continue one ledger.
+        dataset_key = ctx.services.store.tenant_digest(
+            ctx.tenant, label=DATASET_KEY_LABEL, data=loaded.session.dataset_fingerprint()
+        )
+        result = self._state_result(
             ctx,
             loaded.session,
             json_result={"type": "register_dataset", "dataset_size": len(data)},
             old_ref=row.state_ref,
-            details={
-                "dataset_size": len(data),
-                "dataset_sha256": hashlib.sha256(ctx.payload_bytes).hexdigest(),
-            },
+            details={"dataset_size": len(data), "dataset_digest": dataset_key},
         )
+        model_id, state_apply = str(ctx.model_id), result.apply
+
+        def apply(db: Session) -> None:
+            if state_apply is not None:
+                state_apply(db)
+            if row.ledger_id is not None:
+                attach_dataset(db, model_id=model_id, dataset_key=dataset_key)
+
+        return dataclasses.replace(result, apply=apply)
 
     def train_step(self, ctx: JobContext) -> JobResult:
         """One DP step sampled by the engine: Poisson batch, ``forward_backward``, ``optim_step``."""
@@ -639,22 +745,46 @@ class ComputeOps:
         row = self._model_row(ctx)
         loaded = self._training_session(ctx)
         self._check_lost(ctx, loaded)
+        session = loaded.session
         adam = AdamParams(**dict(ctx.payload["adam_params"]))
         loss_fn = str(ctx.payload["loss_fn"])
         config = ctx.payload.get("loss_fn_config") or None
-        batch = loaded.session.sample_batch()
-        metrics: dict[str, float] = {}
-        if batch:
-            result = loaded.session.forward_backward(batch, loss_fn, loss_fn_config=config)
-            metrics.update({k: float(v) for k, v in result.metrics.items()})
-        metrics.update({k: float(v) for k, v in loaded.session.optim_step(adam).items()})
+        step_index = int(session.step)
+        self.sync_ledger(ctx, row, session)
+        session.check_budget()  # a refused step draws nothing
+        # The step's batch is durable: a batch drawn before a crash or a reload is restored,
+        # never drawn again, and a new one is sealed into the step's charge before use.
+        draw_ref = _draw_ref(str(ctx.model_id), step_index)
+        with ctx.services.reads() as db:
+            sealed = pending_draw(db, str(ctx.model_id), step_index)
+        if sealed is not None:
+            session.restore_draw(json.loads(ctx.services.store.unseal_bytes(ctx.tenant, draw_ref, sealed)))
+        batch = session.sample_batch()
+        drawn = session.drawn_indices()
+        blob, _ = ctx.services.store.seal_bytes(
+            ctx.tenant, draw_ref, json.dumps(drawn).encode(), kind="poisson-draw"
+        )
+        self._charge(ctx, row, session, draw_blob=blob)
+        try:
+            if batch:
+                session.forward_backward(batch, loss_fn, loss_fn_config=config)
+            optim = session.optim_step(adam)
+        except BaseException:
+            # Nothing of a failed step stays in memory: the next request reloads the last
+            # completed step and restores this step's batch from its charge.
+            self._training.pop(str(ctx.model_id), None)
+            session.close()
+            raise
         self._finish(ctx, loaded)
-        loaded.step = int(loaded.session.step)
-        spent = loaded.session.privacy_spent()
-        return self._state_result(
+        loaded.step = int(session.step)
+        spent = session.privacy_spent()
+        # Only what the DP mechanism released: the noisy update's figures and ε. The batch's
+        # loss, its size and its clipping count are statistics of the private batch.
+        metrics = {k: float(optim[k]) for k in ("grad_norm:mean", "learning_rate:mean", "dp_epsilon:max")}
+        result = self._state_result(
             ctx,
-            loaded.session,
-            json_result={"type": "train_step", "metrics": metrics, "batch_size": len(batch)},
+            session,
+            json_result={"type": "train_step", "metrics": metrics},
             old_ref=row.state_ref,
             details={
                 "loss_fn": loss_fn,
@@ -663,6 +793,14 @@ class ComputeOps:
                 "dp_enabled": bool(spent.get("dp_enabled")),
             },
         )
+        model_id, state_apply = str(ctx.model_id), result.apply
+
+        def apply(db: Session) -> None:
+            if state_apply is not None:
+                state_apply(db)
+            clear_draw(db, model_id, step_index)
+
+        return dataclasses.replace(result, apply=apply)
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -677,7 +815,10 @@ class ComputeOps:
     def save_weights_external(self, ctx: JobContext) -> JobResult:
         """The PEFT adapter (and DP certificate) as ``external_weights`` (see ``server/checkpoints.py``)."""
         loaded = self._training_session(ctx)
-        result = export_external_weights(ctx, loaded.session)
+        # The exported certificate covers everything spent on this data, by every run.
+        row = self._model_row(ctx)
+        self.sync_ledger(ctx, row, loaded.session)
+        result = export_external_weights(ctx, loaded.session, ledger_id=row.ledger_id)
         self._finish(ctx, loaded)
         return result
 
@@ -943,6 +1084,15 @@ def _delete_files(ctx: JobContext, ref: str, kind: str) -> None:
     else:
         for i in range(len(_ADAPTER_FILES)):
             ctx.services.store.delete(ctx.tenant, f"{ref}.{i}")
+
+
+#: Label of the keyed digest that identifies a registered data set (``privacy_ledgers.dataset_key``).
+DATASET_KEY_LABEL = b"tensafe/dataset-key/v1"
+
+
+def _draw_ref(model_id: str, step_index: int) -> str:
+    """Record id of a step's sealed Poisson batch (binds the seal to the run and the step)."""
+    return f"draw-{hashlib.sha256(model_id.encode()).hexdigest()[:32]}-{step_index}"
 
 
 def _privacy_record(session: Any) -> dict[str, Any]:

@@ -120,6 +120,7 @@ class OperatorPrivacy:
                 dataset_size=self.dataset_size,
                 expected_batch_size=self.expected_batch_size,
                 max_steps=self.max_steps,
+                dataset_size_source="defaulted",
             )
         except DpPolicyError as exc:
             raise ServerConfigurationError(
@@ -234,6 +235,7 @@ def effective_policy(
                     else base.expected_batch_size
                 ),
                 max_steps=row.max_steps if row.max_steps is not None else base.max_steps,
+                dataset_size_source="declared" if row.dataset_size is not None else "defaulted",
             )
             base = DpPolicy.stricter_of(base, tenant)
             source = "operator+tenant"
@@ -249,6 +251,8 @@ def effective_policy(
                     "privacy; remove tensafe.dp.enabled=false"
                 )
             return EffectivePolicy(policy=None, source=source + "+client")
+        if "dataset_size" in changes:
+            changes["dataset_size_source"] = "declared"
         if changes:
             base = base.tighten(**changes)
             source += "+client"

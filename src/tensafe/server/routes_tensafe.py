@@ -43,7 +43,7 @@ from tensafe.audit import (
 from tensafe.audit.models import AuditChainHead
 from tensafe.server.audit_verifications import AuditVerifications
 from tensafe.server.deps import Caller, Svc
-from tensafe.server.errors import BadRequestError, NotFoundError
+from tensafe.server.errors import BadRequestError, NotFoundError, ServerError
 from tensafe.server.jobs import Services
 from tensafe.server.models import FutureRow, TrainingCheckpoint, TrainingModel
 from tensafe.server.tenants import Principal
@@ -55,6 +55,7 @@ __all__ = [
     "AuditRecordView",
     "AuditRecordsResponse",
     "AuditVerification",
+    "LedgerIntegrityError",
     "PrivacyReport",
     "PrivacyUnavailableError",
     "router",
@@ -157,6 +158,13 @@ class PrivacyReport(_Response):
     max_grad_norm: float | None = None
     sampling: str | None = None
     extra: dict[str, Any] | None = Field(default=None)
+
+
+class LedgerIntegrityError(ServerError):
+    """The privacy ledger disagrees with the audit log (modified in the database): nothing is certified."""
+
+    status_code = 500
+    error = "ledger_integrity_error"
 
 
 class PrivacyUnavailableError(NotFoundError):
@@ -444,33 +452,92 @@ def _privacy_state(run: TrainingModel) -> _State | None:
     )
 
 
-def _load_state(services: Services, who: Principal, run_id: str) -> tuple[TrainingModel, _State]:
-    with services.sessions() as session:
+def _load_state(
+    services: Services, who: Principal, run_id: str
+) -> tuple[TrainingModel, _State, list[Any] | None]:
+    """The run, its recorded privacy state and its ledger's spend (None without a ledger)."""
+    from tensafe.server.ledger import audit_mismatch, ledger_events
+
+    with services.reads() as session:
         run = _own_run(session, who, run_id)
+        events = None
+        if run.ledger_id is not None:
+            problem = audit_mismatch(session, tenant=who.tenant, ledger_id=run.ledger_id)
+            if problem is not None:
+                raise LedgerIntegrityError(f"{problem}; no certificate is issued until this is investigated")
+            events = ledger_events(session, run.ledger_id)
     state = _privacy_state(run)
     if state is None:
         raise PrivacyUnavailableError(f"run {run_id!r} has no recorded privacy policy (created before 0004)")
-    return run, state
+    return run, state, events
+
+
+def _current_certificate(
+    run: TrainingModel, recorded: dict[str, Any] | None, events: list[Any] | None
+) -> Any:
+    """The run's certificate as of now: the engine's record of its last step, with the spend of
+    its ledger (every run on the same data, including branches that trained since).
+
+    Raises:
+        PrivacyUnavailableError: Nothing is recorded yet.
+    """
+    from tensafe.privacy import CertificateError, DpCertificate
+
+    if recorded is None:
+        raise PrivacyUnavailableError(
+            f"run {run.id!r} has no certificate yet (a server-sampled run gets one once its data set is "
+            "registered)"
+        )
+    try:
+        cert = DpCertificate.from_dict(recorded)
+        if not cert.dp_enabled or events is None:
+            return cert
+        return DpCertificate.issue(
+            accountant=str(cert.accountant),
+            noise_multiplier=float(cert.noise_multiplier or 0.0),
+            clip_norm=float(cert.clip_norm or 0.0),
+            sample_rate=float(cert.sample_rate or 0.0),
+            steps=sum(e.steps for e in events),
+            events=events,
+            delta=float(cert.delta or 0.0),
+            dataset_size=cert.dataset_size,
+            dataset_size_source=cert.dataset_size_source,
+            expected_batch_size=cert.expected_batch_size,
+            sampling_method=cert.sampling_method,
+            sampled_by=cert.sampled_by,
+            noise_rng=str(cert.noise_rng),
+            privacy_unit=cert.privacy_unit,
+            ledger_id=run.ledger_id,
+            notes=cert.notes,
+        )
+    except CertificateError as exc:
+        raise PrivacyUnavailableError(f"cannot issue a certificate for run {run.id!r}: {exc}") from None
 
 
 @router.get("/training_runs/{run_id}/privacy")
 def privacy(run_id: str, who: Caller, services: Svc) -> PrivacyReport:
-    """ε spent, target ε, δ, accountant and steps of one run."""
-    run, (policy, source, spent, _cert) = _load_state(services, who, run_id)
+    """ε spent (on the run's ledger), target ε, δ, accountant and steps of one run."""
+    run, (policy, source, spent, recorded), events = _load_state(services, who, run_id)
     steps = int(run.step or spent.get("steps") or 0)
-    extra = {
+    extra: dict[str, Any] = {
         "policy_source": source,
         "sample_rate": spent.get("sample_rate"),
         "dataset_size": spent.get("dataset_size"),
         "expected_batch_size": (policy or {}).get("expected_batch_size"),
         "max_steps": (policy or {}).get("max_steps"),
+        "ledger_id": run.ledger_id,
     }
     if policy is None:
         return PrivacyReport(training_run_id=run_id, dp_enabled=False, steps=steps, extra=extra)
+    epsilon = float(spent.get("epsilon") or 0.0)
+    if recorded is not None:
+        cert = _current_certificate(run, recorded, events)
+        extra.update(ledger_steps=cert.steps, private=cert.private)
+        epsilon = cert.epsilon if cert.epsilon is not None else epsilon
     return PrivacyReport(
         training_run_id=run_id,
         dp_enabled=True,
-        epsilon_spent=float(spent.get("epsilon") or 0.0),
+        epsilon_spent=epsilon,
         target_epsilon=policy.get("target_epsilon"),
         delta=policy.get("delta"),
         accountant=policy.get("accountant"),
@@ -484,60 +551,18 @@ def privacy(run_id: str, who: Caller, services: Svc) -> PrivacyReport:
 
 @router.get("/training_runs/{run_id}/certificate")
 def certificate(run_id: str, who: Caller, services: Svc) -> dict[str, Any]:
-    """The DP certificate of one run.
+    """The DP certificate of one run, signed by the deployment's key.
 
-    This is the certificate the engine issued at the run's last completed step, as the
-    server persisted it. Without one (an older record), a certificate is issued now from
-    the persisted accounting state: the accountant recomputes ε
-    (``tensafe.privacy.DpCertificate.issue``) from the noise multiplier, sampling rate,
-    steps and δ recorded at the last ``optim_step``.
+    It is the certificate the engine issued at the run's last completed step, with ε over
+    everything the run's privacy ledger holds (the steps of every run trained on the same
+    data, branches included), issued and signed now. Verify it with the deployment's public
+    key: ``tensafe privacy certificate FILE --verify --public-key deployment.pub``.
     """
-    from tensafe.privacy import CertificateError, DpCertificate, SamplingMethod
-
-    run, (policy, _source, spent, recorded) = _load_state(services, who, run_id)
-    if recorded is not None:
-        return recorded
-    steps = int(spent.get("steps") or run.step or 0)
-    notes = (
-        "The privacy unit is one Datum of forward_backward.",
-        f"Issued by the API server from the run's persisted accounting state after {steps} steps.",
-    )
-    try:
-        if policy is None:
-            cert = DpCertificate.non_private(
-                steps=steps,
-                dataset_size=1,
-                dataset_size_source="defaulted",
-                expected_batch_size=None,
-                sample_rate=None,
-                sampling_method=SamplingMethod.CLIENT_CHOSEN_BATCHES,
-                sampled_by="client",
-                privacy_unit="datum",
-                notes=(*notes, "The server does not record the data set size of non-private runs."),
-            )
-        else:
-            if spent.get("noise_multiplier") is None or spent.get("sample_rate") is None:
-                raise PrivacyUnavailableError(
-                    f"run {run_id!r} has no accounting state yet: its first forward_backward/optim_step "
-                    "fixes the noise and sampling rate"
-                )
-            poisson = policy.get("sampling") == "server_poisson"
-            cert = DpCertificate.issue(
-                accountant=str(policy["accountant"]),
-                noise_multiplier=float(spent["noise_multiplier"]),
-                clip_norm=float(policy["clip_norm"]),
-                sample_rate=float(spent["sample_rate"]),
-                steps=steps,
-                delta=float(policy["delta"]),
-                dataset_size=int(spent["dataset_size"]),
-                expected_batch_size=policy.get("expected_batch_size"),
-                dataset_size_source="registered" if poisson else "declared",
-                sampling_method=SamplingMethod.POISSON if poisson else SamplingMethod.CLIENT_CHOSEN_BATCHES,
-                sampled_by="engine" if poisson else "client",
-                privacy_unit="datum",
-                notes=notes,
-            )
-    except CertificateError as exc:
-        raise PrivacyUnavailableError(f"cannot issue a certificate for run {run_id!r}: {exc}") from None
-    result: dict[str, Any] = cert.to_dict()
+    run, (_policy, _source, _spent, recorded), events = _load_state(services, who, run_id)
+    cert = _current_certificate(run, recorded, events)
+    if services.signer is None:
+        raise PrivacyUnavailableError(
+            "this server has no deployment signing key: certificates cannot be signed"
+        )
+    result: dict[str, Any] = cert.sign(services.signer).to_dict()
     return result

@@ -14,7 +14,11 @@ class RegisterDatasetResponse(ResponseModel):
 
 
 class TrainStepResponse(ResponseModel):
-    """Metrics of one server-sampled step and the size of the batch the engine drew."""
+    """What one server-sampled step released: the noisy update's figures and ε.
+
+    ``metrics`` holds ``grad_norm:mean`` (of the noisy gradient), ``learning_rate:mean`` and
+    ``dp_epsilon:max``. The drawn batch's size and loss are not returned: they are
+    statistics of the private batch, not covered by the DP guarantee.
+    """
 
     metrics: dict[str, float] | None = None
-    batch_size: int

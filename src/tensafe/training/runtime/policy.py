@@ -11,8 +11,12 @@ with :meth:`DpPolicy.tighten`, which refuses any change that would weaken the gu
   after ``max_steps``) may be replaced by any explicit value, because the ε budget still
   caps the run.
 * ``clip_norm``: smaller is stricter (less influence of one example).
-* ``expected_batch_size``: smaller is stricter (smaller sampling rate q).
-* ``dataset_size``: smaller is stricter (a larger claimed N lowers q and the claimed ε).
+* ``expected_batch_size``: smaller is stricter. With ``server_poisson`` it sets the sampling
+  rate ``q = B / N`` that the engine enforces; with client-chosen batches it is only the
+  normaliser of the noisy gradient sum (ε is computed without amplification, q = 1, whatever
+  B and N say).
+* ``dataset_size``: smaller is stricter (δ must stay below 1/N; with ``server_poisson`` a larger
+  N would lower q). Where it came from (``dataset_size_source``) is recorded, not compared.
 * ``max_steps``: smaller is stricter; ``None`` means "until the budget is spent".
 * ``sampling``: ``"server_poisson"`` (the engine samples, verified) is stricter than
   ``"client_chosen_batches"`` (the client picks the batches, unverifiable).
@@ -33,6 +37,8 @@ __all__ = ["SAMPLING_MODES", "DpPolicy", "SamplingMode"]
 
 SamplingMode = Literal["client_chosen_batches", "server_poisson"]
 SAMPLING_MODES: tuple[str, ...] = ("client_chosen_batches", "server_poisson")
+#: ``declared`` by the client or the tenant's policy, or the operator's default.
+DATASET_SIZE_SOURCES: tuple[str, ...] = ("declared", "defaulted")
 
 
 def _positive_number(name: str, value: object) -> float:
@@ -71,6 +77,8 @@ class DpPolicy:
         expected_batch_size: ``B``; the sampling rate is ``q = B / N`` and the noisy gradient
             sum is divided by ``B`` (never by the realised batch size).
         max_steps: Optional cap on optimizer steps; required when ``noise_multiplier`` is None.
+        dataset_size_source: ``declared`` (by the client or the tenant) or ``defaulted`` (the
+            operator's floor); stated in the certificate, never part of the strictness order.
     """
 
     target_epsilon: float
@@ -82,6 +90,7 @@ class DpPolicy:
     sampling: SamplingMode = "client_chosen_batches"
     expected_batch_size: int
     max_steps: int | None = None
+    dataset_size_source: str = "declared"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "target_epsilon", _positive_number("target_epsilon", self.target_epsilon))
@@ -98,6 +107,11 @@ class DpPolicy:
         if self.noise_multiplier is not None:
             object.__setattr__(
                 self, "noise_multiplier", _positive_number("noise_multiplier", self.noise_multiplier)
+            )
+        if self.dataset_size_source not in DATASET_SIZE_SOURCES:
+            raise DpPolicyError(
+                f"DP policy dataset_size_source must be one of {', '.join(DATASET_SIZE_SOURCES)}, "
+                f"got {self.dataset_size_source!r}"
             )
         if self.sampling not in SAMPLING_MODES:
             raise DpPolicyError(
@@ -255,4 +269,14 @@ class DpPolicy:
             sampling=sampling,
             expected_batch_size=min(a.expected_batch_size, b.expected_batch_size),
             max_steps=lo(a.max_steps, b.max_steps),
+            dataset_size_source=_source_of_smaller_n(a, b),
         )
+
+
+def _source_of_smaller_n(a: DpPolicy, b: DpPolicy) -> str:
+    """Where the N that :meth:`DpPolicy.stricter_of` keeps came from."""
+    if a.dataset_size is None or (b.dataset_size is not None and b.dataset_size < a.dataset_size):
+        return b.dataset_size_source if b.dataset_size is not None else a.dataset_size_source
+    if b.dataset_size is None or a.dataset_size < b.dataset_size:
+        return a.dataset_size_source
+    return "declared" if "declared" in (a.dataset_size_source, b.dataset_size_source) else "defaulted"

@@ -498,6 +498,12 @@ class LoraTrainingSession:
         return self._policy
 
     @property
+    def has_dp_state(self) -> bool:
+        """Whether the DP engine and budget are set up (not yet in ``server_poisson`` mode
+        before the data set is registered; never without a policy)."""
+        return self._dp is not None
+
+    @property
     def tokenizer(self) -> Any:
         """The base model's Hugging Face tokenizer."""
         return self._h.tokenizer
@@ -795,6 +801,28 @@ class LoraTrainingSession:
         with self._lock:
             if self._staged is not None:
                 raise SessionStateError("a forward_backward is staged; commit or discard it first")
+            self.check_budget()
+            dp = self._dp
+            if dp is not None and dp.sampler is not None:
+                if self._drawn is None:
+                    raise SessionStateError(
+                        "server_poisson mode: call sample_batch() and forward_backward on that batch first"
+                    )
+                if self._remaining:
+                    raise SessionStateError(
+                        f"server_poisson mode: {len(self._remaining)} example(s) of the drawn batch were "
+                        "not trained on; call forward_backward on the whole sample_batch() first"
+                    )
+
+    def check_budget(self) -> None:
+        """Raise if one more step would exceed the target ε or ``max_steps``; change nothing.
+
+        Raises:
+            BudgetExceededError: One more step would exceed the target ε.
+            StepLimitError: The policy's ``max_steps`` steps were taken.
+            SessionStateError: In ``server_poisson`` mode, no data set is registered.
+        """
+        with self._lock:
             dp = self._dp
             if self._policy is None:
                 return
@@ -805,16 +833,6 @@ class LoraTrainingSession:
                     f"the DP policy allows {self._policy.max_steps} optimizer steps and all were taken"
                 )
             dp.budget.check_step()
-            if dp.sampler is not None:
-                if self._drawn is None:
-                    raise SessionStateError(
-                        "server_poisson mode: call sample_batch() and forward_backward on that batch first"
-                    )
-                if self._remaining:
-                    raise SessionStateError(
-                        f"server_poisson mode: {len(self._remaining)} example(s) of the drawn batch were "
-                        "not trained on; call forward_backward on the whole sample_batch() first"
-                    )
 
     # ------------------------------------------------------------------ privacy ledger
     def sync_privacy(self, events: Sequence[DpSgdEvent]) -> None:
@@ -914,6 +932,21 @@ class LoraTrainingSession:
                 self._drawn = dp.sampler.sample(dp.budget.steps)
                 self._remaining = list(self._drawn)
             return [self._dataset[i] for i in self._drawn]
+
+    def dataset_fingerprint(self) -> bytes:
+        """A SHA-256 over the registered data set's privacy units, independent of their order.
+
+        It identifies the data set (the server turns it into a keyed digest before it stores
+        anything); it is a plain hash of the data, so never store or log it as it is.
+
+        Raises:
+            SessionStateError: No data set is registered.
+        """
+        with self._lock:
+            if self._dataset is None:
+                raise SessionStateError("no data set is registered")
+            units = sorted(_unit_digest(d.model_input, d.loss_fn_inputs) for d in self._dataset)
+            return hashlib.sha256(b"tensafe-dataset-fingerprint/v1\0" + b"".join(units)).digest()
 
     def drawn_indices(self) -> list[int] | None:
         """The indices of the batch drawn for the current step (None before :meth:`sample_batch`).
@@ -1055,7 +1088,7 @@ class LoraTrainingSession:
                 events=history,
                 delta=policy.delta,
                 dataset_size=dp.dataset_size,
-                dataset_size_source="registered" if poisson else "declared",
+                dataset_size_source="registered" if poisson else policy.dataset_size_source,
                 expected_batch_size=policy.expected_batch_size,
                 sampling_method=SamplingMethod.POISSON if poisson else SamplingMethod.CLIENT_CHOSEN_BATCHES,
                 sampled_by="engine" if poisson else "client",

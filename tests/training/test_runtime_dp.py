@@ -14,7 +14,6 @@ from tensafe.privacy import BudgetExceededError, compute_epsilon
 from tensafe.training.dp import CLIP_EPSILON
 from tensafe.training.runtime import (
     USER_ERRORS,
-    AdamParams,
     Datum,
     DpPolicy,
     DpPolicyError,
@@ -23,70 +22,14 @@ from tensafe.training.runtime import (
     StepLimitError,
 )
 from training._dp_helpers import ZeroNoise
-
-ADAM = AdamParams(learning_rate=1e-2)
-
-
-def _policy(**overrides: Any) -> DpPolicy:
-    values: dict[str, Any] = {
-        "target_epsilon": 50.0,
-        "delta": 1e-5,
-        "clip_norm": 0.05,
-        "noise_multiplier": 1.0,
-        "dataset_size": 1000,
-        "expected_batch_size": 4,
-    }
-    values.update(overrides)
-    return DpPolicy(**values)
-
-
-def _session(model_dir: pathlib.Path, policy: DpPolicy | None, **kwargs: Any) -> LoraTrainingSession:
-    s = LoraTrainingSession.create(
-        base_model=str(model_dir),
-        rank=4,
-        dp=policy,
-        seed=3,
-        deterministic=True,
-        allow_non_private=policy is None,
-        **kwargs,
-    )
-    g = torch.Generator().manual_seed(2)
-    with torch.no_grad():
-        for name, p in s.model.named_parameters():
-            if p.requires_grad and "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-    return s
-
-
-def _data(n: int, *, seed: int = 0) -> list[Datum]:
-    rng = np.random.default_rng(seed)
-    out = []
-    for i in range(n):
-        length = 3 + (i % 4)
-        tokens = [int(x) for x in rng.integers(1, 300, size=length)]
-        targets = np.array([*tokens[1:], int(rng.integers(1, 300))], dtype=np.int64)
-        weights = np.ones(length, dtype=np.float32)
-        weights[0] = 0.0
-        out.append(Datum(model_input=tokens, loss_fn_inputs={"target_tokens": targets, "weights": weights}))
-    return out
-
-
-def _weights(s: LoraTrainingSession) -> list[torch.Tensor]:
-    return [p.detach().clone() for p in s.model.parameters() if p.requires_grad]
-
-
-def _capture_grads(s: LoraTrainingSession, monkeypatch: pytest.MonkeyPatch) -> list[list[torch.Tensor]]:
-    """Record the gradient the optimizer receives at each step."""
-    captured: list[list[torch.Tensor]] = []
-    opt = s._optimizer
-    original = opt.step
-
-    def step(*args: Any, **kwargs: Any) -> Any:
-        captured.append([p.grad.detach().clone() for p in s.model.parameters() if p.requires_grad])  # type: ignore[union-attr]
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(opt, "step", step)
-    return captured
+from training._runtime_helpers import (
+    ADAM,
+    capture_grads,
+    runtime_data,
+    runtime_policy,
+    runtime_session,
+    trainable_weights,
+)
 
 
 def _naive_clipped_mean(
@@ -112,10 +55,10 @@ def _naive_clipped_mean(
 def test_dp_gradient_is_clipped_per_datum_and_normalised_by_the_policy_batch(
     tiny_model_dir: pathlib.Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    s = _session(tiny_model_dir, _policy(expected_batch_size=4))
+    s = runtime_session(tiny_model_dir, runtime_policy(expected_batch_size=4))
     s._dp.engine.random_source = ZeroNoise()  # type: ignore[union-attr]  # expose the clipped sum
-    captured = _capture_grads(s, monkeypatch)
-    data = _data(5)
+    captured = capture_grads(s, monkeypatch)
+    data = runtime_data(5)
     expected = _naive_clipped_mean(s, data, clip=0.05, batch=4)
     fb = s.forward_backward(data, "cross_entropy")
     assert fb.metrics["dp_clipped:sum"] == 5.0  # every datum's norm exceeds the tiny clip norm
@@ -125,10 +68,10 @@ def test_dp_gradient_is_clipped_per_datum_and_normalised_by_the_policy_batch(
 
 
 def test_two_chunks_equal_one_chunk_and_noise_is_added_once(tiny_model_dir: pathlib.Path) -> None:
-    data = _data(6, seed=4)
-    one = _session(tiny_model_dir, _policy(), max_microbatch_size=4)
-    two = _session(tiny_model_dir, _policy(), max_microbatch_size=2)
-    assert all(torch.equal(a, b) for a, b in zip(_weights(one), _weights(two), strict=True))
+    data = runtime_data(6, seed=4)
+    one = runtime_session(tiny_model_dir, runtime_policy(), max_microbatch_size=4)
+    two = runtime_session(tiny_model_dir, runtime_policy(), max_microbatch_size=2)
+    assert all(torch.equal(a, b) for a, b in zip(trainable_weights(one), trainable_weights(two), strict=True))
     r1 = one.forward_backward(data, "cross_entropy")
     r2a = two.forward_backward(data[:2], "cross_entropy")
     r2b = two.forward_backward(data[2:], "cross_entropy")
@@ -139,7 +82,7 @@ def test_two_chunks_equal_one_chunk_and_noise_is_added_once(tiny_model_dir: path
     m2 = two.optim_step(ADAM)
     assert m1["examples:sum"] == m2["examples:sum"] == 6.0
     assert m1["grad_norm:mean"] == pytest.approx(m2["grad_norm:mean"], rel=1e-5)
-    for a, b in zip(_weights(one), _weights(two), strict=True):
+    for a, b in zip(trainable_weights(one), trainable_weights(two), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
     # With noise present, a second noise draw per chunk would have changed the result:
     assert one.privacy_spent()["steps"] == two.privacy_spent()["steps"] == 1
@@ -149,17 +92,19 @@ def test_budget_refusal_changes_nothing(tiny_model_dir: pathlib.Path) -> None:
     q, sigma, delta = 1.0, 8.0, 1e-5  # client-chosen batches: no amplification (q = 1)
     eps1 = compute_epsilon(accountant="rdp", noise_multiplier=sigma, sample_rate=q, steps=1, delta=delta)
     eps2 = compute_epsilon(accountant="rdp", noise_multiplier=sigma, sample_rate=q, steps=2, delta=delta)
-    s = _session(tiny_model_dir, _policy(noise_multiplier=sigma, target_epsilon=(eps1 + eps2) / 2))
-    data = _data(4)
+    s = runtime_session(
+        tiny_model_dir, runtime_policy(noise_multiplier=sigma, target_epsilon=(eps1 + eps2) / 2)
+    )
+    data = runtime_data(4)
     s.forward_backward(data, "cross_entropy")
     s.optim_step(ADAM)
     s.forward_backward(data, "cross_entropy")
-    before = _weights(s)
+    before = trainable_weights(s)
     opt_before = {k: v.clone() for p in s._optimizer.state.values() for k, v in p.items() if k == "exp_avg"}
     with pytest.raises(BudgetExceededError, match="step 2") as info:
         s.optim_step(ADAM)
     assert isinstance(info.value, USER_ERRORS)
-    assert all(torch.equal(a, b) for a, b in zip(before, _weights(s), strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(before, trainable_weights(s), strict=True))
     opt_after = {k: v for p in s._optimizer.state.values() for k, v in p.items() if k == "exp_avg"}
     assert all(torch.equal(opt_before[k], opt_after[k]) for k in opt_before)
     spent = s.privacy_spent()
@@ -168,24 +113,24 @@ def test_budget_refusal_changes_nothing(tiny_model_dir: pathlib.Path) -> None:
     assert cert.steps == 1 and cert.epsilon is None and not cert.private
     with pytest.raises(BudgetExceededError):  # still refused, still nothing changes
         s.optim_step(ADAM)
-    assert all(torch.equal(a, b) for a, b in zip(before, _weights(s), strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(before, trainable_weights(s), strict=True))
 
 
 def test_max_steps_is_enforced(tiny_model_dir: pathlib.Path) -> None:
-    s = _session(tiny_model_dir, _policy(max_steps=1))
-    s.forward_backward(_data(2), "cross_entropy")
+    s = runtime_session(tiny_model_dir, runtime_policy(max_steps=1))
+    s.forward_backward(runtime_data(2), "cross_entropy")
     s.optim_step(ADAM)
-    before = _weights(s)
+    before = trainable_weights(s)
     with pytest.raises(StepLimitError, match="1 optimizer steps"):
         s.optim_step(ADAM)
-    assert all(torch.equal(a, b) for a, b in zip(before, _weights(s), strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(before, trainable_weights(s), strict=True))
 
 
 def test_calibrated_noise_reaches_target_after_max_steps(tiny_model_dir: pathlib.Path) -> None:
-    policy = _policy(noise_multiplier=None, max_steps=3, target_epsilon=4.0)
-    s = _session(tiny_model_dir, policy)
+    policy = runtime_policy(noise_multiplier=None, max_steps=3, target_epsilon=4.0)
+    s = runtime_session(tiny_model_dir, policy)
     for _ in range(3):
-        s.forward_backward(_data(2), "cross_entropy")
+        s.forward_backward(runtime_data(2), "cross_entropy")
         s.optim_step(ADAM)
     spent = s.privacy_spent()
     assert spent["epsilon"] <= 4.0
@@ -195,7 +140,7 @@ def test_calibrated_noise_reaches_target_after_max_steps(tiny_model_dir: pathlib
 
 
 def test_every_loss_function_runs_under_dp(tiny_model_dir: pathlib.Path) -> None:
-    s = _session(tiny_model_dir, _policy())
+    s = runtime_session(tiny_model_dir, runtime_policy())
     rng = np.random.default_rng(0)
 
     def rl(seed: int) -> list[Datum]:  # distinct datums per loss: each unit once per step
@@ -208,10 +153,10 @@ def test_every_loss_function_runs_under_dp(tiny_model_dir: pathlib.Path) -> None
                     "advantages": rng.normal(size=len(d.model_input)).astype(np.float32),
                 },
             )
-            for d in _data(3, seed=seed)
+            for d in runtime_data(3, seed=seed)
         ]
 
-    before = _weights(s)
+    before = trainable_weights(s)
     for seed, (loss_fn, cfg) in enumerate(
         [
             ("importance_sampling", None),
@@ -223,10 +168,10 @@ def test_every_loss_function_runs_under_dp(tiny_model_dir: pathlib.Path) -> None
     ):
         out = s.forward_backward(rl(seed), loss_fn, cfg)
         assert np.isfinite(out.metrics["loss:sum"])
-    s.forward_backward(_data(2), "cross_entropy")
+    s.forward_backward(runtime_data(2), "cross_entropy")
     s.optim_step(ADAM)
     assert s.privacy_spent()["steps"] == 1
-    assert not all(torch.equal(a, b) for a, b in zip(before, _weights(s), strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(before, trainable_weights(s), strict=True))
 
 
 def test_client_chosen_certificate_is_honest(tiny_model_dir: pathlib.Path) -> None:
@@ -234,9 +179,9 @@ def test_client_chosen_certificate_is_honest(tiny_model_dir: pathlib.Path) -> No
     never the Poisson ε of q = B/N that the declared batch size would suggest."""
     from dp_accounting import dp_event, rdp
 
-    s = LoraTrainingSession.create(base_model=str(tiny_model_dir), rank=2, dp=_policy(), seed=3)
+    s = LoraTrainingSession.create(base_model=str(tiny_model_dir), rank=2, dp=runtime_policy(), seed=3)
     for step in range(2):
-        s.forward_backward(_data(3, seed=step), "cross_entropy")
+        s.forward_backward(runtime_data(3, seed=step), "cross_entropy")
         s.optim_step(ADAM)
     cert = s.privacy_certificate()
     assert cert.sampling_method == "client_chosen_batches" and cert.sampled_by == "client"
@@ -252,8 +197,8 @@ def test_client_chosen_certificate_is_honest(tiny_model_dir: pathlib.Path) -> No
 
 
 def test_deterministic_certificate_is_not_private(tiny_model_dir: pathlib.Path) -> None:
-    s = _session(tiny_model_dir, _policy())
-    s.forward_backward(_data(3), "cross_entropy")
+    s = runtime_session(tiny_model_dir, runtime_policy())
+    s.forward_backward(runtime_data(3), "cross_entropy")
     s.optim_step(ADAM)
     cert = s.privacy_certificate()
     assert cert.private is False and cert.epsilon is None and cert.noise_rng == "deterministic"
@@ -264,7 +209,7 @@ def test_non_private_needs_explicit_opt_in(tiny_model_dir: pathlib.Path) -> None
     with pytest.raises(DpPolicyError, match="allow_non_private"):
         LoraTrainingSession.create(base_model=str(tiny_model_dir), rank=2, dp=None)
     s = LoraTrainingSession.create(base_model=str(tiny_model_dir), rank=2, dp=None, allow_non_private=True)
-    s.forward_backward(_data(2), "cross_entropy")
+    s.forward_backward(runtime_data(2), "cross_entropy")
     s.optim_step(ADAM)
     cert = s.privacy_certificate()
     assert cert.dp_enabled is False and cert.epsilon is None and cert.steps == 1
@@ -275,18 +220,18 @@ def test_deterministic_mode_warns_loudly(
     tiny_model_dir: pathlib.Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     with caplog.at_level(logging.WARNING):
-        _session(tiny_model_dir, _policy())
+        runtime_session(tiny_model_dir, runtime_policy())
     assert "NO differential-privacy guarantee" in caplog.text
 
 
 def test_secure_mode_noise_differs_between_runs(tiny_model_dir: pathlib.Path) -> None:
     results = []
     for _ in range(2):
-        s = LoraTrainingSession.create(base_model=str(tiny_model_dir), rank=2, dp=_policy(), seed=1)
+        s = LoraTrainingSession.create(base_model=str(tiny_model_dir), rank=2, dp=runtime_policy(), seed=1)
         assert s.privacy_certificate().private
-        s.forward_backward(_data(2), "cross_entropy")
+        s.forward_backward(runtime_data(2), "cross_entropy")
         s.optim_step(ADAM)
-        results.append(_weights(s))
+        results.append(trainable_weights(s))
     assert not all(torch.equal(a, b) for a, b in zip(results[0], results[1], strict=True))
 
 
@@ -300,12 +245,12 @@ def _poisson_policy(**overrides: Any) -> DpPolicy:
         "expected_batch_size": 3,
     }
     values.update(overrides)
-    return _policy(**values)
+    return runtime_policy(**values)
 
 
 def test_server_poisson_flow(tiny_model_dir: pathlib.Path) -> None:
-    s = _session(tiny_model_dir, _poisson_policy())
-    examples = _data(12, seed=7)
+    s = runtime_session(tiny_model_dir, _poisson_policy())
+    examples = runtime_data(12, seed=7)
     with pytest.raises(SessionStateError, match="register_dataset"):
         s.forward_backward(examples[:1], "cross_entropy")
     s.register_dataset(examples)
@@ -343,8 +288,8 @@ def test_server_poisson_flow(tiny_model_dir: pathlib.Path) -> None:
 def test_server_poisson_batches_are_reproducible_in_deterministic_mode(tiny_model_dir: pathlib.Path) -> None:
     draws = []
     for _ in range(2):
-        s = _session(tiny_model_dir, _poisson_policy())
-        s.register_dataset(_data(30, seed=1))
+        s = runtime_session(tiny_model_dir, _poisson_policy())
+        s.register_dataset(runtime_data(30, seed=1))
         seq = []
         for _ in range(3):
             b = s.sample_batch()
@@ -357,11 +302,11 @@ def test_server_poisson_batches_are_reproducible_in_deterministic_mode(tiny_mode
 
 
 def test_register_dataset_checks_mode_and_size(tiny_model_dir: pathlib.Path) -> None:
-    s = _session(tiny_model_dir, _policy())
+    s = runtime_session(tiny_model_dir, runtime_policy())
     with pytest.raises(SessionStateError, match="server_poisson"):
-        s.register_dataset(_data(3))
+        s.register_dataset(runtime_data(3))
     with pytest.raises(SessionStateError):
         s.sample_batch()
-    p = _session(tiny_model_dir, _poisson_policy(dataset_size=20))
+    p = runtime_session(tiny_model_dir, _poisson_policy(dataset_size=20))
     with pytest.raises(DpPolicyError, match="dataset_size=20"):
-        p.register_dataset(_data(12))
+        p.register_dataset(runtime_data(12))

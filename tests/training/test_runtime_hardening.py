@@ -17,55 +17,14 @@ import torch
 
 from tensafe.privacy import DpSgdEvent, compute_epsilon
 from tensafe.training.runtime import (
-    AdamParams,
     BudgetExceededError,
     Datum,
-    DpPolicy,
     InvalidRequestError,
     LoraTrainingSession,
     SessionStateError,
 )
 from training._dp_helpers import ZeroNoise
-
-ADAM = AdamParams(learning_rate=1e-2)
-
-
-def _policy(**overrides: Any) -> DpPolicy:
-    values: dict[str, Any] = {
-        "target_epsilon": 50.0,
-        "delta": 1e-5,
-        "clip_norm": 0.05,
-        "noise_multiplier": 1.0,
-        "dataset_size": 1000,
-        "expected_batch_size": 4,
-    }
-    values.update(overrides)
-    return DpPolicy(**values)
-
-
-def _session(model_dir: pathlib.Path, policy: DpPolicy | None = None, **kwargs: Any) -> LoraTrainingSession:
-    kwargs.setdefault("deterministic", True)
-    s = LoraTrainingSession.create(
-        base_model=str(model_dir), rank=4, dp=policy or _policy(), seed=3, **kwargs
-    )
-    g = torch.Generator().manual_seed(2)
-    with torch.no_grad():
-        for name, p in s.model.named_parameters():
-            if p.requires_grad and "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-    return s
-
-
-def _data(n: int, *, seed: int = 0) -> list[Datum]:
-    rng = np.random.default_rng(seed)
-    out = []
-    for i in range(n):
-        length = 3 + (i % 4)
-        tokens = [int(x) for x in rng.integers(1, 300, size=length)]
-        targets = np.array([*tokens[1:], int(rng.integers(1, 300))], dtype=np.int64)
-        weights = np.ones(length, dtype=np.float32)
-        out.append(Datum(model_input=tokens, loss_fn_inputs={"target_tokens": targets, "weights": weights}))
-    return out
+from training._runtime_helpers import ADAM, capture_grads, runtime_data, runtime_policy, runtime_session
 
 
 def _reweighted(d: Datum, factor: float) -> Datum:
@@ -74,27 +33,12 @@ def _reweighted(d: Datum, factor: float) -> Datum:
     return Datum(model_input=list(d.model_input), loss_fn_inputs=inputs)
 
 
-def _grads_seen_by_optimizer(
-    s: LoraTrainingSession, monkeypatch: pytest.MonkeyPatch
-) -> list[list[torch.Tensor]]:
-    captured: list[list[torch.Tensor]] = []
-    opt = s._optimizer
-    original = opt.step
-
-    def step(*args: Any, **kwargs: Any) -> Any:
-        captured.append([p.grad.detach().clone() for p in s.model.parameters() if p.requires_grad])  # type: ignore[union-attr]
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(opt, "step", step)
-    return captured
-
-
 # ---------------------------------------------------------------- one privacy unit, once per step
 
 
 def test_duplicate_datum_within_one_request_is_refused(tiny_model_dir: pathlib.Path) -> None:
-    s = _session(tiny_model_dir)
-    a, b = _data(2)
+    s = runtime_session(tiny_model_dir, runtime_policy())
+    a, b = runtime_data(2)
     with pytest.raises(InvalidRequestError, match="datum 2 repeats the tokens and targets of datum 0"):
         s.forward_backward([a, b, a], "cross_entropy")
     # Different weights do not make it another privacy unit.
@@ -104,8 +48,8 @@ def test_duplicate_datum_within_one_request_is_refused(tiny_model_dir: pathlib.P
 
 
 def test_duplicate_datum_across_requests_of_one_step_is_refused(tiny_model_dir: pathlib.Path) -> None:
-    s = _session(tiny_model_dir)
-    a, b, c = _data(3)
+    s = runtime_session(tiny_model_dir, runtime_policy())
+    a, b, c = runtime_data(3)
     s.forward_backward([a, b], "cross_entropy")
     with pytest.raises(InvalidRequestError, match="earlier forward_backward of this optimizer step"):
         s.forward_backward([c, _reweighted(b, 0.5)], "cross_entropy")
@@ -120,12 +64,12 @@ def test_sensitivity_per_step_is_one_clip_norm(
 ) -> None:
     """The gradient sum of a step changes by at most C when one privacy unit is removed: the
     duplicate that would have doubled its influence never gets in."""
-    data = _data(4, seed=9)
+    data = runtime_data(4, seed=9)
     grads: list[list[torch.Tensor]] = []
     for batch in (data, data[1:]):
-        s = _session(tiny_model_dir)
+        s = runtime_session(tiny_model_dir, runtime_policy())
         s._dp.engine.random_source = ZeroNoise()  # type: ignore[union-attr]
-        seen = _grads_seen_by_optimizer(s, monkeypatch)
+        seen = capture_grads(s, monkeypatch)
         s.forward_backward(batch[:2], "cross_entropy")
         with pytest.raises(InvalidRequestError):
             s.forward_backward([*batch[2:], batch[0]], "cross_entropy")  # the attack: batch[0] again
@@ -142,16 +86,16 @@ def test_sensitivity_per_step_is_one_clip_norm(
 def test_failed_request_leaves_no_partial_clipped_sum(
     tiny_model_dir: pathlib.Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    good, later = _data(6, seed=1), _data(2, seed=2)
-    reference = _session(tiny_model_dir, max_microbatch_size=2)
+    good, later = runtime_data(6, seed=1), runtime_data(2, seed=2)
+    reference = runtime_session(tiny_model_dir, runtime_policy(), max_microbatch_size=2)
     reference._dp.engine.random_source = ZeroNoise()  # type: ignore[union-attr]
-    ref_grads = _grads_seen_by_optimizer(reference, monkeypatch)
+    ref_grads = capture_grads(reference, monkeypatch)
     reference.forward_backward(later, "cross_entropy")
     reference.optim_step(ADAM)
 
-    s = _session(tiny_model_dir, max_microbatch_size=2)
+    s = runtime_session(tiny_model_dir, runtime_policy(), max_microbatch_size=2)
     s._dp.engine.random_source = ZeroNoise()  # type: ignore[union-attr]
-    got = _grads_seen_by_optimizer(s, monkeypatch)
+    got = capture_grads(s, monkeypatch)
     original = s._micro_losses
     calls = {"n": 0}
 
@@ -182,12 +126,12 @@ def test_failed_request_leaves_no_partial_clipped_sum(
 def test_staged_request_commits_or_vanishes(
     tiny_model_dir: pathlib.Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    data = _data(3, seed=5)
+    data = runtime_data(3, seed=5)
     runs: list[list[torch.Tensor]] = []
     for mode in ("direct", "staged-commit", "discard-then-direct"):
-        s = _session(tiny_model_dir)
+        s = runtime_session(tiny_model_dir, runtime_policy())
         s._dp.engine.random_source = ZeroNoise()  # type: ignore[union-attr]
-        seen = _grads_seen_by_optimizer(s, monkeypatch)
+        seen = capture_grads(s, monkeypatch)
         if mode == "direct":
             s.forward_backward(data, "cross_entropy")
         elif mode == "staged-commit":
@@ -210,7 +154,7 @@ def test_non_private_request_is_atomic_too(
     s = LoraTrainingSession.create(
         base_model=str(tiny_model_dir), rank=2, dp=None, allow_non_private=True, max_microbatch_size=1
     )
-    s.forward_backward(_data(1, seed=3), "cross_entropy")
+    s.forward_backward(runtime_data(1, seed=3), "cross_entropy")
     before = [None if p.grad is None else p.grad.clone() for p in s.model.parameters() if p.requires_grad]
     original = s._micro_losses
     calls = {"n": 0}
@@ -223,7 +167,7 @@ def test_non_private_request_is_atomic_too(
 
     monkeypatch.setattr(s, "_micro_losses", flaky)
     with pytest.raises(RuntimeError):
-        s.forward_backward(_data(3, seed=4), "cross_entropy")
+        s.forward_backward(runtime_data(3, seed=4), "cross_entropy")
     after = [None if p.grad is None else p.grad for p in s.model.parameters() if p.requires_grad]
     for a, b in zip(before, after, strict=True):
         assert (a is None and b is None) or torch.equal(a, b)  # type: ignore[arg-type]
@@ -236,15 +180,15 @@ def test_sync_privacy_continues_from_the_ledger_total(tiny_model_dir: pathlib.Pa
     """A session restored from an early state, then told what the ledger holds, spends from the
     total: reloading an earlier state does not rewind the budget."""
     sigma, delta = 4.0, 1e-5
-    policy = _policy(
+    policy = runtime_policy(
         noise_multiplier=sigma,
         target_epsilon=compute_epsilon(
             accountant="rdp", noise_multiplier=sigma, sample_rate=1.0, steps=5, delta=delta
         )
         * (1 + 1e-9),
     )
-    s = _session(tiny_model_dir, policy)
-    s.forward_backward(_data(2), "cross_entropy")
+    s = runtime_session(tiny_model_dir, policy)
+    s.forward_backward(runtime_data(2), "cross_entropy")
     s.optim_step(ADAM)
     early = s.state_bytes(include_optimizer=True)
     restored = LoraTrainingSession.from_state_bytes(early, deterministic=True)
@@ -252,12 +196,12 @@ def test_sync_privacy_continues_from_the_ledger_total(tiny_model_dir: pathlib.Pa
     ledger = [DpSgdEvent(noise_multiplier=sigma, sample_rate=1.0, steps=4)]  # other runs spent 3 more
     restored.sync_privacy(ledger)
     assert restored.step_event() == DpSgdEvent(noise_multiplier=sigma, sample_rate=1.0, steps=1)
-    restored.forward_backward(_data(2, seed=1), "cross_entropy")
+    restored.forward_backward(runtime_data(2, seed=1), "cross_entropy")
     metrics = restored.optim_step(ADAM)  # the 5th step on this data: the last one the budget allows
     assert metrics["dp_epsilon:max"] == pytest.approx(
         compute_epsilon(accountant="rdp", noise_multiplier=sigma, sample_rate=1.0, steps=5, delta=delta)
     )
-    restored.forward_backward(_data(2, seed=2), "cross_entropy")
+    restored.forward_backward(runtime_data(2, seed=2), "cross_entropy")
     with pytest.raises(BudgetExceededError, match="step 6"):
         restored.optim_step(ADAM)
     cert = restored.privacy_certificate()
@@ -267,9 +211,11 @@ def test_sync_privacy_continues_from_the_ledger_total(tiny_model_dir: pathlib.Pa
 def test_sync_privacy_composes_other_mechanisms(tiny_model_dir: pathlib.Path) -> None:
     from dp_accounting import dp_event, rdp
 
-    s = LoraTrainingSession.create(base_model=str(tiny_model_dir), rank=2, dp=_policy(noise_multiplier=3.0))
+    s = LoraTrainingSession.create(
+        base_model=str(tiny_model_dir), rank=2, dp=runtime_policy(noise_multiplier=3.0)
+    )
     s.sync_privacy([DpSgdEvent(noise_multiplier=1.5, sample_rate=0.01, steps=40)])
-    s.forward_backward(_data(2), "cross_entropy")
+    s.forward_backward(runtime_data(2), "cross_entropy")
     s.optim_step(ADAM)
     cert = s.privacy_certificate()
     oracle = rdp.RdpAccountant()
@@ -283,9 +229,9 @@ def test_sync_privacy_composes_other_mechanisms(tiny_model_dir: pathlib.Path) ->
 
 
 def test_drawn_batch_survives_a_reload(tiny_model_dir: pathlib.Path) -> None:
-    policy = _policy(sampling="server_poisson", dataset_size=None, expected_batch_size=10)
-    s = _session(tiny_model_dir, policy)
-    s.register_dataset(_data(30, seed=6))
+    policy = runtime_policy(sampling="server_poisson", dataset_size=None, expected_batch_size=10)
+    s = runtime_session(tiny_model_dir, policy)
+    s.register_dataset(runtime_data(30, seed=6))
     batch = s.sample_batch()
     drawn = s.drawn_indices()
     assert drawn is not None and [tuple(d.model_input) for d in batch] == [
@@ -302,9 +248,9 @@ def test_drawn_batch_survives_a_reload(tiny_model_dir: pathlib.Path) -> None:
 
 
 def test_register_dataset_refuses_duplicate_units(tiny_model_dir: pathlib.Path) -> None:
-    policy = _policy(sampling="server_poisson", dataset_size=None, expected_batch_size=2)
-    s = _session(tiny_model_dir, policy)
-    data = _data(5, seed=2)
+    policy = runtime_policy(sampling="server_poisson", dataset_size=None, expected_batch_size=2)
+    s = runtime_session(tiny_model_dir, policy)
+    data = runtime_data(5, seed=2)
     with pytest.raises(InvalidRequestError, match="example 5 repeats the tokens and targets of example 1"):
         s.register_dataset([*data, _reweighted(data[1], 2.0)])
 
@@ -319,7 +265,7 @@ def test_deterministic_noise_comes_from_the_noise_seed_not_the_init_seed(
         s = LoraTrainingSession.create(
             base_model=str(tiny_model_dir),
             rank=2,
-            dp=_policy(),
+            dp=runtime_policy(),
             seed=seed,
             deterministic=True,
             noise_seed=noise_seed,

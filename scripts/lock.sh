@@ -10,4 +10,25 @@ cd "$(dirname "$0")/.."
 python -m pip install -q 'pip-tools>=7.5'
 python -m piptools compile --quiet --all-extras --strip-extras --allow-unsafe \
   --no-emit-index-url --no-emit-find-links --output-file requirements/constraints.txt pyproject.toml
+# The dev extra names tensafe[all]: pip-compile pins the project itself as "tensafe @ file:///<this
+# checkout>", a path that exists only here; a constraint on it breaks every other checkout.
+python - <<'PY'
+from pathlib import Path
+p = Path("requirements/constraints.txt")
+lines = p.read_text().splitlines(keepends=True)
+out, skip = [], False
+for line in lines:
+    if line.startswith("tensafe @ ") or line.startswith("tensafe=="):
+        skip = True
+        continue
+    if skip and line.startswith("    #"):
+        continue
+    skip = False
+    out.append(line)
+p.write_text("".join(out))
+PY
+if grep -q "file://" requirements/constraints.txt; then
+  echo "requirements/constraints.txt names a local path; fix scripts/lock.sh" >&2
+  exit 1
+fi
 echo "wrote requirements/constraints.txt"

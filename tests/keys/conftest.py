@@ -123,3 +123,21 @@ def legacy_wrap(provider: KekProvider, key: bytes, request: pytest.FixtureReques
         return b"\x01\x02" + bytes(kek.wrap_key(temp, mechanism=Mechanism.AES_KEY_WRAP_PAD))
     finally:
         temp.destroy()
+
+
+@pytest.fixture
+def dev_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """A development deployment of its own: no key variables, ``TS_DATA_DIR`` and ``DATABASE_URL``
+    under ``tmp_path`` (for the CLI tests, which build their key manager from the environment)."""
+    for name in (
+        "TS_ENVIRONMENT",
+        "TS_KEK_PROVIDER",
+        "TS_KEY_MASTER",
+        "TS_LOCAL_KEK_FILE",
+        "TS_ARTIFACT_DIR",
+    ):
+        monkeypatch.delenv(name, raising=False)
+    env = {"TS_DATA_DIR": str(tmp_path / "data"), "DATABASE_URL": f"sqlite:///{tmp_path / 'keys.db'}"}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    return env

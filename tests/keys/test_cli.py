@@ -15,22 +15,6 @@ from tensafe.keys import KeyManager
 from tensafe.storage import EncryptedArtifactStore, LocalFilesystemBackend
 
 
-@pytest.fixture
-def dev_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
-    for name in (
-        "TS_ENVIRONMENT",
-        "TS_KEK_PROVIDER",
-        "TS_KEY_MASTER",
-        "TS_LOCAL_KEK_FILE",
-        "TS_ARTIFACT_DIR",
-    ):
-        monkeypatch.delenv(name, raising=False)
-    env = {"TS_DATA_DIR": str(tmp_path / "data"), "DATABASE_URL": f"sqlite:///{tmp_path / 'cli.db'}"}
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)
-    return env
-
-
 def test_keys_lifecycle(dev_env: dict[str, str], capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["keys", "init"]) == 0
     out = capsys.readouterr().out

@@ -79,22 +79,6 @@ def test_the_verifying_key_is_derived_from_the_private_key(
     )
 
 
-@pytest.fixture
-def dev_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
-    for name in (
-        "TS_ENVIRONMENT",
-        "TS_KEK_PROVIDER",
-        "TS_KEY_MASTER",
-        "TS_LOCAL_KEK_FILE",
-        "TS_ARTIFACT_DIR",
-    ):
-        monkeypatch.delenv(name, raising=False)
-    env = {"TS_DATA_DIR": str(tmp_path / "data"), "DATABASE_URL": f"sqlite:///{tmp_path / 'k.db'}"}
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)
-    return env
-
-
 def test_cli_refuses_to_export_a_swapped_public_key(
     dev_env: dict[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -13,22 +13,6 @@ from tensafe.db import create_engine_from_url, ensure_tenant, make_session_facto
 from tensafe.keys import KeyManager
 
 
-@pytest.fixture
-def dev_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
-    for name in (
-        "TS_ENVIRONMENT",
-        "TS_KEK_PROVIDER",
-        "TS_KEY_MASTER",
-        "TS_LOCAL_KEK_FILE",
-        "TS_ARTIFACT_DIR",
-    ):
-        monkeypatch.delenv(name, raising=False)
-    env = {"TS_DATA_DIR": str(tmp_path / "data"), "DATABASE_URL": f"sqlite:///{tmp_path / 'k.db'}"}
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)
-    return env
-
-
 def test_exported_key_verifies_the_audit_chain(
     dev_env: dict[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -57,13 +57,25 @@ from tensafe.protocol._models import (
     WeightsInfoResponse,
     model_id_for,
 )
+from tensafe.protocol.errors import InvalidTinkerPathError, ProtocolError
+from tensafe.protocol.paths import (
+    CHECKPOINT_KINDS,
+    TINKER_PATH_PREFIX,
+    CheckpointKind,
+    CheckpointType,
+    TinkerPath,
+)
 
 __all__ = [
     "API_KEY_PREFIX",
+    "CHECKPOINT_KINDS",
+    "TINKER_PATH_PREFIX",
     "AdamParams",
     "ApiError",
     "Checkpoint",
+    "CheckpointKind",
     "CheckpointName",
+    "CheckpointType",
     "CheckpointsListResponse",
     "ClientConfigRequest",
     "CreateModelRequest",
@@ -79,6 +91,7 @@ __all__ = [
     "GetInfoRequest",
     "GetInfoResponse",
     "GetSessionResponse",
+    "InvalidTinkerPathError",
     "ListSessionsResponse",
     "LoadWeightsRequest",
     "LoraConfig",
@@ -87,6 +100,7 @@ __all__ = [
     "ModelInputChunk",
     "OptimStepRequest",
     "OptimizerConfig",
+    "ProtocolError",
     "RetrieveFutureRequest",
     "SampleRequest",
     "SamplerInfo",
@@ -97,6 +111,7 @@ __all__ = [
     "SessionHeartbeatRequest",
     "SupportedModel",
     "TelemetryRequest",
+    "TinkerPath",
     "TrainStepRequest",
     "TrainingRun",
     "TrainingRunsResponse",

@@ -237,7 +237,7 @@ def test_non_private_gradients_accumulate_across_calls(session: LoraTrainingSess
 
 
 BAD_CASES: list[tuple[str, Callable[[list[Datum]], list[Datum]], dict[str, Any] | None, str]] = [
-    ("gspo", lambda d: d, None, "unsupported loss_fn"),
+    ("custom", lambda d: d, None, "unsupported loss_fn"),
     ("cross_entropy", lambda d: [Datum(d[0].model_input, {})], None, "needs loss_fn_inputs target_tokens"),
     (
         "cross_entropy",

@@ -10,12 +10,38 @@ Notation: ``lp`` = the learner's log-probability of ``target_tokens``; ``q`` = t
 ``ppo``                ``-Σ min(r · A, clip(r, lo, hi) · A)``
 ``cispo``              ``-Σ sg(clip(r, lo, hi)) · lp · A``
 ``dro``                ``-Σ (lp · A - ½ · beta · (lp - q)²)``
+``gspo``               ``-Σ_t m_t · min(s_t · A_t, clip(s_t, lo, hi) · A_t)``
+``stable_reinforce``   ``Σ_t M_t · (-sg(min(r_t, C)) · lp_t · A_t + kl · k3_t)``
 =====================  =====================================================
 
 ``lo``/``hi`` come from ``loss_fn_config`` (``clip_low_threshold``, default 0.8;
-``clip_high_threshold``, default 1.2) or from per-token ``loss_fn_inputs`` of those names;
-``beta`` from ``loss_fn_config["beta"]`` (required). Unknown inputs or config keys are
-refused, never ignored.
+``clip_high_threshold``, default 1.2) or, except for ``gspo``, from per-token
+``loss_fn_inputs`` of those names; ``beta`` from ``loss_fn_config["beta"]`` (required).
+Unknown inputs or config keys are refused, never ignored.
+
+**gspo** (Group Sequence Policy Optimization, in its GSPO-token form). ``m`` =
+``sequence_ratio_mask`` (0 or 1 per token). The sequence-level ratio is the geometric mean
+of the token ratios over the masked tokens,
+``s = exp(Σ_t m_t · (lp_t - q_t) / Σ_t m_t)``, and each token carries
+``s_t = sg(s) · exp(lp_t - sg(lp_t))`` (its value is ``s``, its gradient ``s · ∇lp_t``).
+Clipping is PPO's, applied to the sequence ratio: ``∂loss/∂lp_t = -m_t · A_t · s`` where the
+unclipped term is the minimum (or ``s`` lies within ``[lo, hi]``), else 0. A datum without
+masked tokens has loss 0. The loss is a sum over tokens, like every Tinker loss (the paper's
+``1/|y|`` is left to the advantages or the learning rate).
+
+**stable_reinforce** (TenSafe's definition: Tinker has not published its objective). ``M`` =
+``sampled_mask``: 1 at the positions whose target is a token the sampler produced, 0 elsewhere
+(prompt positions carry no loss); ``q`` = the sampler's log-probabilities **as recorded by the
+server at sampling** (``record_stability_info``); ``C`` = ``loss_fn_config["ratio_cap"]``
+(default 2.0); ``kl`` = ``loss_fn_config["kl_coeff"]`` (default 0). REINFORCE with truncated
+importance sampling against the sampler, ``r_t = exp(lp_t - q_t)``, plus the low-variance
+unbiased estimator of ``KL(sampler ‖ learner)`` for tokens drawn from the sampler,
+``k3_t = r_t - 1 - (lp_t - q_t)``. Hence ``∂loss/∂lp_t = M_t · (-min(r_t, C) · A_t + kl · (r_t - 1))``.
+In the server, ``sampled_mask`` and ``q`` are derived from the datum's provenance spans and the
+recorded sequences (:mod:`tensafe.server.stability`); a client never sends them.
+
+Every loss is a function of one datum's own inputs only (no batch statistics), so that
+per-example clipping under DP-SGD bounds each datum's influence.
 """
 
 from __future__ import annotations
@@ -29,9 +55,27 @@ import torch
 
 from tensafe.training.runtime.errors import InvalidRequestError
 
-__all__ = ["LOSS_FUNCTIONS", "LossSpec", "compute_loss", "validate_loss_inputs"]
+__all__ = [
+    "DEFAULT_RATIO_CAP",
+    "LOSS_FUNCTIONS",
+    "LossSpec",
+    "compute_loss",
+    "validate_loss_inputs",
+]
 
-_FLOAT_INPUTS = ("weights", "logprobs", "advantages", "clip_low_threshold", "clip_high_threshold")
+_FLOAT_INPUTS = (
+    "weights",
+    "logprobs",
+    "advantages",
+    "clip_low_threshold",
+    "clip_high_threshold",
+    "sequence_ratio_mask",
+    "sampled_mask",
+)
+#: Inputs that must hold only 0 and 1.
+_MASK_INPUTS = ("sequence_ratio_mask", "sampled_mask")
+#: ``stable_reinforce``'s default truncation cap of the importance ratio.
+DEFAULT_RATIO_CAP = 2.0
 
 LossFn = Callable[[torch.Tensor, Mapping[str, torch.Tensor], Mapping[str, float]], torch.Tensor]
 
@@ -93,6 +137,32 @@ def _dro(lp: torch.Tensor, inputs: Mapping[str, torch.Tensor], config: Mapping[s
     return -(lp * inputs["advantages"] - 0.5 * beta * diff * diff)
 
 
+def _gspo(lp: torch.Tensor, inputs: Mapping[str, torch.Tensor], config: Mapping[str, float]) -> torch.Tensor:
+    mask = inputs["sequence_ratio_mask"]
+    adv = inputs["advantages"]
+    count = mask.sum()
+    log_ratio = ((lp - inputs["logprobs"]) * mask).sum() / torch.clamp(count, min=1.0)
+    seq_ratio = torch.exp(log_ratio).detach()
+    token_ratio = seq_ratio * torch.exp(lp - lp.detach())  # value s, gradient s · ∇lp_t
+    lo, hi = _thresholds({}, config)
+    return -(mask * torch.minimum(token_ratio * adv, _clip(token_ratio, lo, hi) * adv))
+
+
+def _stable_reinforce(
+    lp: torch.Tensor, inputs: Mapping[str, torch.Tensor], config: Mapping[str, float]
+) -> torch.Tensor:
+    mask = inputs["sampled_mask"]
+    diff = lp - inputs["logprobs"]
+    ratio = torch.exp(diff)
+    cap = config.get("ratio_cap", DEFAULT_RATIO_CAP)
+    weight = torch.clamp(ratio, max=cap).detach()
+    loss = -(weight * lp * inputs["advantages"])
+    kl = config.get("kl_coeff", 0.0)
+    if kl:
+        loss = loss + kl * (ratio - 1.0 - diff)
+    return mask * loss
+
+
 _RL = ("target_tokens", "logprobs", "advantages")
 _CLIP_KEYS = ("clip_low_threshold", "clip_high_threshold")
 
@@ -103,6 +173,8 @@ LOSS_FUNCTIONS: dict[str, LossSpec] = {
     "ppo": LossSpec(_RL, _CLIP_KEYS, _CLIP_KEYS, _ppo),
     "cispo": LossSpec(_RL, _CLIP_KEYS, _CLIP_KEYS, _cispo),
     "dro": LossSpec(_RL, (), ("beta",), _dro),
+    "gspo": LossSpec((*_RL, "sequence_ratio_mask"), (), _CLIP_KEYS, _gspo),
+    "stable_reinforce": LossSpec((*_RL, "sampled_mask"), (), ("kl_coeff", "ratio_cap"), _stable_reinforce),
 }
 
 
@@ -139,6 +211,10 @@ def validate_config(loss_fn: str, config: Mapping[str, object] | None) -> dict[s
         out[key] = float(value)
     if loss_fn == "dro" and "beta" not in out:
         raise InvalidRequestError("loss_fn 'dro' needs loss_fn_config['beta']")
+    if out.get("kl_coeff", 0.0) < 0:
+        raise InvalidRequestError("loss_fn_config['kl_coeff'] must be >= 0")
+    if "ratio_cap" in out and out["ratio_cap"] <= 0:
+        raise InvalidRequestError("loss_fn_config['ratio_cap'] must be > 0")
     if "clip_low_threshold" in out and "clip_high_threshold" in out:
         if out["clip_low_threshold"] > out["clip_high_threshold"]:
             raise InvalidRequestError("clip_low_threshold must not exceed clip_high_threshold")
@@ -206,6 +282,8 @@ def validate_loss_inputs(
         arr = np.ascontiguousarray(arr, dtype=np.float32)
         if not np.isfinite(arr).all():
             raise InvalidRequestError(f"{where}: {key} contains NaN or infinite values")
+        if key in _MASK_INPUTS and not np.isin(arr, (0.0, 1.0)).all():
+            raise InvalidRequestError(f"{where}: {key} must hold only 0 and 1")
         out[key] = arr
     return out
 

@@ -16,6 +16,8 @@ from typing import Any, Generic, Literal, TypeVar
 
 from tensafe.client._exceptions import APIResponseValidationError, RequestFailedError
 from tensafe.client._http import Transport
+from tensafe.client._requests import wire_body
+from tensafe.protocol import RetrieveFutureRequest
 
 __all__ = ["APIFuture", "FutureStatus", "retrieve"]
 
@@ -147,7 +149,7 @@ def retrieve(
         response = transport.request(
             "POST",
             "api/v1/retrieve_future",
-            json={"request_id": request_id, "allow_metadata_only": False},
+            json=wire_body(RetrieveFutureRequest, request_id=request_id, allow_metadata_only=False),
             headers=headers,
             timeout=_POLL_TIMEOUT_S,
             accept=(408,),

@@ -6,13 +6,20 @@ import concurrent.futures
 import contextlib
 import threading
 from collections.abc import Callable, Mapping
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from tensafe._version import __version__
 from tensafe.client._exceptions import APIError, GoneError
 from tensafe.client._futures import APIFuture
 from tensafe.client._http import Transport
-from tensafe.protocol import CreateSessionResponse
+from tensafe.client._requests import wire_body
+from tensafe.protocol import (
+    CreateSessionRequest,
+    CreateSessionResponse,
+    FinishReason,
+    FinishSessionRequest,
+    SessionHeartbeatRequest,
+)
 
 __all__ = ["Holder"]
 
@@ -62,16 +69,15 @@ class Holder:
         """The session id, creating the session on first use."""
         with self._lock:
             if self._session_id is None:
-                body: dict[str, Any] = {
-                    "tags": [],
-                    "user_metadata": self._user_metadata,
-                    "sdk_version": __version__,
-                    "type": "create_session",
-                }
-                if self._project_id is not None:
-                    body["project_id"] = self._project_id
-                if self._display_name is not None:
-                    body["display_name"] = self._display_name
+                body = wire_body(
+                    CreateSessionRequest,
+                    tags=[],
+                    user_metadata=self._user_metadata,
+                    sdk_version=__version__,
+                    project_id=self._project_id,
+                    display_name=self._display_name,
+                    type="create_session",
+                )
                 answer = self.transport.call(
                     "POST", "api/v1/create_session", CreateSessionResponse, json=body
                 )
@@ -98,7 +104,9 @@ class Holder:
                 self.transport.request(
                     "POST",
                     "api/v1/session_heartbeat",
-                    json={"session_id": self._session_id, "type": "session_heartbeat"},
+                    json=wire_body(
+                        SessionHeartbeatRequest, session_id=self._session_id, type="session_heartbeat"
+                    ),
                     timeout=10.0,
                 )
             except GoneError:
@@ -117,7 +125,12 @@ class Holder:
                     self.transport.request(
                         "POST",
                         f"api/v1/sessions/{session_id}/finish",
-                        json={"reason": {"type": reason}, "detail": None},
+                        json=wire_body(
+                            FinishSessionRequest,
+                            reason=FinishReason.model_construct(type=reason),
+                            detail=None,
+                            exclude_none=False,
+                        ),
                     )
         finally:
             self.executor.shutdown(wait=False, cancel_futures=False)

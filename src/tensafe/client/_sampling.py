@@ -10,10 +10,18 @@ from urllib.parse import quote
 from tensafe.client._exceptions import APIResponseValidationError
 from tensafe.client._futures import APIFuture, retrieve
 from tensafe.client._holder import Holder
+from tensafe.client._requests import wire_body
 from tensafe.client._tokenizer import load_tokenizer
 from tensafe.client._wire import decode_sample_response
 from tensafe.client.types import ModelInput, SampleResponse, SamplingParams
-from tensafe.protocol import UntypedFuture
+from tensafe.protocol import (
+    TINKER_PATH_PREFIX,
+    CreateSamplingSessionRequest,
+    CreateSamplingSessionResponse,
+    SampleRequest,
+    SamplerInfo,
+    UntypedFuture,
+)
 
 __all__ = ["SamplingClient", "create_sampling_client"]
 
@@ -56,19 +64,20 @@ class SamplingClient:
         """
         with self._lock:
             seq, self._seq = self._seq, self._seq + 1
-        body = {
-            "num_samples": num_samples,
-            "prompt": prompt.model_dump(mode="json"),
-            "sampling_params": sampling_params.model_dump(mode="json", exclude_none=True),
-            "sampling_session_id": self.sampling_session_id,
-            "seq_id": seq,
-            "prompt_logprobs": include_prompt_logprobs,
-            "topk_prompt_logprobs": topk_prompt_logprobs,
-            "topk_sample_logprobs": topk_sample_logprobs,
-            "prompt_alt_tokens_k": 0,
-            "record_stability_info": False,
-            "type": "sample",
-        }
+        body = wire_body(
+            SampleRequest,
+            num_samples=num_samples,
+            prompt=prompt,
+            sampling_params=sampling_params,
+            sampling_session_id=self.sampling_session_id,
+            seq_id=seq,
+            prompt_logprobs=include_prompt_logprobs,
+            topk_prompt_logprobs=topk_prompt_logprobs,
+            topk_sample_logprobs=topk_sample_logprobs,
+            prompt_alt_tokens_k=0,
+            record_stability_info=False,
+            type="sample",
+        )
         transport = self._holder.transport
         answer = transport.call(
             "POST",
@@ -153,20 +162,21 @@ def create_sampling_client(
     """Open a sampling session on saved sampler weights or on a base model."""
     if model_path is None and base_model is None:
         raise ValueError("pass model_path (tinker://...) or base_model")
-    if model_path is not None and not model_path.startswith("tinker://"):
+    if model_path is not None and not model_path.startswith(TINKER_PATH_PREFIX):
         raise ValueError("model_path must be a tinker:// path")
-    body: dict[str, Any] = {
-        "session_id": holder.session_id,
-        "sampling_session_seq_id": holder.next_sampler_seq(),
-        "type": "create_sampling_session",
-    }
-    if model_path is not None:
-        body["model_path"] = model_path
-    if base_model is not None:
-        body["base_model"] = base_model
-    answer = holder.transport.request("POST", "api/v1/create_sampling_session", json=body).json()
-    session_id = str(answer["sampling_session_id"])
+    body = wire_body(
+        CreateSamplingSessionRequest,
+        session_id=holder.session_id,
+        sampling_session_seq_id=holder.next_sampler_seq(),
+        model_path=model_path,
+        base_model=base_model,
+        type="create_sampling_session",
+    )
+    answer = holder.transport.call(
+        "POST", "api/v1/create_sampling_session", CreateSamplingSessionResponse, json=body
+    )
+    session_id = answer.sampling_session_id
     if base_model is None:
-        sampler = holder.transport.request("GET", f"api/v1/samplers/{quote(session_id, safe=':')}").json()
-        base_model = str(sampler["base_model"])
+        sampler = holder.transport.call("GET", f"api/v1/samplers/{quote(session_id, safe=':')}", SamplerInfo)
+        base_model = sampler.base_model
     return SamplingClient(holder, session_id, base_model=base_model, model_path=model_path)

@@ -53,6 +53,8 @@ def encode_forward_backward_request(
     for datum in data:
         d = msg.data.add()
         for chunk in datum.model_input.chunks:
+            if chunk.type != "encoded_text":
+                raise ValueError(f"{chunk.type} chunks cannot be trained on: TenSafe serves text models only")
             d.model_input.add().encoded_text.tokens = np.asarray(chunk.tokens, dtype="<i4").tobytes()
         for name, tensor in datum.loss_fn_inputs.items():
             arr = tensor.to_numpy()

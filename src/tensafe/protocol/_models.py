@@ -1,11 +1,21 @@
-"""Pydantic models of the JSON bodies exchanged with the ``tinker==0.38.0`` SDK."""
+"""Pydantic models of the JSON bodies exchanged with the ``tinker==0.38.0`` SDK.
+
+Requests derive from :class:`~tensafe.protocol._base.WireRequest` (strict, frozen), answers
+and future results from :class:`~tensafe.protocol._base.WireResponse`; the SDK parses
+every answer with :func:`~tensafe.protocol._base.parse_lenient`. Prompts and training
+data are in :mod:`tensafe.protocol._data`.
+"""
 
 from __future__ import annotations
 
 import datetime as _dt
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import ConfigDict, Field, StringConstraints
+
+from tensafe.protocol._base import WireRequest, WireResponse
+from tensafe.protocol._data import ModelInput, TensorData
+from tensafe.protocol.paths import CheckpointType, TinkerPath
 
 __all__ = [
     "API_KEY_PREFIX",
@@ -24,29 +34,40 @@ __all__ = [
     "Cursor",
     "FinishReason",
     "FinishSessionRequest",
+    "ForwardBackwardOutput",
     "FutureFailed",
     "GetInfoRequest",
     "GetInfoResponse",
+    "GetSamplerResponse",
     "GetSessionResponse",
     "ListSessionsResponse",
     "LoadWeightsRequest",
+    "LoadWeightsResponse",
     "LoraConfig",
     "ModelData",
     "ModelInputBody",
-    "ModelInputChunk",
     "OptimStepRequest",
+    "OptimStepResponse",
     "OptimizerConfig",
+    "ParsedCheckpointTinkerPath",
+    "RegisterDatasetResponse",
     "RetrieveFutureRequest",
     "SampleRequest",
+    "SampleResponse",
+    "SampledSequence",
     "SamplerInfo",
     "SamplingParams",
+    "SaveWeightsExternalResponse",
     "SaveWeightsForSamplerRequest",
+    "SaveWeightsForSamplerResponse",
     "SaveWeightsRequest",
+    "SaveWeightsResponse",
     "ServerCapabilities",
     "SessionHeartbeatRequest",
     "SupportedModel",
     "TelemetryRequest",
     "TrainStepRequest",
+    "TrainStepResponse",
     "TrainingRun",
     "TrainingRunsResponse",
     "TryAgain",
@@ -76,16 +97,8 @@ def model_id_for(session_id: str, model_seq_id: int) -> str:
     return f"{session_id}:train:{model_seq_id}"
 
 
-class _Request(BaseModel):
-    """Strict request body: unknown fields are refused, the input is not mutated."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
-
-
-class _Response(BaseModel):
-    """Tolerant response body: unknown fields are ignored when a client parses it."""
-
-    model_config = ConfigDict(extra="ignore", protected_namespaces=())
+_Request = WireRequest
+_Response = WireResponse
 
 
 # --------------------------------------------------------------------------- bootstrap
@@ -325,7 +338,7 @@ class Checkpoint(_Response):
     """A saved state or sampler snapshot, addressed by its ``tinker://`` path."""
 
     checkpoint_id: str
-    checkpoint_type: Literal["training", "sampler", "external"]
+    checkpoint_type: CheckpointType
     time: _dt.datetime
     tinker_path: str
     size_bytes: int | None = None
@@ -384,7 +397,7 @@ class GetSessionResponse(_Response):
 CheckpointName = Annotated[
     str, StringConstraints(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 ]
-TinkerPath = Annotated[str, StringConstraints(min_length=1, max_length=700)]
+TinkerPathText = Annotated[str, StringConstraints(min_length=1, max_length=700)]
 TtlSeconds = Annotated[int, Field(ge=3600, le=10 * 366 * 86400)]
 
 
@@ -422,7 +435,7 @@ class LoadWeightsRequest(_Request):
     model_seq_id: SeqId | None = None
     base_model: Annotated[str, StringConstraints(max_length=500)] | None = None
     user_metadata: dict[str, Any] | None = None
-    path: TinkerPath
+    path: TinkerPathText
     optimizer: bool
     optimizer_config: OptimizerConfig | None = None
     weights_access_token: Annotated[str, StringConstraints(max_length=4000)] | None = None
@@ -435,7 +448,7 @@ class CreateSamplingSessionRequest(_Request):
     session_id: Ident
     sampling_session_seq_id: SeqId
     base_model: Annotated[str, StringConstraints(max_length=500)] | None = None
-    model_path: TinkerPath | None = None
+    model_path: TinkerPathText | None = None
     type: Literal["create_sampling_session"] | None = None
 
 
@@ -447,34 +460,28 @@ class CreateSamplingSessionResponse(_Response):
 
 
 class SamplerInfo(_Response):
-    """``GET /samplers/{id}``."""
+    """``GET /samplers/{id}`` (the SDK's ``GetSamplerResponse``).
+
+    ``sampler_id`` is the sampling session id (``<session>:sample:<n>``); ``model_path`` the
+    ``tinker://`` path of the sampler weights, or ``None`` for a sampler on the base model
+    or on an ephemeral snapshot.
+    """
 
     sampler_id: str
     base_model: str
     model_path: str | None = None
 
 
-class ModelInputChunk(_Request):
-    """A prompt chunk; only ``encoded_text`` is meaningful for text models."""
-
-    type: Literal["encoded_text", "image", "image_asset_pointer", "audio"] = "encoded_text"
-    tokens: list[Annotated[int, Field(ge=0, le=2**31 - 1)]] = Field(
-        default_factory=list, max_length=1_000_000
-    )
-    data: Any = None
-    format: Any = None
-    location: Any = None
-    expected_tokens: Any = None
-
-
-class ModelInputBody(_Request):
-    """A prompt: a list of chunks."""
-
-    chunks: list[ModelInputChunk] = Field(max_length=10_000)
+#: The prompt of ``/asample`` (the SDK's ``ModelInput``; the server's historical name).
+ModelInputBody = ModelInput
 
 
 class SamplingParams(_Request):
-    """Tinker's sampling parameters."""
+    """Sampling settings, sent as JSON (``None`` fields are omitted).
+
+    ``stop`` is a string, a list of strings or a list of token ids; ``None`` stops at EOS and
+    ``[]`` never stops early.
+    """
 
     max_tokens: Annotated[int, Field(ge=1, le=1_000_000)] | None = None
     seed: Annotated[int, Field(ge=0, le=2**63 - 1)] | None = None
@@ -491,7 +498,7 @@ class SampleRequest(_Request):
     prompt: ModelInputBody
     sampling_params: SamplingParams
     base_model: Annotated[str, StringConstraints(max_length=500)] | None = None
-    model_path: TinkerPath | None = None
+    model_path: TinkerPathText | None = None
     sampling_session_id: Ident | None = None
     seq_id: Annotated[int, Field(ge=0, le=2**62)] | None = None
     prompt_logprobs: bool | None = None
@@ -507,7 +514,7 @@ class SampleRequest(_Request):
 class WeightsInfoRequest(_Request):
     """``POST /weights_info``."""
 
-    tinker_path: TinkerPath
+    tinker_path: TinkerPathText
     type: str | None = None
 
 
@@ -521,3 +528,126 @@ class WeightsInfoResponse(_Response):
     train_mlp: bool | None = None
     train_attn: bool | None = None
     optimizer_config: dict[str, Any] | None = None
+
+
+#: ``GET /samplers/{id}`` under the Tinker SDK's name.
+GetSamplerResponse = SamplerInfo
+
+
+# --------------------------------------------------------------------------- future results
+
+
+class SaveWeightsResponse(_Response):
+    """Result of ``save_state``: ``path`` is ``tinker://<run id>/weights/<name>``."""
+
+    path: str
+    type: Literal["save_weights"] | None = None
+
+
+class SaveWeightsForSamplerResponse(_Response):
+    """Result of ``save_weights_for_sampler``: ``path`` (named) or ``sampling_session_id`` (ephemeral)."""
+
+    path: str | None = None
+    sampling_session_id: str | None = None
+    type: Literal["save_weights_for_sampler"] | None = None
+
+
+class SaveWeightsExternalResponse(_Response):
+    """Result of ``save_weights_external``: ``path`` is ``tinker://<run id>/external_weights/<name>``.
+
+    ``size_bytes`` (a TenSafe addition, optional on the wire) is the total size of the
+    exported files.
+    """
+
+    path: str
+    size_bytes: int | None = None
+    type: Literal["save_weights_external"] | None = None
+
+
+class LoadWeightsResponse(_Response):
+    """Result of ``load_weights``: the loaded path and the model it was loaded into."""
+
+    path: str | None = None
+    model_id: str | None = None
+    type: Literal["load_weights"] | None = None
+
+
+class OptimStepResponse(_Response):
+    """Result of ``optim_step``: metrics of the step (``name:reduction`` keys), if any."""
+
+    metrics: dict[str, float] | None = None
+
+
+class RegisterDatasetResponse(_Response):
+    """Result of ``register_dataset``: the registered data set's size ``N`` (privacy units)."""
+
+    dataset_size: int
+
+
+class TrainStepResponse(_Response):
+    """Result of ``train_step``: what one server-sampled step released.
+
+    ``metrics`` holds ``grad_norm:mean`` (of the noisy gradient), ``learning_rate:mean`` and
+    ``dp_epsilon:max``. The drawn batch's size and loss are not returned: they are
+    statistics of the private batch, not covered by the DP guarantee.
+    """
+
+    metrics: dict[str, float] | None = None
+
+
+class ForwardBackwardOutput(_Response):
+    """Result of ``forward``/``forward_backward`` (decoded from protobuf by the SDK).
+
+    ``loss_fn_outputs[i]["logprobs"]`` holds datum ``i``'s target logprobs; metric keys look
+    like ``name:reduction`` (``loss:sum``).
+    """
+
+    loss_fn_output_type: str = ""
+    loss_fn_outputs: list[dict[str, TensorData]] = Field(default_factory=list)
+    metrics: dict[str, float] = Field(default_factory=dict)
+
+
+class SampledSequence(_Response):
+    """Tokens, their logprobs, and why sampling stopped (``stop`` or ``length``)."""
+
+    stop_reason: Literal["stop", "length"]
+    tokens: list[int]
+    logprobs: list[float] | None = None
+    sequence_id: str | None = None
+
+
+class SampleResponse(_Response):
+    """Result of ``/asample`` (decoded from protobuf by the SDK): sequences and, when asked
+    for, the prompt's logprobs (``None`` at position 0)."""
+
+    sequences: list[SampledSequence]
+    prompt_logprobs: list[float | None] | None = None
+
+
+class ParsedCheckpointTinkerPath(_Response):
+    """A parsed checkpoint path, as the Tinker SDK names its parts (see :class:`TinkerPath`).
+
+    ``checkpoint_id`` is ``<kind>/<name>`` (e.g. ``weights/final``).
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    tinker_path: str
+    training_run_id: str
+    checkpoint_type: CheckpointType
+    checkpoint_id: str
+
+    @classmethod
+    def from_tinker_path(cls, tinker_path: str) -> ParsedCheckpointTinkerPath:
+        """Parse ``tinker://<run>/<kind>/<name>`` with :meth:`TinkerPath.parse`.
+
+        Raises:
+            InvalidTinkerPathError: (a ``ValueError``) The path does not have that form.
+        """
+        path = TinkerPath.parse(tinker_path)
+        return cls(
+            tinker_path=str(path),
+            training_run_id=path.run_id,
+            checkpoint_type=path.checkpoint_type,
+            checkpoint_id=path.checkpoint_id,
+        )

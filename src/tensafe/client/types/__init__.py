@@ -1,8 +1,10 @@
 """Wire types of the TenSafe SDK, one module per type (names as in the Tinker SDK).
 
-Requests are strict (frozen, unknown fields refused); responses are tolerant (unknown
-fields ignored). The REST and model-info responses are the server's own models from
-:mod:`tensafe.protocol`.
+Nothing is defined here: every name is the one definition in :mod:`tensafe.protocol`,
+re-exported so that ``from tensafe.client import types`` keeps working. The SDK parses
+answers leniently (unknown fields ignored, :func:`tensafe.protocol.parse_lenient`); what
+it sends is validated strictly by the server. The TenSafe audit, artifact and privacy
+models move to the protocol with the server's routes.
 """
 
 from __future__ import annotations

@@ -1,19 +1,13 @@
-"""Base classes of the SDK's wire types: strict requests, tolerant responses."""
+"""Base classes of the SDK's remaining TenSafe-route types: the protocol's own (one definition).
+
+``RequestModel`` is :class:`tensafe.protocol.WireRequest` and ``ResponseModel``
+:class:`tensafe.protocol.WireResponse`; the SDK parses answers with
+:func:`tensafe.protocol.parse_lenient`.
+"""
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict
+from tensafe.protocol import WireRequest as RequestModel
+from tensafe.protocol import WireResponse as ResponseModel
 
 __all__ = ["RequestModel", "ResponseModel"]
-
-
-class RequestModel(BaseModel):
-    """What the SDK sends: frozen, unknown fields refused."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
-
-
-class ResponseModel(BaseModel):
-    """What the server answers: unknown fields ignored, so newer servers stay compatible."""
-
-    model_config = ConfigDict(extra="ignore", protected_namespaces=())

@@ -1,19 +1,7 @@
-"""``GetSamplerResponse``: a sampling session's base model and weights path."""
+"""``GetSamplerResponse``: re-exported from :mod:`tensafe.protocol` (one definition)."""
 
 from __future__ import annotations
 
-from tensafe.client.types._base import ResponseModel
+from tensafe.protocol import GetSamplerResponse
 
 __all__ = ["GetSamplerResponse"]
-
-
-class GetSamplerResponse(ResponseModel):
-    """``sampler_id`` is the sampling session id (``<session>:sample:<n>``).
-
-    ``model_path`` is the ``tinker://`` path of the sampler weights, or ``None`` for a
-    sampler on the base model or on an ephemeral snapshot.
-    """
-
-    sampler_id: str
-    base_model: str
-    model_path: str | None = None

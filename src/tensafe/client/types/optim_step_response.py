@@ -1,13 +1,7 @@
-"""``OptimStepResponse``: the result of an optimizer step."""
+"""``OptimStepResponse``: re-exported from :mod:`tensafe.protocol` (one definition)."""
 
 from __future__ import annotations
 
-from tensafe.client.types._base import ResponseModel
+from tensafe.protocol import OptimStepResponse
 
 __all__ = ["OptimStepResponse"]
-
-
-class OptimStepResponse(ResponseModel):
-    """Metrics of the step (``name:reduction`` keys), when the server reports any."""
-
-    metrics: dict[str, float] | None = None

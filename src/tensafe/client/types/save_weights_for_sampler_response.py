@@ -1,14 +1,7 @@
-"""``SaveWeightsForSamplerResponse``: where sampler weights were stored."""
+"""``SaveWeightsForSamplerResponse``: re-exported from :mod:`tensafe.protocol` (one definition)."""
 
 from __future__ import annotations
 
-from tensafe.client.types._base import ResponseModel
+from tensafe.protocol import SaveWeightsForSamplerResponse
 
 __all__ = ["SaveWeightsForSamplerResponse"]
-
-
-class SaveWeightsForSamplerResponse(ResponseModel):
-    """``path`` (named snapshot) or ``sampling_session_id`` (ephemeral snapshot)."""
-
-    path: str | None = None
-    sampling_session_id: str | None = None

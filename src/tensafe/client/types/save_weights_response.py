@@ -1,13 +1,7 @@
-"""``SaveWeightsResponse``: where ``save_state`` stored the training state."""
+"""``SaveWeightsResponse``: re-exported from :mod:`tensafe.protocol` (one definition)."""
 
 from __future__ import annotations
 
-from tensafe.client.types._base import ResponseModel
+from tensafe.protocol import SaveWeightsResponse
 
 __all__ = ["SaveWeightsResponse"]
-
-
-class SaveWeightsResponse(ResponseModel):
-    """``path`` is ``tinker://<run id>/weights/<name>``."""
-
-    path: str

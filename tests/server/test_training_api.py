@@ -295,7 +295,6 @@ def test_unsupported_sampling_knobs_are_user_errors(loose_server: LiveServer, se
         for knob, value in [
             ("topk_sample_logprobs", 3),
             ("prompt_alt_tokens_k", 2),
-            ("record_stability_info", True),
         ]:
             r = http.post("/api/v1/asample", json=body | {knob: value})
             assert r.status_code == 400 and knob in r.json()["detail"]

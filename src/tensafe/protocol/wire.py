@@ -25,6 +25,7 @@ __all__ = [
     "ForwardBackwardRequest",
     "WireDatum",
     "WireFormatError",
+    "WireSpan",
     "decode_forward_backward_request",
     "encode_forward_backward_output",
     "encode_sample_response",
@@ -243,16 +244,39 @@ _MAX_ELEMENTS = 16 * 1024 * 1024
 
 
 @dataclass(frozen=True)
+class WireSpan:
+    """A provenance span: ``length`` positions are ``[offset, offset + length)`` of a recorded sequence.
+
+    Attributes:
+        kind: ``"prompt"`` (the named sequence's sampling prompt) or ``"sampled"`` (its
+            sampled tokens).
+        sequence_id: A ``sample_sequence_ids`` entry of an ``asample`` answer.
+        offset: First position within the prompt or the sampled tokens (>= 0).
+        length: Number of positions (>= 0).
+    """
+
+    kind: str
+    sequence_id: str
+    offset: int
+    length: int
+
+
+@dataclass(frozen=True)
 class WireDatum:
     """One datum of a forward/backward request.
 
     Attributes:
         tokens: The model input: every ``encoded_text`` chunk concatenated (int64).
         loss_fn_inputs: Dense arrays (``target_tokens`` int64, ``weights`` float32, ...).
+        model_input_spans: Provenance runs tiling ``tokens`` (None: the datum has none).
+        loss_fn_input_spans: Provenance runs tiling the rows of ``target_tokens``; present
+            exactly when ``model_input_spans`` is.
     """
 
     tokens: np.ndarray
     loss_fn_inputs: Mapping[str, np.ndarray]
+    model_input_spans: tuple[WireSpan, ...] | None = None
+    loss_fn_input_spans: tuple[WireSpan, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -314,6 +338,59 @@ def _tensor(t: Any, what: str) -> np.ndarray:
     return values.reshape(shape)
 
 
+#: Longest ``sequence_id`` a provenance span may name.
+_MAX_SEQUENCE_ID = 300
+
+
+def _spans(raw: Any, what: str) -> tuple[WireSpan, ...]:
+    out = []
+    for j, span in enumerate(raw):
+        kind = span.WhichOneof("span")
+        if kind is None:
+            raise WireFormatError(f"{what} span {j}: neither prompt_tokens nor sampled_tokens")
+        arm = getattr(span, kind)
+        if not arm.sequence_id or len(arm.sequence_id) > _MAX_SEQUENCE_ID:
+            raise WireFormatError(f"{what} span {j}: sequence_id must be 1 to {_MAX_SEQUENCE_ID} characters")
+        if arm.offset < 0 or arm.length < 0:
+            raise WireFormatError(f"{what} span {j}: offset and length must be >= 0")
+        out.append(
+            WireSpan(
+                kind="prompt" if kind == "prompt_tokens" else "sampled",
+                sequence_id=arm.sequence_id,
+                offset=int(arm.offset),
+                length=int(arm.length),
+            )
+        )
+    return tuple(out)
+
+
+def _provenance(
+    datum: Any, index: int, length: int, targets: np.ndarray | None
+) -> tuple[tuple[WireSpan, ...] | None, tuple[WireSpan, ...] | None]:
+    """The datum's provenance spans, checked to come as a pair and to tile their fields."""
+    if not datum.model_input_spans and not datum.loss_fn_input_spans:
+        return None, None
+    where = f"datum {index}"
+    if not datum.model_input_spans or not datum.loss_fn_input_spans:
+        raise WireFormatError(
+            f"{where}: model_input_spans and loss_fn_input_spans come as a pair: set both or neither"
+        )
+    model = _spans(datum.model_input_spans, f"{where} model_input_spans")
+    loss = _spans(datum.loss_fn_input_spans, f"{where} loss_fn_input_spans")
+    if sum(s.length for s in model) != length:
+        raise WireFormatError(
+            f"{where}: model_input_spans cover {sum(s.length for s in model)} positions but model_input "
+            f"has {length}; the spans must tile it exactly"
+        )
+    rows = None if targets is None or targets.ndim == 0 else int(targets.shape[0])
+    if rows is not None and sum(s.length for s in loss) != rows:
+        raise WireFormatError(
+            f"{where}: loss_fn_input_spans cover {sum(s.length for s in loss)} positions but target_tokens "
+            f"has {rows}; the spans must tile it exactly"
+        )
+    return model, loss
+
+
 def decode_forward_backward_request(
     body: bytes, *, content_encoding: str | None = None, max_datums: int = _MAX_DATUMS
 ) -> ForwardBackwardRequest:
@@ -350,7 +427,15 @@ def decode_forward_backward_request(
         if tokens.size and tokens.min() < 0:
             raise WireFormatError(f"datum {i}: negative token id")
         inputs = {name: _tensor(t, f"datum {i} {name}") for name, t in datum.loss_fn_inputs.items()}
-        data.append(WireDatum(tokens=tokens, loss_fn_inputs=inputs))
+        model_spans, loss_spans = _provenance(datum, i, len(tokens), inputs.get("target_tokens"))
+        data.append(
+            WireDatum(
+                tokens=tokens,
+                loss_fn_inputs=inputs,
+                model_input_spans=model_spans,
+                loss_fn_input_spans=loss_spans,
+            )
+        )
     return ForwardBackwardRequest(
         model_id=msg.model_id,
         seq_id=int(msg.seq_id),

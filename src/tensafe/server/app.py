@@ -834,6 +834,7 @@ def create_app(
             "sampling_params": body.sampling_params.model_dump(mode="json", exclude_none=True),
             "prompt_logprobs": bool(body.prompt_logprobs),
             "topk_prompt_logprobs": body.topk_prompt_logprobs,
+            **({"record_stability_info": True} if body.record_stability_info else {}),
         }
         data = json.dumps(tokens).encode()
         staged = stage_payload(services, who.tenant, data)  # also creates the tenant's key if needed

@@ -78,6 +78,13 @@ from tensafe.server.ledger import (
 )
 from tensafe.server.models import FutureRow, SamplingSessionRow, TrainingCheckpoint, TrainingModel
 from tensafe.server.privacy import EffectivePolicy
+from tensafe.server.stability import (
+    SERVER_DERIVED_INPUTS,
+    refresh_records,
+    resolve_provenance,
+    seal_records,
+    store_records,
+)
 from tensafe.training._heap import settle_heap
 
 __all__ = ["MAX_DATASET_SIZE", "ComputeOps", "default_registry", "parse_tinker_path"]
@@ -93,7 +100,6 @@ _UNSUPPORTED_SAMPLE_KNOBS = (
     "prompt_alt_tokens_k",
     "prompt_logprobs_last_n",
     "target_prompt_logprobs",
-    "record_stability_info",
 )
 #: ``max_tokens`` when the client sends none.
 DEFAULT_MAX_TOKENS = 64
@@ -554,9 +560,14 @@ class ComputeOps:
         loaded = self._training_session(ctx)
         assert ctx.payload_bytes is not None
         req = decode_forward_backward_request(ctx.payload_bytes)
+        # Provenance spans are checked against the sequences recorded at sampling; for
+        # stable_reinforce the recorded sampler logprobs replace the client's.
+        inputs, used = resolve_provenance(
+            ctx.services.reads, ctx.services.store, tenant=ctx.tenant, loss_fn=req.loss_fn, data=req.data
+        )
         data = [
-            Datum(model_input=[int(t) for t in d.tokens], loss_fn_inputs=dict(d.loss_fn_inputs))
-            for d in req.data
+            Datum(model_input=[int(t) for t in d.tokens], loss_fn_inputs=x)
+            for d, x in zip(req.data, inputs, strict=True)
         ]
         config = {str(k): v for k, v in req.loss_fn_config.items()} or None
         if not backward:
@@ -575,9 +586,11 @@ class ComputeOps:
                 staged.discard()
             raise
         self._finish(ctx, loaded)
+        tenant = ctx.tenant
         return JobResult(
             data=body,
             content_type="application/x-protobuf",
+            apply=(lambda db: refresh_records(db, tenant=tenant, ids=used)) if used else None,
             details={"loss_fn": req.loss_fn, "num_datums": len(data)},
             after_commit=None if staged is None else staged.commit,
             on_abort=None if staged is None else staged.discard,
@@ -711,6 +724,13 @@ class ComputeOps:
         loaded = self._training_session(ctx)
         assert ctx.payload_bytes is not None
         req = decode_forward_backward_request(ctx.payload_bytes, max_datums=MAX_DATASET_SIZE)
+        derived = set(SERVER_DERIVED_INPUTS)
+        if any(d.model_input_spans is not None or derived & set(d.loss_fn_inputs) for d in req.data):
+            raise JobFailedError(
+                "a registered data set cannot carry provenance spans or sampled_mask (stable_reinforce "
+                "runs through forward_backward on recorded samples)",
+                category="user",
+            )
         data = [
             Datum(model_input=[int(t) for t in d.tokens], loss_fn_inputs=dict(d.loss_fn_inputs))
             for d in req.data
@@ -748,6 +768,11 @@ class ComputeOps:
         session = loaded.session
         adam = AdamParams(**dict(ctx.payload["adam_params"]))
         loss_fn = str(ctx.payload["loss_fn"])
+        if loss_fn == "stable_reinforce":
+            raise JobFailedError(
+                "stable_reinforce needs sequences recorded at sampling: use forward_backward, not train_step",
+                category="user",
+            )
         config = ctx.payload.get("loss_fn_config") or None
         step_index = int(session.step)
         self.sync_ledger(ctx, row, session)
@@ -1013,8 +1038,9 @@ class ComputeOps:
         p = ctx.payload
         sampler = self._sampler(ctx, str(p["sampling_session_id"]))
         params = dict(p.get("sampling_params") or {})
+        prompt = [int(t) for t in json.loads(ctx.payload_bytes or b"[]")]
         result = sampler.sample(
-            [int(t) for t in json.loads(ctx.payload_bytes or b"[]")],
+            prompt,
             max_tokens=int(params.get("max_tokens") or DEFAULT_MAX_TOKENS),
             temperature=float(params.get("temperature", 1.0)),
             top_k=int(params.get("top_k", -1)),
@@ -1029,9 +1055,27 @@ class ComputeOps:
             [(s.tokens, s.logprobs, s.stop_reason) for s in result.sequences],
             prompt_logprobs=result.prompt_logprobs,
         )
+        apply = None
+        if p.get("record_stability_info"):
+            # Recorded in the transaction that completes the future: the records always
+            # describe the result the client receives (see tensafe.server.stability).
+            sampler_id, tenant = str(p["sampling_session_id"]), ctx.tenant
+            sealed = seal_records(
+                ctx.services.store,
+                tenant,
+                sampling_session_id=sampler_id,
+                seq_id=int(p["seq_id"]),
+                prompt=prompt,
+                sequences=[(s.tokens, s.logprobs) for s in result.sequences],
+            )
+
+            def apply(db: Session) -> None:
+                store_records(db, tenant=tenant, sampling_session_id=sampler_id, sealed=sealed)
+
         return JobResult(
             data=body,
             content_type="application/x-protobuf",
+            apply=apply,
             details={"sampling_session_id": p["sampling_session_id"], "num_samples": len(result.sequences)},
         )
 

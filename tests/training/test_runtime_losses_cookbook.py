@@ -76,7 +76,9 @@ def _sr_ref(
     return total, grad
 
 
-def _ours(loss_fn: str, lp: list[float], inputs: dict[str, np.ndarray], config: dict[str, float]) -> tuple[float, list[float]]:
+def _ours(
+    loss_fn: str, lp: list[float], inputs: dict[str, np.ndarray], config: dict[str, float]
+) -> tuple[float, list[float]]:
     n = len(lp)
     checked = validate_loss_inputs(
         loss_fn, {"target_tokens": np.zeros(n, dtype=np.int64), **inputs}, length=n, vocab_size=10, index=0
@@ -258,7 +260,9 @@ def test_bad_inputs_and_config_are_refused(
 
 @pytest.fixture(scope="module")
 def session(tiny_model_dir: pathlib.Path) -> LoraTrainingSession:
-    s = LoraTrainingSession.create(base_model=str(tiny_model_dir), rank=4, dp=None, seed=0, allow_non_private=True)
+    s = LoraTrainingSession.create(
+        base_model=str(tiny_model_dir), rank=4, dp=None, seed=0, allow_non_private=True
+    )
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for name, p in s.model.named_parameters():
@@ -276,7 +280,9 @@ def _true_logprobs(model: object, tokens: list[int], targets: np.ndarray) -> lis
 
 
 @pytest.mark.parametrize("loss_fn", ["gspo", "stable_reinforce"])
-def test_session_forward_matches_the_reference_on_the_model(session: LoraTrainingSession, loss_fn: str) -> None:
+def test_session_forward_matches_the_reference_on_the_model(
+    session: LoraTrainingSession, loss_fn: str
+) -> None:
     rng = np.random.default_rng(7)
     vocab = session.model.config.vocab_size
     data, expected = [], 0.0

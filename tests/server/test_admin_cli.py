@@ -62,7 +62,7 @@ def test_cli_tenant_and_key_lifecycle(migrated_database_url: str, capsys: pytest
     engine.dispose()
 
 
-def test_cli_errors_are_tensafe_errors(migrated_database_url: str, tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_cli_errors_are_tensafe_errors(migrated_database_url: str, tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(TenantAdminError, match="unknown tenant"):
         _run(migrated_database_url, "create-api-key", "--tenant", "nope")
     _run(migrated_database_url, "create-tenant", "acme")
@@ -72,6 +72,8 @@ def test_cli_errors_are_tensafe_errors(migrated_database_url: str, tmp_path) -> 
         _run(migrated_database_url, "create-tenant", "Bad Name")
     with pytest.raises(TenantAdminError, match="positive"):
         _run(migrated_database_url, "create-api-key", "--tenant", "acme", "--expires-in-days", "0")
+    # Production: an unmigrated database is refused (development's embedded SQLite creates its schema).
+    monkeypatch.setenv("TS_ENVIRONMENT", "production")
     with pytest.raises(TenSafeError, match="tensafe db upgrade"):
         _run(f"sqlite:///{tmp_path / 'empty.db'}", "list-tenants")
 

@@ -35,7 +35,9 @@ def test_tensafe_server_serves_and_refuses_an_unmigrated_database(
         "TS_DATA_DIR": str(tmp_path / "data"),
         "TS_SERVER_MODELS": f"tiny={tiny_model_dir}",
     }
-    refused = subprocess.run(_tensafe("server"), env=env, capture_output=True, text=True, timeout=120)
+    # Production never migrates implicitly (in development the embedded SQLite file would be).
+    production = env | {"TS_ENVIRONMENT": "production"}
+    refused = subprocess.run(_tensafe("server"), env=production, capture_output=True, text=True, timeout=120)
     assert refused.returncode == 2 and "tensafe db upgrade" in refused.stderr
     assert "Traceback" not in refused.stderr
     upgrade(env["DATABASE_URL"])

@@ -6,9 +6,9 @@ training commands therefore open the same key as the API server, through
 :meth:`tensafe.keys.KeyManager.from_environment` (``TS_*`` settings and ``DATABASE_URL``;
 docs/security/keys.md). On a new machine the embedded defaults apply: SQLite at
 ``sqlite:///./tensafe.db`` and, in development, a local KEK created under ``TS_DATA_DIR``.
-A SQLite database is migrated here when it was never migrated (a new file) or when it is the
-default ``./tensafe.db``; any other database must be migrated by its operator
-(``tensafe db upgrade``), and an unmigrated one fails closed.
+The embedded default (a SQLite file in development mode) is migrated here, as by
+``tensafe server`` and ``tensafe admin`` (:mod:`tensafe.cli._database`); any other database
+must be migrated by its operator (``tensafe db upgrade``), and an unmigrated one fails closed.
 
 When the key cannot be opened the command stops before training, with one line saying
 what to configure; ``tensafe train --unsigned`` is the explicit, loudly reported way to
@@ -31,24 +31,6 @@ class SigningUnavailableError(ConfigurationError):
     """The deployment signing key cannot be opened, so a certificate could not be signed."""
 
 
-def _migrate_embedded(url: str) -> None:
-    """Migrate a SQLite database that is new, or the default one; leave every other alone."""
-    from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import ArgumentError
-
-    from tensafe.db import DEFAULT_DATABASE_URL, current_revision, head_revision, upgrade
-
-    try:
-        parsed = make_url(url)
-    except (ArgumentError, ValueError):
-        return  # KeyManager reports the bad URL
-    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
-        return
-    revision = current_revision(url)
-    if revision is None or (url == DEFAULT_DATABASE_URL and revision != head_revision()):
-        upgrade(url)
-
-
 def deployment_certificate_signer(*, actor: str, unsigned_flag: str | None = None) -> HybridSigningKey:
     """Open the deployment signing key, or fail closed.
 
@@ -63,13 +45,14 @@ def deployment_certificate_signer(*, actor: str, unsigned_flag: str | None = Non
     """
     from sqlalchemy.exc import SQLAlchemyError
 
+    from tensafe.cli._database import prepare_embedded_database
     from tensafe.db import get_database_url
     from tensafe.errors import TenSafeError
     from tensafe.keys import KeyManager, KeySettings
 
     try:
         settings = KeySettings.from_environment()
-        _migrate_embedded(settings.get("DATABASE_URL") or get_database_url())
+        prepare_embedded_database(settings.get("DATABASE_URL") or get_database_url())
         manager = KeyManager.from_environment(actor=actor)
         try:
             return manager.deployment_signing_key()

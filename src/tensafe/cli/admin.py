@@ -1,4 +1,9 @@
-"""``tensafe admin``: tenants and API keys of the training API server."""
+"""``tensafe admin``: tenants and API keys of the training API server.
+
+On the embedded default (a SQLite file in development mode) the schema is created or upgraded
+first (:mod:`tensafe.cli._database`); any other database without the server's tables is
+refused with a message that says to run ``tensafe db upgrade``.
+"""
 
 from __future__ import annotations
 
@@ -97,6 +102,7 @@ def _session(args: argparse.Namespace, *, audited: bool = False) -> Iterator[Ses
     from sqlalchemy.exc import SQLAlchemyError
 
     from tensafe.cli._audit_signing import deployment_audit_signer
+    from tensafe.cli._database import prepare_embedded_database
     from tensafe.db import (
         DatabaseError,
         create_engine_from_url,
@@ -107,6 +113,7 @@ def _session(args: argparse.Namespace, *, audited: bool = False) -> Iterator[Ses
     from tensafe.server.errors import ServerConfigurationError
 
     url = args.database_url or get_database_url()
+    prepare_embedded_database(url)
     engine = create_engine_from_url(url)
     try:
         try:

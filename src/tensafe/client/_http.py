@@ -14,6 +14,11 @@ The API key goes only to the origin (scheme, host, port) of ``base_url``:
 * A plain ``http://`` base URL is refused unless its host is loopback (``localhost``,
   127.0.0.0/8, ``::1``) or insecure HTTP is allowed explicitly
   (``allow_insecure_http=True`` or ``TENSAFE_ALLOW_INSECURE_HTTP=1``).
+
+An ``https://`` server's certificate is always verified: against the CA bundle given as
+``ca_bundle=`` or ``TENSAFE_CA_BUNDLE`` (only those CAs are trusted), else against httpx's
+default trust (``SSL_CERT_FILE``/``SSL_CERT_DIR`` when set, else certifi's bundle). There is
+no switch that turns verification off.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import random
+import ssl
 import threading
 import time
 from collections.abc import Collection, Mapping
@@ -42,12 +48,14 @@ from tensafe.client._exceptions import (
 
 __all__ = [
     "ALLOW_INSECURE_HTTP_ENV",
+    "CA_BUNDLE_ENV",
     "DEFAULT_BASE_URL",
     "MAX_REDIRECTS",
     "Transport",
     "check_transport_security",
     "resolve_api_key",
     "resolve_base_url",
+    "tls_verification",
 ]
 
 M = TypeVar("M", bound=BaseModel)
@@ -56,6 +64,8 @@ M = TypeVar("M", bound=BaseModel)
 DEFAULT_BASE_URL = "http://127.0.0.1:8000"
 #: Environment variable that, set to ``1``, allows plain ``http://`` to a non-loopback host.
 ALLOW_INSECURE_HTTP_ENV = "TENSAFE_ALLOW_INSECURE_HTTP"
+#: Environment variable naming a PEM CA bundle that server certificates are verified against.
+CA_BUNDLE_ENV = "TENSAFE_CA_BUNDLE"
 #: The most same-origin redirects one request follows.
 MAX_REDIRECTS = 10
 _KEY_PREFIX = "tml-"
@@ -90,6 +100,44 @@ def _env_allows_insecure_http() -> bool:
     if raw in ("1", "true", "yes"):
         return True
     raise ClientConfigurationError(f"{ALLOW_INSECURE_HTTP_ENV} must be 1 or 0, not {raw[:20]!r}")
+
+
+def tls_verification(ca_bundle: str | os.PathLike[str] | None = None) -> ssl.SSLContext | bool:
+    """What httpx verifies server certificates against (never nothing).
+
+    Args:
+        ca_bundle: A PEM file of CA certificates (default ``$TENSAFE_CA_BUNDLE``). When given,
+            only these CAs are trusted.
+
+    Returns:
+        An :class:`ssl.SSLContext` trusting ``ca_bundle``, or ``True`` for httpx's default
+        trust (``SSL_CERT_FILE``/``SSL_CERT_DIR``, else certifi).
+
+    Raises:
+        ClientConfigurationError: The bundle cannot be read or holds no CA certificate.
+    """
+    path = ca_bundle if ca_bundle is not None else (os.environ.get(CA_BUNDLE_ENV, "").strip() or None)
+    if path is None:
+        return True
+    try:
+        return ssl.create_default_context(cafile=os.fspath(path))
+    except (OSError, ssl.SSLError) as exc:
+        raise ClientConfigurationError(
+            f"cannot load the CA bundle {os.fspath(path)!r} (ca_bundle or {CA_BUNDLE_ENV}): "
+            f"{getattr(exc, 'strerror', None) or exc}; give a readable PEM file of CA certificates"
+        ) from None
+
+
+def _certificate_failure(exc: BaseException) -> str | None:
+    """The verification error behind a transport error, if a certificate did not verify."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, ssl.SSLCertVerificationError):
+            return str(current.verify_message or current.reason or "certificate verify failed")
+        current = current.__cause__ or current.__context__
+    return None
 
 
 def _is_loopback(host: str) -> bool:
@@ -163,9 +211,11 @@ class Transport:
         max_retries: int = 5,
         headers: Mapping[str, str] | None = None,
         allow_insecure_http: bool = False,
+        ca_bundle: str | os.PathLike[str] | None = None,
     ) -> None:
         """Create the transport (no request is sent yet)."""
         check_transport_security(base_url, allow_insecure_http=allow_insecure_http)
+        verify = tls_verification(ca_bundle)
         self.base_url = base_url
         self.max_retries = max_retries
         self._origin = _origin(httpx.URL(base_url))
@@ -181,6 +231,7 @@ class Transport:
             # Redirects are followed by request(), only within the origin of base_url.
             follow_redirects=False,
             event_hooks={"request": [self._only_own_origin]},
+            verify=verify,
         )
         self._closed = threading.Event()
 
@@ -264,6 +315,13 @@ class Transport:
                 if attempt >= self.max_retries or self.closed:
                     raise APITimeoutError(f"{method} {path}: the server did not answer in time") from exc
             except httpx.TransportError as exc:
+                reason = _certificate_failure(exc)
+                if reason is not None:  # not transient: retrying cannot help
+                    raise APIConnectionError(
+                        f"{method} {path}: the TLS certificate of {self.base_url} does not verify "
+                        f"({reason}); if the server uses your own CA, pass ca_bundle=... or set "
+                        f"{CA_BUNDLE_ENV}"
+                    ) from exc
                 if attempt >= self.max_retries or self.closed:
                     raise APIConnectionError(
                         f"{method} {path}: cannot reach {self.base_url} ({type(exc).__name__})"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import os
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 from urllib.parse import quote
@@ -97,6 +98,8 @@ class RestClient:
         max_retries: Retries after a connection error or a 5xx answer.
         allow_insecure_http: Allow plain ``http://`` to a host that is not loopback (also
             ``TENSAFE_ALLOW_INSECURE_HTTP=1``); see :class:`~tensafe.client.ServiceClient`.
+        ca_bundle: PEM CA bundle for an ``https://`` server (default ``$TENSAFE_CA_BUNDLE``);
+            see :class:`~tensafe.client.ServiceClient`.
     """
 
     def __init__(
@@ -108,6 +111,7 @@ class RestClient:
         timeout: float = 60.0,
         max_retries: int = 5,
         allow_insecure_http: bool = False,
+        ca_bundle: str | os.PathLike[str] | None = None,
     ) -> None:
         """Configure the client (nothing is sent yet)."""
         self._transport = Transport(
@@ -117,6 +121,7 @@ class RestClient:
             max_retries=max_retries,
             headers=default_headers_overrides,
             allow_insecure_http=allow_insecure_http,
+            ca_bundle=ca_bundle,
         )
         self._executor = concurrent.futures.ThreadPoolExecutor(8, thread_name_prefix="tensafe-rest")
 

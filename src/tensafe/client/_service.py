@@ -40,6 +40,9 @@ class ServiceClient:
         allow_insecure_http: Allow a plain ``http://`` base URL whose host is not
             loopback (also ``TENSAFE_ALLOW_INSECURE_HTTP=1``). Without it such a URL is
             refused: the API key and the training data would cross the network in clear.
+        ca_bundle: PEM file of the CA certificates an ``https://`` server's certificate is
+            verified against (default ``$TENSAFE_CA_BUNDLE``, else ``SSL_CERT_FILE`` or
+            certifi's bundle). Verification cannot be switched off.
 
     Raises:
         ClientConfigurationError: No API key, a key without the ``tml-`` prefix, or plain
@@ -64,6 +67,7 @@ class ServiceClient:
         timeout: float = 60.0,
         max_retries: int = 5,
         allow_insecure_http: bool = False,
+        ca_bundle: str | os.PathLike[str] | None = None,
     ) -> None:
         """Configure the client (nothing is sent yet)."""
         self._base_url = resolve_base_url(base_url)
@@ -71,6 +75,7 @@ class ServiceClient:
         self._headers = dict(default_headers_overrides or {})
         self._timeout, self._max_retries = timeout, max_retries
         self._allow_insecure_http = allow_insecure_http
+        self._ca_bundle = ca_bundle
         transport = Transport(
             self._base_url,
             self._api_key,
@@ -78,6 +83,7 @@ class ServiceClient:
             max_retries=max_retries,
             headers=self._headers,
             allow_insecure_http=allow_insecure_http,
+            ca_bundle=ca_bundle,
         )
         self._holder = Holder(
             transport,
@@ -285,6 +291,7 @@ class ServiceClient:
             timeout=self._timeout,
             max_retries=self._max_retries,
             allow_insecure_http=self._allow_insecure_http,
+            ca_bundle=self._ca_bundle,
         )
 
     # -- lifecycle -----------------------------------------------------------------------

@@ -23,7 +23,13 @@ from tensafe.db._engine import (
     make_session_factory,
     safe_url,
 )
-from tensafe.db._migrate import current_revision, head_revision, upgrade
+from tensafe.db._migrate import (
+    current_revision,
+    head_revision,
+    is_embedded_default,
+    prepare_embedded_schema,
+    upgrade,
+)
 from tensafe.db.base import Base, UTCDateTime, utcnow
 from tensafe.db.errors import DatabaseError
 from tensafe.db.models import Tenant, ensure_tenant
@@ -39,8 +45,10 @@ __all__ = [
     "ensure_tenant",
     "get_database_url",
     "head_revision",
+    "is_embedded_default",
     "make_read_session_factory",
     "make_session_factory",
+    "prepare_embedded_schema",
     "safe_url",
     "upgrade",
     "utcnow",

@@ -18,7 +18,15 @@ from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 from tensafe.db._engine import create_engine_from_url, safe_url
 from tensafe.db.errors import DatabaseError
 
-__all__ = ["SCRIPT_LOCATION", "alembic_config", "current_revision", "head_revision", "upgrade"]
+__all__ = [
+    "SCRIPT_LOCATION",
+    "alembic_config",
+    "current_revision",
+    "head_revision",
+    "is_embedded_default",
+    "prepare_embedded_schema",
+    "upgrade",
+]
 
 #: Alembic's "package:path" form, resolved wherever the package is installed.
 SCRIPT_LOCATION = "tensafe.db:migrations"
@@ -103,3 +111,59 @@ def current_revision(url: str) -> str | None:
             return None
     with _transaction(url) as connection:
         return MigrationContext.configure(connection).get_current_revision()
+
+
+def is_embedded_default(url: str, *, development: bool) -> bool:
+    """Whether ``url`` is TenSafe's embedded default, whose schema commands may create themselves.
+
+    The embedded default is a **SQLite file** (any ``sqlite:///PATH`` URL; the default
+    ``sqlite:///./tensafe.db`` among them) used in **development** mode (``TS_ENVIRONMENT``
+    unset or ``development``). PostgreSQL, and any database in production mode, is never
+    migrated implicitly: its operator runs ``tensafe db upgrade`` (a deployment upgrades its
+    schema deliberately, with a backup, once, not from whichever process starts first).
+
+    Args:
+        url: The database URL.
+        development: Whether the deployment runs in development mode.
+
+    Returns:
+        True for a SQLite file URL in development mode; False otherwise (also for an
+        in-memory database, which no other process could share, and for a malformed URL,
+        which the engine reports later).
+    """
+    if not development:
+        return False
+    try:
+        parsed = make_url(url)
+    except (ArgumentError, ValueError):
+        return False
+    return parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:")
+
+
+def prepare_embedded_schema(url: str, *, development: bool) -> str | None:
+    """Create or upgrade the schema of the embedded default; leave every other database alone.
+
+    For a URL that :func:`is_embedded_default` accepts and whose schema is not at the newest
+    revision, this runs :func:`upgrade` to ``head`` (the code path of ``tensafe db upgrade``:
+    one transaction, so a failed migration leaves the file as it was; a second process that
+    starts at the same time waits for the SQLite write lock and then finds nothing to do).
+
+    Args:
+        url: The database URL.
+        development: Whether the deployment runs in development mode.
+
+    Returns:
+        The revision the schema was upgraded from (``""`` when the database was new), or
+        None when nothing was done (not the embedded default, or already current).
+
+    Raises:
+        DatabaseError: The database cannot be opened or migrated (for instance a schema
+            written by a newer TenSafe).
+    """
+    if not is_embedded_default(url, development=development):
+        return None
+    before = current_revision(url)
+    if before == head_revision():
+        return None
+    upgrade(url)
+    return before or ""

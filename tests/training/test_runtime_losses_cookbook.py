@@ -27,6 +27,7 @@ from hypothesis import strategies as st
 
 from tensafe.training.runtime import Datum, InvalidRequestError, LoraTrainingSession
 from tensafe.training.runtime.losses import compute_loss, validate_config, validate_loss_inputs
+from training._runtime_helpers import runtime_session
 
 # --------------------------------------------------------------------------- references
 
@@ -260,15 +261,7 @@ def test_bad_inputs_and_config_are_refused(
 
 @pytest.fixture(scope="module")
 def session(tiny_model_dir: pathlib.Path) -> LoraTrainingSession:
-    s = LoraTrainingSession.create(
-        base_model=str(tiny_model_dir), rank=4, dp=None, seed=0, allow_non_private=True
-    )
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in s.model.named_parameters():
-            if p.requires_grad and "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-    return s
+    return runtime_session(tiny_model_dir, None)
 
 
 def _true_logprobs(model: object, tokens: list[int], targets: np.ndarray) -> list[float]:

@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from sqlalchemy import select, update
 
 from server.conftest import TINY_MODEL, LiveServer, ServerEnv
@@ -375,3 +377,23 @@ def test_stability_records_table_matches_the_migration(migrated_database_url: st
     finally:
         engine.dispose()
     assert [d for d in diff if "stability_records" in repr(d)] == []
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    prompt=st.lists(st.integers(0, 2**31 - 1), min_size=1, max_size=20),
+    sampled=st.lists(st.tuples(st.integers(0, 2**31 - 1), st.floats(-50, 0, width=32)), max_size=20),
+)
+def test_record_format_round_trips_and_refuses_damage(
+    prompt: list[int], sampled: list[tuple[int, float]]
+) -> None:
+    from tensafe.server.stability import decode_record, encode_record
+
+    tokens, logprobs = [t for t, _ in sampled], [lp for _, lp in sampled]
+    data = encode_record(prompt, tokens, logprobs)
+    got = decode_record(data)
+    assert got.prompt.tolist() == prompt and got.tokens.tolist() == tokens
+    assert got.logprobs.tolist() == [float(np.float32(x)) for x in logprobs]
+    for bad in (data[:-1], data + b"\0", b"TSSR\x02" + data[5:]):
+        with pytest.raises(ValueError):
+            decode_record(bad)

@@ -36,7 +36,7 @@ from sqlalchemy import Engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
 import tensafe.client as ts
-import tensafe.server.routes_tensafe as routes
+import tensafe.server.routers.tensafe as routes
 from server.conftest import LiveServer
 from tensafe.audit import CHECKPOINT_CONTEXT, append_record, load_head
 from tensafe.crypto.kdf import Argon2idParams

@@ -308,7 +308,7 @@ def test_external_weights_export_download_publish_ttl_and_isolation(
 
 @pytest.fixture
 def sweeping_server(start_server: Any, monkeypatch: pytest.MonkeyPatch) -> LiveServer:
-    import tensafe.server.checkpoints as lifecycle
+    import tensafe.server.retention as lifecycle
 
     monkeypatch.setattr(lifecycle, "SWEEP_INTERVAL_SECONDS", 0.2)
     server: LiveServer = start_server(privacy=LOOSE)
@@ -319,8 +319,8 @@ def test_expired_checkpoints_are_invisible_then_swept(
     sweeping_server: LiveServer, server_env: ServerEnv
 ) -> None:
     from tensafe.audit.models import AuditRecordRow
-    from tensafe.server.checkpoints import sweep_expired_checkpoints
     from tensafe.server.models import DownloadToken, TrainingCheckpoint
+    from tensafe.server.retention import sweep_expired_checkpoints
 
     url, key = sweeping_server.url, server_env.tenant_key("acme")
     service = tinker.ServiceClient(base_url=url, api_key=key)
@@ -468,7 +468,7 @@ def test_publish_needs_dp_optimizers_other_than_adamw_are_refused_and_custom_los
 def test_download_tokens_are_redacted_from_the_access_log() -> None:
     import logging
 
-    import tensafe.server.checkpoints  # noqa: F401  (installs the filter)
+    import tensafe.server.routers.checkpoints  # noqa: F401  (installs the filter)
 
     token = "Zk3" + "x" * 40
     record = logging.LogRecord(

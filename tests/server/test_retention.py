@@ -239,7 +239,7 @@ def test_orphaned_request_artifacts_are_deleted_only_when_old_and_unreferenced(
 
 
 def test_the_worker_loop_sweep_runs_the_retention_sweeps(server_env: ServerEnv) -> None:
-    from tensafe.server.checkpoints import SWEEP_INTERVAL_SECONDS, sweep_when_due
+    from tensafe.server.retention import SWEEP_INTERVAL_SECONDS, sweep_when_due
 
     services = Services(
         sessions=server_env.sessions,

@@ -1,169 +1,73 @@
-"""Checkpoint lifecycle: external-weights export, download URLs, publishing and expiry.
+"""Checkpoint lifecycle, the job side: rows, artifacts, the external-weights export, publishing rules.
 
-Routes (Tinker wire protocol 0.38, sections 2.2 and 2.5):
+Nothing here is an HTTP route (the routes are :mod:`tensafe.server.routers.checkpoints`)
+and nothing imports FastAPI: the worker's jobs (:mod:`tensafe.server.ops`) and the sweeps
+(:mod:`tensafe.server.retention`) use this module without the web layer.
 
-* ``POST /api/v1/save_weights_external`` -> a future (operation ``save_weights_external``,
-  executed by :func:`export_external_weights`): the model's current LoRA adapter in PEFT
-  format (``adapter_model.safetensors``, ``adapter_config.json``) plus, for a run trained
-  with DP, its ``dp_certificate.json``, stored encrypted under the tenant's DEK as the
-  checkpoint ``tinker://<model>/external_weights/<name>``. With
-  ``age_encryption_recipients`` every file is additionally age-encrypted (``pyrage``) to
-  those recipients and named ``<file>.age``.
-* ``GET .../checkpoints/external_weights/<name>/external_weights_urls``: one short-lived
-  (:data:`DOWNLOAD_URL_SECONDS`) bearer URL per file, ``GET /api/v1/downloads/<token>``,
-  on the host the client called. The token (256 bits from :mod:`secrets`) is the whole
-  capability: the download needs no API key (the ``tinker`` CLI fetches with a plain
-  GET); only its SHA-256 is stored (table ``download_tokens``). Every download is audited.
-* ``POST`` / ``DELETE .../checkpoints/<kind>/<name>/publish``: set / clear ``public``.
-  **Privacy rule:** only a checkpoint of a run trained under a DP policy may be
-  published; anything else is refused with a 400. ``public`` is recorded, audited and
-  listed, but this server offers **no cross-tenant access** to published checkpoints:
-  another tenant still gets a 404 for every route.
-* ``PUT .../checkpoints/<kind>/<name>/ttl`` ``{"ttl_seconds": int | null}``: expire
-  ``ttl_seconds`` (3600 s to 10 years) from now, or never.
-
-**Expiry.** A checkpoint whose ``expires_at`` has passed is invisible at once (404, not
-listed, cannot be loaded or downloaded); :func:`sweep_expired_checkpoints`, run by the
-worker loop at start and every :data:`SWEEP_INTERVAL_SECONDS`, deletes its row and its
-encrypted artifacts and audits the deletion (``system.checkpoint_expired``).
-
-Every route is scoped to the caller's tenant: another tenant's checkpoint is a 404.
+* :func:`export_external_weights` executes ``save_weights_external``: the model's current
+  LoRA adapter in PEFT format (``adapter_model.safetensors``, ``adapter_config.json``) plus,
+  for a run trained with DP, its signed ``dp_certificate.json``, stored encrypted under the
+  tenant's DEK as the checkpoint ``tinker://<model>/external_weights/<name>``, with an
+  encrypted manifest (:data:`MANIFEST_FORMAT`). With ``age_encryption_recipients`` every
+  file is additionally age-encrypted (``pyrage``) to those recipients and named
+  ``<file>.age``.
+* :func:`publish_refusal`: TenSafe's privacy rule for publishing. Only the adapter of a run
+  trained under a DP policy may be published.
+* :func:`record_checkpoint`, :func:`find_checkpoint`, :func:`checkpoint_is_live`,
+  :func:`is_expired` and :func:`delete_checkpoint_artifacts`: the rows and files of a
+  checkpoint. A checkpoint whose ``expires_at`` has passed is invisible at once; the sweep
+  (:func:`tensafe.server.retention.sweep_expired_checkpoints`) deletes it later.
 """
 
-# No "from __future__ import annotations": FastAPI evaluates the annotations.
+from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
 import hashlib
 import json
-import logging
 import re
 import secrets
-import time
-from collections.abc import Iterator, Sequence
-from typing import Annotated, Any, Literal, cast
+from collections.abc import Sequence
+from typing import Any
 
-from fastapi import APIRouter, Request
-from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
-from sqlalchemy import ColumnElement, CursorResult, delete, or_, select
+from sqlalchemy import ColumnElement, or_, select
 from sqlalchemy.orm import Session
 
-from tensafe import protocol as p
 from tensafe.db import utcnow
-from tensafe.server.deps import Caller, Svc
-from tensafe.server.errors import BadRequestError, NotFoundError
-from tensafe.server.jobs import JobContext, JobFailedError, JobResult, Services, Worker, submit_future
-from tensafe.server.models import DownloadToken, TrainingCheckpoint, TrainingModel
-from tensafe.server.retention import run_retention_sweeps
-from tensafe.server.tenants import Principal
+from tensafe.protocol.tensafe import MAX_TTL_SECONDS, MIN_TTL_SECONDS
+from tensafe.server.errors import JobFailedError
+from tensafe.server.jobs import JobContext, JobResult
+from tensafe.server.models import TrainingCheckpoint, TrainingModel
 from tensafe.storage import EncryptedArtifactStore
 
 __all__ = [
+    "CHECKPOINT_KINDS",
     "DOWNLOAD_URL_SECONDS",
+    "EXTERNAL_KIND",
+    "MANIFEST_FORMAT",
     "MAX_AGE_RECIPIENTS",
     "MAX_TTL_SECONDS",
     "MIN_TTL_SECONDS",
-    "SWEEPER_ACTOR",
-    "SWEEP_INTERVAL_SECONDS",
-    "ExternalWeightsUrlsResponse",
-    "PublishRefusedError",
-    "SaveWeightsExternalRequest",
-    "SetTtlRequest",
     "checkpoint_is_live",
     "delete_checkpoint_artifacts",
     "export_external_weights",
     "find_checkpoint",
     "is_expired",
+    "publish_refusal",
     "record_checkpoint",
-    "router",
-    "sweep_expired_checkpoints",
-    "sweep_when_due",
 ]
-
-_log = logging.getLogger("tensafe.server.checkpoints")
 
 #: Lifetime of a download URL (seconds).
 DOWNLOAD_URL_SECONDS = 15 * 60
-#: Shortest and longest checkpoint TTL (the SDK's documented range: 1 hour to 10 years).
-MIN_TTL_SECONDS = 3600
-MAX_TTL_SECONDS = 10 * 366 * 86400
 #: Most age recipients one export may name (the SDK documents at most 10).
 MAX_AGE_RECIPIENTS = 10
-#: How often the worker loop deletes expired checkpoints (seconds).
-SWEEP_INTERVAL_SECONDS = 60.0
-#: Audit actor of the expiry sweeper.
-SWEEPER_ACTOR = "system:checkpoint-expiry"
 
 #: Format label of the encrypted manifest ``<ref>.manifest`` of an external-weights export.
-_MANIFEST_FORMAT = "tensafe.external_weights/v1"
-_KIND = "external_weights"
-_TOKEN = re.compile(r"[A-Za-z0-9_-]{32,128}")
-_KINDS = ("weights", "sampler_weights", "external_weights")
-
-
-class _RedactDownloadTokens(logging.Filter):
-    """Keep download tokens (bearer capabilities) out of the HTTP access log."""
-
-    _PATH = re.compile(r"(/api/v1/downloads/)[^/?#\s\"]+")
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if isinstance(record.args, tuple):
-            record.args = tuple(
-                self._PATH.sub(r"\1<redacted>", a) if isinstance(a, str) else a for a in record.args
-            )
-        if isinstance(record.msg, str):
-            record.msg = self._PATH.sub(r"\1<redacted>", record.msg)
-        return True
-
-
-_access_log = logging.getLogger("uvicorn.access")
-if not any(isinstance(f, _RedactDownloadTokens) for f in _access_log.filters):
-    _access_log.addFilter(_RedactDownloadTokens())
-
-
-class PublishRefusedError(BadRequestError):
-    """Publishing is refused by TenSafe's privacy rule (HTTP 400, never retried)."""
-
-    error = "publish_refused"
-
-
-# --------------------------------------------------------------------------- wire models
-
-
-class SaveWeightsExternalRequest(BaseModel):
-    """Body of ``/save_weights_external`` (strict: unknown fields are refused)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
-
-    model_id: Annotated[
-        str, StringConstraints(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9][A-Za-z0-9:._-]*$")
-    ]
-    path: p.CheckpointName
-    seq_id: Annotated[int, Field(ge=0, le=2**31 - 1)]
-    ttl_seconds: Annotated[int, Field(ge=MIN_TTL_SECONDS, le=MAX_TTL_SECONDS)] | None = None
-    age_encryption_recipients: (
-        Annotated[
-            list[Annotated[str, StringConstraints(min_length=1, max_length=16384)]], Field(max_length=64)
-        ]
-        | None
-    ) = None
-    type: Literal["save_weights_external"] | None = None
-
-
-class SetTtlRequest(BaseModel):
-    """Body of ``PUT .../ttl``: seconds from now (3600 s to 10 years), or null for no expiry."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    ttl_seconds: int | None
-
-
-class ExternalWeightsUrlsResponse(BaseModel):
-    """Answer of ``.../external_weights_urls``: one download URL per file, valid until ``expires``."""
-
-    urls: dict[str, str]
-    expires: _dt.datetime
+MANIFEST_FORMAT = "tensafe.external_weights/v1"
+#: The kind of an exported adapter.
+EXTERNAL_KIND = "external_weights"
+#: Every checkpoint kind (the middle part of a ``tinker://`` path).
+CHECKPOINT_KINDS = ("weights", "sampler_weights", "external_weights")
 
 
 # --------------------------------------------------------------------------- helpers
@@ -238,18 +142,7 @@ def record_checkpoint(
     return row
 
 
-def _own_live(session: Session, who: Principal, run_id: str, kind: str, name: str) -> TrainingCheckpoint:
-    """The caller's live checkpoint, else 404 (also for another tenant's or an expired one)."""
-    path = f"tinker://{run_id}/{kind}/{name}"
-    if kind not in _KINDS:
-        raise BadRequestError(f"{path!r}: the checkpoint kind must be one of {', '.join(_KINDS)}")
-    row = find_checkpoint(session, run_id, kind, name)
-    if row is None or row.tenant_id != who.tenant or is_expired(row):
-        raise NotFoundError(f"unknown checkpoint {path!r}")
-    return row
-
-
-def _publish_refusal(model: TrainingModel | None, kind: str) -> str | None:
+def publish_refusal(model: TrainingModel | None, kind: str) -> str | None:
     """Why TenSafe's privacy rule forbids publishing a checkpoint of ``kind`` of ``model``, or None.
 
     Only the adapter of a run with a differential privacy guarantee may be published: a
@@ -280,10 +173,6 @@ def _publish_refusal(model: TrainingModel | None, kind: str) -> str | None:
     if certificate is not None and not certificate.private:
         return "the run's noise was deterministic (TS_DETERMINISTIC=1), so it has no privacy guarantee"
     return None
-
-
-def _hash_token(token: str) -> str:
-    return hashlib.sha256(b"tensafe-download-token-v1\x00" + token.encode("ascii")).hexdigest()
 
 
 # --------------------------------------------------------------------------- the export job
@@ -358,10 +247,10 @@ def export_external_weights(ctx: JobContext, session: Any, *, ledger_id: str | N
     raw_recipients = ctx.payload.get("age_encryption_recipients") or []
     recipients = _age_recipients(raw_recipients) if raw_recipients else []
     with ctx.services.sessions() as db:
-        existing = find_checkpoint(db, model_id, _KIND, name)
+        existing = find_checkpoint(db, model_id, EXTERNAL_KIND, name)
         if existing is not None and not is_expired(existing):
             raise JobFailedError(
-                f"checkpoint tinker://{model_id}/{_KIND}/{name} already exists; choose another name",
+                f"checkpoint tinker://{model_id}/{EXTERNAL_KIND}/{name} already exists; choose another name",
                 category="user",
             )
         old_ref = None if existing is None else existing.artifact_id
@@ -385,7 +274,7 @@ def export_external_weights(ctx: JobContext, session: Any, *, ledger_id: str | N
             }
         )
         size += len(data)
-    manifest = {"format": _MANIFEST_FORMAT, "age_encrypted": bool(recipients), "files": entries}
+    manifest = {"format": MANIFEST_FORMAT, "age_encrypted": bool(recipients), "files": entries}
     store.put_bytes(tenant, f"{ref}.manifest", json.dumps(manifest, sort_keys=True).encode(), kind="manifest")
     ttl = ctx.payload.get("ttl_seconds")
 
@@ -394,7 +283,7 @@ def export_external_weights(ctx: JobContext, session: Any, *, ledger_id: str | N
             db,
             tenant=tenant,
             model_id=model_id,
-            kind=_KIND,
+            kind=EXTERNAL_KIND,
             name=name,
             artifact_id=ref,
             size_bytes=size,
@@ -406,7 +295,7 @@ def export_external_weights(ctx: JobContext, session: Any, *, ledger_id: str | N
         if old_ref is not None and old_ref != ref:
             delete_checkpoint_artifacts(store, tenant, old_ref)
 
-    path = f"tinker://{model_id}/{_KIND}/{name}"
+    path = f"tinker://{model_id}/{EXTERNAL_KIND}/{name}"
     return JobResult(
         json={"path": path, "size_bytes": size, "type": "save_weights_external"},
         apply=apply,
@@ -419,310 +308,3 @@ def export_external_weights(ctx: JobContext, session: Any, *, ledger_id: str | N
             "age_recipients": len(recipients),
         },
     )
-
-
-# --------------------------------------------------------------------------- expiry
-
-
-def sweep_expired_checkpoints(
-    services: Services, *, now: _dt.datetime | None = None, limit: int = 500
-) -> int:
-    """Delete expired checkpoints (rows and encrypted artifacts) and expired download tokens.
-
-    Each deletion is audited (``system.checkpoint_expired``) in the transaction that
-    removes the row; the artifacts are deleted after it commits. Safe to run in several
-    processes at once: a row is deleted (and audited) by exactly one of them.
-
-    Returns:
-        The number of checkpoints deleted.
-    """
-    moment = now or utcnow()
-    with services.sessions() as session:
-        due = session.execute(
-            select(
-                TrainingCheckpoint.id,
-                TrainingCheckpoint.tenant_id,
-                TrainingCheckpoint.model_id,
-                TrainingCheckpoint.kind,
-                TrainingCheckpoint.name,
-                TrainingCheckpoint.artifact_id,
-                TrainingCheckpoint.expires_at,
-            )
-            .where(TrainingCheckpoint.expires_at.is_not(None), TrainingCheckpoint.expires_at <= moment)
-            .limit(limit)
-        ).all()
-    removed = 0
-    for ckpt_id, tenant, model_id, kind, name, ref, expires_at in due:
-        path = f"tinker://{model_id}/{kind}/{name}"
-        with services.sessions.begin() as session:
-            result = cast(
-                "CursorResult[Any]",
-                session.execute(
-                    delete(TrainingCheckpoint).where(
-                        TrainingCheckpoint.id == ckpt_id, TrainingCheckpoint.expires_at <= moment
-                    )
-                ),
-            )
-            if result.rowcount != 1:
-                continue  # another process swept it, or its TTL was just extended
-            services.audit(
-                session,
-                tenant=tenant,
-                actor=SWEEPER_ACTOR,
-                action="system.checkpoint_expired",
-                resource=path,
-                details={"artifact": ref or "", "expires_at": expires_at.isoformat() if expires_at else ""},
-            )
-        removed += 1
-        try:
-            delete_checkpoint_artifacts(services.store, tenant, ref)
-        except Exception:
-            _log.exception("could not delete the artifacts of the expired checkpoint %s", path)
-    with services.sessions.begin() as session:
-        session.execute(delete(DownloadToken).where(DownloadToken.expires_at <= moment))
-    return removed
-
-
-def sweep_when_due(services: Services, due: float) -> float:
-    """Run :func:`sweep_expired_checkpoints` and the retention sweeps
-    (:func:`tensafe.server.retention.run_retention_sweeps`) if the monotonic time ``due``
-    has come.
-
-    Called from the worker loop; never raises. Returns when the next sweep is due.
-    """
-    now = time.monotonic()
-    if now < due:
-        return due
-    try:
-        removed = sweep_expired_checkpoints(services)
-        if removed:
-            _log.info("deleted %d expired checkpoint(s)", removed)
-    except Exception:
-        _log.exception("the expired-checkpoint sweep failed; retrying later")
-    run_retention_sweeps(services)
-    return now + SWEEP_INTERVAL_SECONDS
-
-
-# --------------------------------------------------------------------------- routes
-
-
-router = APIRouter(prefix="/api/v1")
-
-_CKPT = "/training_runs/{run_id}/checkpoints/{kind}/{name}"
-
-
-def _audit(
-    services: Services, session: Session, who: Principal, action: str, resource: str, **details: Any
-) -> None:
-    services.audit(
-        session, tenant=who.tenant, actor=who.actor, action=action, resource=resource, details=details
-    )
-
-
-@router.post("/save_weights_external", tags=["weights"])
-def save_weights_external(
-    body: SaveWeightsExternalRequest, who: Caller, services: Svc, request: Request
-) -> p.UntypedFuture:
-    """Export the adapter (PEFT) as ``tinker://<model>/external_weights/<path>`` (a future)."""
-    if body.seq_id < 1:
-        raise BadRequestError("seq_id must be at least 1 (0 is the model's creation)")
-    payload = body.model_dump(mode="json", exclude_none=True, exclude={"type", "model_id", "seq_id"})
-    services.store.ensure_key(who.tenant)  # the request digest needs the tenant's key
-    with services.sessions.begin() as session:
-        model = session.get(TrainingModel, body.model_id)
-        if model is None or model.tenant_id != who.tenant:
-            raise NotFoundError(f"unknown model {body.model_id!r}")
-        if model.state == "failed":
-            raise BadRequestError(f"model {body.model_id!r} could not be created: {model.error}")
-        future, created = submit_future(
-            services,
-            session,
-            tenant=who.tenant,
-            actor=who.actor,
-            request_type="save_weights_external",
-            model_id=body.model_id,
-            seq_id=body.seq_id,
-            payload=payload,
-        )
-        if created:
-            model.last_request_time = utcnow()
-            _audit(
-                services,
-                session,
-                who,
-                "api.save_weights_external",
-                body.model_id,
-                request_id=future.id,
-                request_digest=future.request_sha256,
-                seq_id=body.seq_id,
-                age_recipients=len(body.age_encryption_recipients or ()),
-            )
-    worker: Worker = request.app.state.worker
-    worker.wake()
-    return p.UntypedFuture(request_id=future.id, model_id=body.model_id)
-
-
-@router.get(_CKPT + "/external_weights_urls", tags=["rest"])
-def external_weights_urls(
-    run_id: str, kind: str, name: str, who: Caller, services: Svc, request: Request
-) -> ExternalWeightsUrlsResponse:
-    """One short-lived download URL per file of an ``external_weights`` checkpoint."""
-    if kind != _KIND:
-        raise BadRequestError(
-            f"download URLs exist only for external_weights checkpoints, not {kind!r}; export one with "
-            "save_weights_external"
-        )
-    now = utcnow()
-    with services.sessions() as session:
-        row = _own_live(session, who, run_id, kind, name)
-        ref, ckpt_id, ckpt_expiry = row.artifact_id, row.id, row.expires_at
-    if ref is None:
-        raise NotFoundError(f"unknown checkpoint 'tinker://{run_id}/{kind}/{name}'")
-    manifest = json.loads(services.store.get_bytes(who.tenant, f"{ref}.manifest"))
-    if manifest.get("format") != _MANIFEST_FORMAT:
-        raise BadRequestError(f"unsupported external weights format {manifest.get('format')!r}")
-    expires = now + _dt.timedelta(seconds=DOWNLOAD_URL_SECONDS)
-    if ckpt_expiry is not None:
-        expires = min(expires, ckpt_expiry)
-    base = str(request.base_url).rstrip("/")
-    urls: dict[str, str] = {}
-    with services.sessions.begin() as session:
-        for entry in manifest["files"]:
-            token = secrets.token_urlsafe(32)
-            session.add(
-                DownloadToken(
-                    id="dl-" + secrets.token_hex(12),
-                    token_hash=_hash_token(token),
-                    tenant_id=who.tenant,
-                    checkpoint_id=ckpt_id,
-                    artifact_id=str(entry["artifact"]),
-                    file_name=str(entry["name"]),
-                    size_bytes=int(entry["size"]),
-                    created_by=who.actor,
-                    created_at=now,
-                    expires_at=expires,
-                )
-            )
-            urls[str(entry["name"])] = f"{base}/api/v1/downloads/{token}"
-        session.flush()
-        _audit(
-            services,
-            session,
-            who,
-            "api.external_weights_urls",
-            f"tinker://{run_id}/{kind}/{name}",
-            files=sorted(urls),
-            expires=expires.isoformat(),
-        )
-    return ExternalWeightsUrlsResponse(urls=urls, expires=expires)
-
-
-@router.get("/downloads/{token}", tags=["rest"])
-def download(token: str, services: Svc) -> StreamingResponse:
-    """Stream one exported file; the URL's token is the capability (no API key; 404 once expired)."""
-    missing = NotFoundError("unknown or expired download URL")
-    if not _TOKEN.fullmatch(token):
-        raise missing
-    now = utcnow()
-    with services.sessions.begin() as session:
-        grant = session.execute(
-            select(DownloadToken).where(DownloadToken.token_hash == _hash_token(token))
-        ).scalar_one_or_none()
-        if grant is None or grant.expires_at <= now:
-            raise missing
-        ckpt = session.get(TrainingCheckpoint, grant.checkpoint_id)
-        if (
-            ckpt is None
-            or ckpt.tenant_id != grant.tenant_id
-            or is_expired(ckpt, now)
-            or ckpt.artifact_id is None
-            or not grant.artifact_id.startswith(ckpt.artifact_id + ".")
-        ):
-            raise missing
-        tenant, artifact, file_name, size = (
-            grant.tenant_id,
-            grant.artifact_id,
-            grant.file_name,
-            grant.size_bytes,
-        )
-        path = f"tinker://{ckpt.model_id}/{ckpt.kind}/{ckpt.name}"
-        services.audit(
-            session,
-            tenant=tenant,
-            actor=f"download-token:{grant.id}",
-            action="api.download",
-            resource=path,
-            details={"file": file_name, "size_bytes": size, "granted_by": grant.created_by},
-        )
-    store = services.store
-
-    def body() -> Iterator[bytes]:
-        with store.open(tenant, artifact) as stream:
-            while chunk := stream.read(1 << 16):
-                yield chunk
-
-    return StreamingResponse(
-        body(),
-        media_type="application/octet-stream",
-        headers={
-            "Content-Length": str(size),
-            "Content-Disposition": f'attachment; filename="{file_name}"',
-            "Cache-Control": "no-store",
-            "Referrer-Policy": "no-referrer",
-        },
-    )
-
-
-@router.post(_CKPT + "/publish", tags=["rest"])
-def publish(run_id: str, kind: str, name: str, who: Caller, services: Svc) -> dict[str, str]:
-    """Mark a checkpoint public (only for runs trained with DP; no cross-tenant access follows)."""
-    with services.sessions.begin() as session:
-        row = _own_live(session, who, run_id, kind, name)
-        reason = _publish_refusal(session.get(TrainingModel, row.model_id), kind)
-        if reason is not None:
-            raise PublishRefusedError(
-                f"tinker://{run_id}/{kind}/{name} cannot be published: TenSafe publishes only the adapter "
-                f"of runs with a differential privacy guarantee, and {reason}"
-            )
-        if not row.public:
-            row.public = True
-            _audit(services, session, who, "api.publish_checkpoint", f"tinker://{run_id}/{kind}/{name}")
-    return {"status": "published"}
-
-
-@router.delete(_CKPT + "/publish", tags=["rest"])
-def unpublish(run_id: str, kind: str, name: str, who: Caller, services: Svc) -> dict[str, str]:
-    """Clear a checkpoint's ``public`` flag."""
-    with services.sessions.begin() as session:
-        row = _own_live(session, who, run_id, kind, name)
-        if row.public:
-            row.public = False
-            _audit(services, session, who, "api.unpublish_checkpoint", f"tinker://{run_id}/{kind}/{name}")
-    return {"status": "unpublished"}
-
-
-@router.put(_CKPT + "/ttl", tags=["rest"])
-def set_ttl(
-    run_id: str, kind: str, name: str, body: SetTtlRequest, who: Caller, services: Svc
-) -> dict[str, Any]:
-    """Expire a checkpoint ``ttl_seconds`` from now (3600 s to 10 years), or never (null)."""
-    ttl = body.ttl_seconds
-    if ttl is not None and not MIN_TTL_SECONDS <= ttl <= MAX_TTL_SECONDS:
-        raise BadRequestError(
-            f"ttl_seconds must be between {MIN_TTL_SECONDS} (1 hour) and {MAX_TTL_SECONDS} (10 years), "
-            "or null for no expiry"
-        )
-    with services.sessions.begin() as session:
-        row = _own_live(session, who, run_id, kind, name)
-        row.expires_at = None if ttl is None else utcnow() + _dt.timedelta(seconds=ttl)
-        expires = None if row.expires_at is None else row.expires_at.isoformat()
-        _audit(
-            services,
-            session,
-            who,
-            "api.set_checkpoint_ttl",
-            f"tinker://{run_id}/{kind}/{name}",
-            ttl_seconds=ttl,
-            expires_at=expires,
-        )
-    return {"status": "ok", "expires_at": expires}

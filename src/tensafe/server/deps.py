@@ -1,22 +1,77 @@
-"""FastAPI dependencies shared by the server's routers: the services and the calling tenant."""
+"""What the server's routers share: FastAPI dependencies and the tenant-scoped lookups.
+
+Dependencies (``Annotated`` aliases, resolved per request from ``request.app.state``):
+
+* ``Caller``: the authenticated :class:`~tensafe.server.tenants.Principal` (the
+  :class:`~tensafe.server.limits.RequestGuard` authenticated it before the body was read);
+* ``Svc``: the application's :class:`~tensafe.server.services.Services`;
+* ``Cfg``: its :class:`~tensafe.server.settings.ServerSettings`;
+* ``Jobs``: its :class:`~tensafe.server.jobs.Worker` (routes call ``wake()`` after a
+  submission).
+
+Ownership lookups, written once: :func:`own_session`, :func:`own_model`,
+:func:`own_checkpoint` (and :func:`own_live_checkpoint` for REST paths) and
+:func:`own_sampler` return the caller's row or raise
+:class:`~tensafe.server.errors.NotFoundError`: another tenant's resource gets the same
+404 as one that does not exist, so the answer never reveals that it exists. They take the
+open database session of the route's transaction (a lookup belongs to the transaction that
+acts on the row). :func:`audit` appends a record in the caller's name.
+"""
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Depends, Header, Request
+from sqlalchemy.orm import Session
 
-from tensafe.server.jobs import Services
+from tensafe.server.checkpoints import find_checkpoint, is_expired
+from tensafe.server.errors import BadRequestError, NotFoundError
+from tensafe.server.jobs import Worker
 from tensafe.server.limits import principal_of
+from tensafe.server.models import SamplingSessionRow, ServerSession, TrainingCheckpoint, TrainingModel
+from tensafe.server.ops import parse_tinker_path
+from tensafe.server.services import Services
+from tensafe.server.settings import ServerSettings
+from tensafe.server.states import ModelState
 from tensafe.server.tenants import Principal, authenticate
 
-__all__ = ["Caller", "Svc", "authenticate_key", "caller", "services_of"]
+__all__ = [
+    "Caller",
+    "Cfg",
+    "Jobs",
+    "Svc",
+    "audit",
+    "authenticate_key",
+    "caller",
+    "own_checkpoint",
+    "own_live_checkpoint",
+    "own_model",
+    "own_sampler",
+    "own_session",
+    "require_usable",
+    "services_of",
+    "settings_of",
+    "worker_of",
+]
 
 
 def services_of(request: Request) -> Services:
-    """The application's shared :class:`~tensafe.server.jobs.Services`."""
+    """The application's shared :class:`~tensafe.server.services.Services`."""
     services: Services = request.app.state.services
     return services
+
+
+def settings_of(request: Request) -> ServerSettings:
+    """The application's :class:`~tensafe.server.settings.ServerSettings`."""
+    settings: ServerSettings = request.app.state.settings
+    return settings
+
+
+def worker_of(request: Request) -> Worker:
+    """The application's in-process :class:`~tensafe.server.jobs.Worker`."""
+    worker: Worker = request.app.state.worker
+    return worker
 
 
 def authenticate_key(services: Services, key: str | None) -> Principal:
@@ -44,3 +99,61 @@ def caller(request: Request, x_api_key: Annotated[str | None, Header(alias="X-AP
 
 Caller = Annotated[Principal, Depends(caller)]
 Svc = Annotated[Services, Depends(services_of)]
+Cfg = Annotated[ServerSettings, Depends(settings_of)]
+Jobs = Annotated[Worker, Depends(worker_of)]
+
+
+def audit(
+    services: Services, session: Session, who: Principal, action: str, resource: str, **details: Any
+) -> None:
+    """Append the audit record of ``who``'s ``action`` on ``resource`` in ``session``'s transaction."""
+    services.audit(
+        session, tenant=who.tenant, actor=who.actor, action=action, resource=resource, details=details
+    )
+
+
+def own_session(session: Session, who: Principal, session_id: str) -> ServerSession:
+    """The caller's client session ``session_id``, else 404."""
+    row = session.get(ServerSession, session_id)
+    if row is None or row.tenant_id != who.tenant:
+        raise NotFoundError(f"unknown session {session_id!r}")
+    return row
+
+
+def own_model(session: Session, who: Principal, model_id: str, *, noun: str = "model") -> TrainingModel:
+    """The caller's training model ``model_id``, else 404 ``unknown {noun} ...``."""
+    row = session.get(TrainingModel, model_id)
+    if row is None or row.tenant_id != who.tenant:
+        raise NotFoundError(f"unknown {noun} {model_id!r}")
+    return row
+
+
+def require_usable(row: TrainingModel) -> TrainingModel:
+    """``row``, unless its creation failed (then a 400 that says why: it takes no requests)."""
+    if row.state == ModelState.FAILED:
+        raise BadRequestError(f"model {row.id!r} could not be created: {row.error}")
+    return row
+
+
+def own_sampler(session: Session, who: Principal, sampler_id: str) -> SamplingSessionRow:
+    """The caller's sampling session ``sampler_id``, else 404."""
+    row = session.get(SamplingSessionRow, sampler_id)
+    if row is None or row.tenant_id != who.tenant:
+        raise NotFoundError(f"unknown sampling session {sampler_id!r}")
+    return row
+
+
+def own_live_checkpoint(
+    session: Session, who: Principal, run_id: str, kind: str, name: str
+) -> TrainingCheckpoint:
+    """The caller's live (unexpired) checkpoint ``tinker://{run_id}/{kind}/{name}``, else 404."""
+    row = find_checkpoint(session, run_id, kind, name)
+    if row is None or row.tenant_id != who.tenant or is_expired(row):
+        raise NotFoundError(f"unknown checkpoint {f'tinker://{run_id}/{kind}/{name}'!r}")
+    return row
+
+
+def own_checkpoint(session: Session, who: Principal, path: str) -> TrainingCheckpoint:
+    """The caller's live checkpoint at the ``tinker://`` ``path``, else 404 (400 if malformed)."""
+    run_id, kind, name = parse_tinker_path(path)
+    return own_live_checkpoint(session, who, run_id, kind, name)

@@ -1,6 +1,7 @@
 """Durable futures: submission with de-duplication, and the worker that executes them.
 
-A submitted request becomes a ``futures`` row (state ``queued``). Requests that carry
+A submitted request becomes a ``futures`` row (state ``queued``; the states and their
+moves are :mod:`tensafe.server.states`). Requests that carry
 training data or weights keep them as an encrypted artifact of the tenant
 (``<future_id>.payload``), never in the database. A :class:`Worker` claims each model
 through a lease on its ``training_models`` row and runs that model's futures one at a
@@ -23,21 +24,20 @@ import json
 import logging
 import secrets
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 from sqlalchemy import or_, select, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session
 
-from tensafe.audit import append_record
-from tensafe.audit.signer import CheckpointSigner
-from tensafe.db import make_read_session_factory, utcnow
-from tensafe.server.errors import BadRequestError, NotFoundError, ServerError
+from tensafe.db import utcnow
+from tensafe.server.errors import BadRequestError, Category, JobFailedError, NotFoundError, ServerError
+from tensafe.server.events import register_operation
 from tensafe.server.models import FutureRow, TrainingModel
-from tensafe.server.settings import DEFAULT_RESULT_TTL_SECONDS, ModelCatalog
-from tensafe.storage import EncryptedArtifactStore
+from tensafe.server.services import Services
+from tensafe.server.states import FutureState, transition
 
 __all__ = [
     "INLINE_MAX_BYTES",
@@ -57,60 +57,9 @@ __all__ = [
 
 _log = logging.getLogger("tensafe.server.jobs")
 
-Category = Literal["user", "server", "unknown"]
-
-
-@dataclass(frozen=True)
-class Services:
-    """What API handlers and job handlers share."""
-
-    sessions: sessionmaker[Session]
-    store: EncryptedArtifactStore
-    signer: CheckpointSigner | None
-    checkpoint_every: int | None
-    catalog: ModelCatalog = field(default_factory=ModelCatalog)
-    #: Read-only sessions (on SQLite they never wait for the write lock); default: on
-    #: the engine of ``sessions``.
-    reads: sessionmaker[Session] = field(default=None)  # type: ignore[arg-type]
-    #: How long a finished future's result is kept before the sweeper deletes it (seconds;
-    #: :mod:`tensafe.server.retention`).
-    result_ttl_seconds: float = DEFAULT_RESULT_TTL_SECONDS
-
-    def __post_init__(self) -> None:
-        """Derive the read-only session factory from ``sessions`` when none is given."""
-        if self.reads is None:
-            object.__setattr__(self, "reads", make_read_session_factory(self.sessions.kw["bind"]))
-
-    def audit(
-        self,
-        session: Session,
-        *,
-        tenant: str,
-        actor: str,
-        action: str,
-        resource: str = "",
-        details: Mapping[str, Any] | None = None,
-    ) -> None:
-        """Append an audit record inside ``session``'s transaction."""
-        append_record(
-            session,
-            tenant=tenant,
-            actor=actor,
-            action=action,
-            resource=resource,
-            details=details,
-            signer=self.signer,
-            checkpoint_every=self.checkpoint_every,
-        )
-
-
-class JobFailedError(ServerError):
-    """Raised by a job handler: the future fails with ``message`` and ``category``."""
-
-    def __init__(self, message: str, *, category: Category = "user") -> None:
-        """Create the error (``category`` is ``user`` for bad input, ``server`` for our faults)."""
-        super().__init__(message)
-        self.category: Category = category
+#: A periodic task of the worker loop (e.g. :class:`tensafe.server.retention.Sweeper`):
+#: called once per loop pass, it decides itself whether it is due; it should not raise.
+PeriodicTask = Callable[[], object]
 
 
 @dataclass(frozen=True)
@@ -180,9 +129,14 @@ class OperationRegistry:
         self._ops: dict[str, Operation] = {}
 
     def register(self, operation: Operation) -> None:
-        """Add an operation (a name may be registered once)."""
+        """Add an operation (a name may be registered once) and register its audit events.
+
+        The events are ``api.<name>``, ``api.<name>.complete`` and ``api.<name>.failed``
+        (:func:`tensafe.server.events.register_operation`).
+        """
         if operation.name in self._ops:
             raise ValueError(f"operation {operation.name!r} is already registered")
+        register_operation(operation.name)
         self._ops[operation.name] = operation
 
     def get(self, name: str) -> Operation | None:
@@ -306,7 +260,7 @@ def submit_future(
         model_id=model_id,
         seq_id=seq_id,
         request_type=request_type,
-        state="queued",
+        state=FutureState.QUEUED,
         actor=actor,
         request_sha256=digest,
         payload_json=None if payload is None else json.dumps(payload, sort_keys=True),
@@ -387,14 +341,21 @@ class Worker:
         poll_interval: float = 0.25,
         notify: Callable[[str], None] | None = None,
         worker_id: str | None = None,
+        periodic: Sequence[PeriodicTask] = (),
     ) -> None:
-        """Create a worker (call :meth:`start` to run it in a thread)."""
+        """Create a worker (call :meth:`start` to run it in a thread).
+
+        ``periodic`` are the tasks the loop calls on every pass before looking for work
+        (:func:`tensafe.server.app.create_app` passes the retention sweeper); an error one
+        raises is logged and the loop goes on.
+        """
         self.services = services
         self.registry = registry
         self.worker_id = worker_id or "w-" + secrets.token_hex(8)
         self._lease = _dt.timedelta(seconds=lease_seconds)
         self._interval = poll_interval
         self._notify = notify
+        self._periodic = tuple(periodic)
         self._wake = threading.Event()
         self._stop = threading.Event()
         # Leases this worker holds (model id -> expiry it wrote) and models taken over but
@@ -436,11 +397,12 @@ class Worker:
             _log.exception("could not release the model leases of %s", self.worker_id)
 
     def _loop(self) -> None:
-        from tensafe.server.checkpoints import sweep_when_due  # deferred: that module imports this one
-
-        next_sweep = 0.0  # expired checkpoints: swept at start, then periodically
         while not self._stop.is_set():
-            next_sweep = sweep_when_due(self.services, next_sweep)
+            for task in self._periodic:
+                try:
+                    task()
+                except Exception:
+                    _log.exception("worker %s: periodic task %r failed; retrying later", self.worker_id, task)
             try:
                 ran = self.run_pending()
             except Exception:
@@ -467,7 +429,9 @@ class Worker:
     def _models_with_work(self) -> list[str | None]:
         with self.services.reads() as session:
             rows = session.execute(
-                select(FutureRow.model_id).where(FutureRow.state.in_(("queued", "running"))).distinct()
+                select(FutureRow.model_id)
+                .where(FutureRow.state.in_((FutureState.QUEUED, FutureState.RUNNING)))
+                .distinct()
             ).scalars()
             return list(rows)
 
@@ -512,7 +476,7 @@ class Worker:
             with self.services.reads() as session:
                 row = session.execute(
                     select(FutureRow)
-                    .where(FutureRow.model_id == model_id, FutureRow.state == "queued")
+                    .where(FutureRow.model_id == model_id, FutureRow.state == FutureState.QUEUED)
                     .order_by(FutureRow.seq_id, FutureRow.created_at)
                     .limit(1)
                 ).scalar_one_or_none()
@@ -563,7 +527,7 @@ class Worker:
             rows = list(
                 session.execute(
                     select(FutureRow)
-                    .where(FutureRow.model_id.is_(None), FutureRow.state == "queued")
+                    .where(FutureRow.model_id.is_(None), FutureRow.state == FutureState.QUEUED)
                     .order_by(FutureRow.created_at)
                     .limit(16)
                 ).scalars()
@@ -582,7 +546,7 @@ class Worker:
                 session.execute(
                     select(FutureRow).where(
                         FutureRow.model_id == model_id,
-                        FutureRow.state == "running",
+                        FutureRow.state == FutureState.RUNNING,
                         or_(FutureRow.worker_id.is_(None), FutureRow.worker_id != self.worker_id),
                     )
                 ).scalars()
@@ -594,7 +558,8 @@ class Worker:
                     _log.warning(
                         "re-queueing %s (%s) left running by %s", row.id, row.request_type, row.worker_id
                     )
-                    row.state, row.worker_id, row.updated_at = "queued", None, utcnow()
+                    row.state = transition(row.state, FutureState.QUEUED)
+                    row.worker_id, row.updated_at = None, utcnow()
                     continue
                 message = (
                     f"the server stopped while this {row.request_type} request was running; it was "
@@ -612,9 +577,9 @@ class Worker:
         with self.services.sessions.begin() as session:
             result = session.execute(
                 update(FutureRow)
-                .where(FutureRow.id == future_id, FutureRow.state == "queued")
+                .where(FutureRow.id == future_id, FutureRow.state == FutureState.QUEUED)
                 .values(
-                    state="running",
+                    state=transition(FutureState.QUEUED, FutureState.RUNNING),
                     worker_id=self.worker_id,
                     started_at=now,
                     updated_at=now,
@@ -715,11 +680,11 @@ class Worker:
                 update(FutureRow)
                 .where(
                     FutureRow.id == row.id,
-                    FutureRow.state == "running",
+                    FutureRow.state == FutureState.RUNNING,
                     FutureRow.worker_id == self.worker_id,
                 )
                 .values(
-                    state="complete",
+                    state=transition(FutureState.RUNNING, FutureState.COMPLETE),
                     payload_ref=None,  # the staged payload is deleted below: no copy outlives the job
                     payload_blob=None,
                     result_json=None if result.data is not None else json.dumps(dict(result.json or {})),
@@ -750,7 +715,7 @@ class Worker:
     ) -> None:
         with self.services.sessions.begin() as session:
             fresh = session.get(FutureRow, row.id)
-            if fresh is None or fresh.state != "running" or fresh.worker_id != self.worker_id:
+            if fresh is None or fresh.state != FutureState.RUNNING or fresh.worker_id != self.worker_id:
                 return
             dropped = self._finish_failed(session, fresh, message, category, ctx=ctx, op=op)
         self._drop_payload(row.tenant_id, dropped)
@@ -768,7 +733,8 @@ class Worker:
     ) -> str | None:
         """Mark ``row`` failed (the caller commits); return its staged payload to delete after commit."""
         now = utcnow()
-        row.state, row.error, row.error_category = "failed", message[:4000], category
+        row.state = transition(row.state, FutureState.FAILED)
+        row.error, row.error_category = message[:4000], category
         row.finished_at = row.updated_at = now
         payload_ref, row.payload_ref = row.payload_ref, None
         if row.payload_blob is not None:  # sealed in the row: cleared with it, no file to delete

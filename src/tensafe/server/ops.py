@@ -85,6 +85,7 @@ from tensafe.server.stability import (
     seal_records,
     store_records,
 )
+from tensafe.server.states import FutureState, ModelState, transition
 from tensafe.training._heap import settle_heap
 
 __all__ = ["MAX_DATASET_SIZE", "ComputeOps", "default_registry", "parse_tinker_path"]
@@ -273,7 +274,7 @@ class ComputeOps:
             last = session.execute(
                 select(func.max(FutureRow.seq_id)).where(
                     FutureRow.model_id == ctx.model_id,
-                    FutureRow.state == "complete",
+                    FutureRow.state == FutureState.COMPLETE,
                     FutureRow.id != ctx.future_id,
                 )
             ).scalar_one()
@@ -281,14 +282,14 @@ class ComputeOps:
                 select(func.max(FutureRow.seq_id)).where(
                     FutureRow.model_id == ctx.model_id,
                     FutureRow.request_type.in_(("optim_step", "load_weights", "create_model")),
-                    FutureRow.state.in_(("complete", "failed")),
+                    FutureRow.state.in_((FutureState.COMPLETE, FutureState.FAILED)),
                 )
             ).scalar_one()
             pending = session.execute(
                 select(FutureRow.seq_id).where(
                     FutureRow.model_id == ctx.model_id,
                     FutureRow.request_type == "forward_backward",
-                    FutureRow.state == "complete",
+                    FutureRow.state == FutureState.COMPLETE,
                     FutureRow.seq_id > (last_step if last_step is not None else -1),
                 )
             ).scalars()
@@ -446,7 +447,7 @@ class ComputeOps:
                 row.state_ref, row.state_seq_id = ref, seq_id
             row.step, row.privacy_spent, row.last_request_time = step, spent, utcnow()
             if ready:
-                row.state = "ready"
+                row.state = transition(row.state, ModelState.READY)
 
         def cleanup() -> None:
             if ref is not None and old_ref is not None and old_ref != ref:
@@ -1154,8 +1155,8 @@ def _create_failed(session: Session, ctx: JobContext, message: str) -> None:
     if ctx.model_id is None:
         return
     row = session.get(TrainingModel, ctx.model_id)
-    if row is not None and row.state != "ready":
-        row.state, row.error = "failed", message[:4000]
+    if row is not None and row.state != ModelState.READY:
+        row.state, row.error = transition(row.state, ModelState.FAILED), message[:4000]
 
 
 def default_registry(*, auto_checkpoint: bool = True) -> OperationRegistry:

@@ -1,8 +1,15 @@
-"""Retention of futures' results and clean-up of orphaned request artifacts.
+"""Every sweep of the server: expired checkpoints and download tokens, futures' results, orphans.
 
-Run by the worker loop's periodic sweeper (:func:`tensafe.server.checkpoints.sweep_when_due`,
-every :data:`~tensafe.server.checkpoints.SWEEP_INTERVAL_SECONDS`), in every process that
-runs a worker; both sweeps are safe to run in several processes at once.
+Run by the worker loop's periodic task :class:`Sweeper` (given to the
+:class:`~tensafe.server.jobs.Worker` by :func:`tensafe.server.app.create_app`; at start,
+then every :data:`SWEEP_INTERVAL_SECONDS`), in every process that runs a worker; every
+sweep is safe to run in several processes at once. :func:`sweep_when_due` runs them all
+once when due.
+
+**Checkpoints.** A checkpoint whose ``expires_at`` has passed is invisible at once (404,
+not listed, cannot be loaded or downloaded); :func:`sweep_expired_checkpoints` deletes its
+row and its encrypted artifacts and audits the deletion (``system.checkpoint_expired``),
+and deletes expired download tokens.
 
 **Results.** The result of a future that finished (``complete`` or ``failed``) more than
 ``result_ttl_seconds`` ago (:class:`~tensafe.server.settings.ServerSettings`,
@@ -28,26 +35,34 @@ from __future__ import annotations
 
 import datetime as _dt
 import logging
+import time
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from typing import Any, cast
 
-from sqlalchemy import CursorResult, or_, select, update
+from sqlalchemy import CursorResult, delete, or_, select, update
 
 from tensafe.db import Tenant, utcnow
-from tensafe.server.errors import ServerError
-from tensafe.server.jobs import Services
-from tensafe.server.models import FutureRow
+from tensafe.server.checkpoints import delete_checkpoint_artifacts
+from tensafe.server.errors import ResultExpiredError
+from tensafe.server.models import DownloadToken, FutureRow, TrainingCheckpoint
+from tensafe.server.services import Services
+from tensafe.server.states import FutureState
 from tensafe.storage import ArtifactNotFoundError, EncryptedArtifactStore, LocalFilesystemBackend
 
 __all__ = [
     "ORPHAN_MIN_AGE_SECONDS",
     "RESULTS_ACTOR",
     "RESULT_EXPIRED",
+    "SWEEPER_ACTOR",
+    "SWEEP_INTERVAL_SECONDS",
     "ResultExpiredError",
+    "Sweeper",
     "run_retention_sweeps",
+    "sweep_expired_checkpoints",
     "sweep_expired_results",
     "sweep_orphan_artifacts",
+    "sweep_when_due",
 ]
 
 _log = logging.getLogger("tensafe.server.retention")
@@ -56,6 +71,10 @@ _log = logging.getLogger("tensafe.server.retention")
 RESULT_EXPIRED = "tensafe/result-expired"
 #: Audit actor of the retention sweeps.
 RESULTS_ACTOR = "system:result-retention"
+#: How often the worker loop runs the sweeps (seconds).
+SWEEP_INTERVAL_SECONDS = 60.0
+#: Audit actor of the checkpoint expiry sweep.
+SWEEPER_ACTOR = "system:checkpoint-expiry"
 #: Unreferenced request artifacts younger than this (seconds) are never deleted.
 ORPHAN_MIN_AGE_SECONDS = 3600.0
 
@@ -68,16 +87,71 @@ _CHUNK = 500
 _LOCAL_BLOB_SUFFIX = ".tsa"
 
 
-class ResultExpiredError(ServerError):
-    """The future finished, but its result was deleted by the retention sweep (HTTP 410)."""
-
-    status_code = 410
-    error = "result_expired"
-
-
 def _chunks(items: Sequence[str]) -> Iterable[Sequence[str]]:
     for start in range(0, len(items), _CHUNK):
         yield items[start : start + _CHUNK]
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def sweep_expired_checkpoints(
+    services: Services, *, now: _dt.datetime | None = None, limit: int = 500
+) -> int:
+    """Delete expired checkpoints (rows and encrypted artifacts) and expired download tokens.
+
+    Each deletion is audited (``system.checkpoint_expired``) in the transaction that
+    removes the row; the artifacts are deleted after it commits. Safe to run in several
+    processes at once: a row is deleted (and audited) by exactly one of them.
+
+    Returns:
+        The number of checkpoints deleted.
+    """
+    moment = now or utcnow()
+    with services.sessions() as session:
+        due = session.execute(
+            select(
+                TrainingCheckpoint.id,
+                TrainingCheckpoint.tenant_id,
+                TrainingCheckpoint.model_id,
+                TrainingCheckpoint.kind,
+                TrainingCheckpoint.name,
+                TrainingCheckpoint.artifact_id,
+                TrainingCheckpoint.expires_at,
+            )
+            .where(TrainingCheckpoint.expires_at.is_not(None), TrainingCheckpoint.expires_at <= moment)
+            .limit(limit)
+        ).all()
+    removed = 0
+    for ckpt_id, tenant, model_id, kind, name, ref, expires_at in due:
+        path = f"tinker://{model_id}/{kind}/{name}"
+        with services.sessions.begin() as session:
+            result = cast(
+                "CursorResult[Any]",
+                session.execute(
+                    delete(TrainingCheckpoint).where(
+                        TrainingCheckpoint.id == ckpt_id, TrainingCheckpoint.expires_at <= moment
+                    )
+                ),
+            )
+            if result.rowcount != 1:
+                continue  # another process swept it, or its TTL was just extended
+            services.audit(
+                session,
+                tenant=tenant,
+                actor=SWEEPER_ACTOR,
+                action="system.checkpoint_expired",
+                resource=path,
+                details={"artifact": ref or "", "expires_at": expires_at.isoformat() if expires_at else ""},
+            )
+        removed += 1
+        try:
+            delete_checkpoint_artifacts(services.store, tenant, ref)
+        except Exception:
+            _log.exception("could not delete the artifacts of the expired checkpoint %s", path)
+    with services.sessions.begin() as session:
+        session.execute(delete(DownloadToken).where(DownloadToken.expires_at <= moment))
+    return removed
 
 
 # --------------------------------------------------------------------------- results
@@ -114,7 +188,7 @@ def sweep_expired_results(
         due = session.execute(
             select(FutureRow.id, FutureRow.tenant_id, FutureRow.result_ref, FutureRow.result_blob.is_(None))
             .where(
-                FutureRow.state.in_(("complete", "failed")),
+                FutureRow.state.in_((FutureState.COMPLETE, FutureState.FAILED)),
                 FutureRow.finished_at <= cutoff,
                 or_(FutureRow.result_content_type.is_(None), FutureRow.result_content_type != RESULT_EXPIRED),
             )
@@ -278,3 +352,42 @@ def run_retention_sweeps(services: Services) -> None:
         sweep_orphan_artifacts(services)
     except Exception:
         _log.exception("the orphaned-artifact sweep failed; retrying later")
+
+
+# --------------------------------------------------------------------------- the worker's task
+
+
+def sweep_when_due(services: Services, due: float) -> float:
+    """Run every sweep (:func:`sweep_expired_checkpoints`, then :func:`run_retention_sweeps`)
+    if the monotonic time ``due`` has come.
+
+    Never raises. Returns when the next sweep is due.
+    """
+    now = time.monotonic()
+    if now < due:
+        return due
+    try:
+        removed = sweep_expired_checkpoints(services)
+        if removed:
+            _log.info("deleted %d expired checkpoint(s)", removed)
+    except Exception:
+        _log.exception("the expired-checkpoint sweep failed; retrying later")
+    run_retention_sweeps(services)
+    return now + SWEEP_INTERVAL_SECONDS
+
+
+class Sweeper:
+    """The worker loop's periodic task: every sweep, at the first call, then every
+    :data:`SWEEP_INTERVAL_SECONDS` (read when each sweep runs)."""
+
+    def __init__(self, services: Services) -> None:
+        """Sweep for ``services`` (first at the next call)."""
+        self._services = services
+        self._due = 0.0
+
+    def __repr__(self) -> str:
+        return "Sweeper()"
+
+    def __call__(self) -> None:
+        """Run the sweeps if they are due; never raises."""
+        self._due = sweep_when_due(self._services, self._due)

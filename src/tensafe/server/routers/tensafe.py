@@ -1,5 +1,7 @@
 """TenSafe-specific REST endpoints under ``/api/v1/tensafe/`` (not part of Tinker's protocol).
 
+Their wire models are :mod:`tensafe.protocol.tensafe`.
+
 * ``GET /api/v1/tensafe/audit/records?limit=N``: the newest records of the caller's
   audit chain.
 * ``GET /api/v1/tensafe/audit/head``: the newest signed checkpoint of the caller's chain
@@ -20,14 +22,11 @@ answer as a run that does not exist.
 # No "from __future__ import annotations": FastAPI evaluates the annotations.
 
 import base64
-import datetime as _dt
 import json
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
-from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import BigInteger, String, cast, func, literal_column, null, select, union_all
-from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from tensafe.audit import (
@@ -41,146 +40,32 @@ from tensafe.audit import (
     verify_chain,
 )
 from tensafe.audit.models import AuditChainHead
+from tensafe.protocol.tensafe import (
+    ArtifactInfo,
+    ArtifactsResponse,
+    AuditHead,
+    AuditRecordsResponse,
+    AuditRecordView,
+    AuditVerification,
+    PrivacyReport,
+)
 from tensafe.server.audit_verifications import AuditVerifications
-from tensafe.server.deps import Caller, Svc
-from tensafe.server.errors import BadRequestError, NotFoundError, ServerError
-from tensafe.server.jobs import Services
+from tensafe.server.deps import Caller, Svc, own_model
+from tensafe.server.errors import (
+    BadRequestError,
+    LedgerIntegrityError,
+    NotFoundError,
+    PrivacyUnavailableError,
+)
+from tensafe.server.ledger import audit_mismatch, ledger_events
 from tensafe.server.models import FutureRow, TrainingCheckpoint, TrainingModel
+from tensafe.server.services import Services
 from tensafe.server.tenants import Principal
 
-__all__ = [
-    "ArtifactInfo",
-    "ArtifactsResponse",
-    "AuditHead",
-    "AuditRecordView",
-    "AuditRecordsResponse",
-    "AuditVerification",
-    "LedgerIntegrityError",
-    "PrivacyReport",
-    "PrivacyUnavailableError",
-    "router",
-]
-
-
-class _Response(BaseModel):
-    model_config = ConfigDict(extra="ignore", protected_namespaces=())
-
-
-class AuditRecordView(_Response):
-    """One audit record (see ``docs/audit.md``)."""
-
-    seq: int
-    timestamp: str
-    actor: str
-    action: str
-    resource: str
-    details: dict[str, Any]
-    prev_hash: str
-    record_hash: str
-    format: str
-
-
-class AuditRecordsResponse(_Response):
-    """The newest records of the tenant's chain, oldest first."""
-
-    records: list[AuditRecordView]
-    total_count: int
-
-
-class AuditVerification(_Response):
-    """The outcome of verifying the tenant's chain.
-
-    ``cached`` is true when the chain verification was made before this call (at
-    ``verified_at``); the comparison with a known head (``known_length``) is made on
-    every call.
-    """
-
-    verified: bool
-    length: int = 0
-    head_hash: str | None = None
-    checkpoints: int = 0
-    signed_length: int = 0
-    unsigned_tail: int = 0
-    checkpoint_every: int = 0
-    known_length: int | None = None
-    cached: bool = False
-    verified_at: _dt.datetime | None = None
-    reason: str | None = None
-
-
-class AuditHead(_Response):
-    """A signed checkpoint of the tenant's chain: exactly a head file of ``docs/audit.md``.
-
-    ``signature`` is the standard base64 of the hybrid signature. Verify it with the
-    deployment's public key obtained from the operator, never with a key this server
-    hands out (``tensafe audit verify-head``).
-    """
-
-    format: str
-    tenant: str
-    length: int
-    head_hash: str
-    timestamp: str
-    key_id: str
-    signature: str
-
-
-class ArtifactInfo(_Response):
-    """An artifact of the encrypted store and what references it."""
-
-    artifact_id: str
-    role: str
-    request_id: str | None = None
-    training_run_id: str | None = None
-    tinker_path: str | None = None
-    size_bytes: int | None = None
-    created_at: _dt.datetime | None = None
-
-
-class ArtifactsResponse(_Response):
-    """A page of the tenant's artifacts."""
-
-    artifacts: list[ArtifactInfo]
-    total_count: int
-
-
-class PrivacyReport(_Response):
-    """The privacy budget of a run."""
-
-    training_run_id: str
-    dp_enabled: bool = True
-    epsilon_spent: float | None = None
-    target_epsilon: float | None = None
-    delta: float | None = None
-    accountant: str | None = None
-    steps: int = 0
-    noise_multiplier: float | None = None
-    max_grad_norm: float | None = None
-    sampling: str | None = None
-    extra: dict[str, Any] | None = Field(default=None)
-
-
-class LedgerIntegrityError(ServerError):
-    """The privacy ledger disagrees with the audit log (modified in the database): nothing is certified."""
-
-    status_code = 500
-    error = "ledger_integrity_error"
-
-
-class PrivacyUnavailableError(NotFoundError):
-    """The server does not record privacy state for this run (yet)."""
-
-    error = "privacy_unavailable"
+__all__ = ["router"]
 
 
 router = APIRouter(prefix="/api/v1/tensafe", tags=["tensafe"])
-
-
-def _own_run(session: Session, who: Principal, run_id: str) -> TrainingModel:
-    row = session.get(TrainingModel, run_id)
-    if row is None or row.tenant_id != who.tenant:
-        raise NotFoundError(f"unknown training run {run_id!r}")
-    return row
 
 
 @router.get("/audit/records")
@@ -456,10 +341,8 @@ def _load_state(
     services: Services, who: Principal, run_id: str
 ) -> tuple[TrainingModel, _State, list[Any] | None]:
     """The run, its recorded privacy state and its ledger's spend (None without a ledger)."""
-    from tensafe.server.ledger import audit_mismatch, ledger_events
-
     with services.reads() as session:
-        run = _own_run(session, who, run_id)
+        run = own_model(session, who, run_id, noun="training run")
         events = None
         if run.ledger_id is not None:
             problem = audit_mismatch(session, tenant=who.tenant, ledger_id=run.ledger_id)

@@ -1,0 +1,199 @@
+"""The REST listings: capabilities, training runs, checkpoints, sessions; deleting a checkpoint."""
+
+# No "from __future__ import annotations": FastAPI evaluates the annotations.
+
+import json
+from typing import Annotated
+
+from fastapi import APIRouter, Query
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from tensafe import protocol as p
+from tensafe.server.checkpoints import checkpoint_is_live, delete_checkpoint_artifacts
+from tensafe.server.deps import Caller, Svc, audit, own_checkpoint, own_model, own_session
+from tensafe.server.models import SamplingSessionRow, ServerSession, TrainingCheckpoint, TrainingModel
+from tensafe.server.routers._common import str_metadata
+from tensafe.server.states import ModelState
+
+__all__ = ["router"]
+
+router = APIRouter(prefix="/api/v1", tags=["rest"])
+
+#: Page parameters of the listings.
+Offset = Annotated[int, Query(ge=0, le=2**31 - 1)]
+_TYPES = {"weights": "training", "sampler_weights": "sampler", "external_weights": "external"}
+
+
+@router.get("/get_server_capabilities")
+def capabilities(who: Caller, services: Svc) -> p.ServerCapabilities:
+    """Base models this server serves."""
+    return p.ServerCapabilities(
+        supported_models=[
+            p.SupportedModel(model_name=name, trainable=True, sampleable=True)
+            for name in sorted(services.catalog.entries)
+        ]
+    )
+
+
+def _checkpoint_view(row: TrainingCheckpoint) -> p.Checkpoint:
+    return p.Checkpoint(
+        checkpoint_id=f"{row.kind}/{row.name}",
+        checkpoint_type=_TYPES[row.kind],  # type: ignore[arg-type]
+        time=row.created_at,
+        tinker_path=f"tinker://{row.model_id}/{row.kind}/{row.name}",
+        size_bytes=row.size_bytes,
+        public=row.public,
+        user_metadata=str_metadata(row.user_metadata),
+        expires_at=row.expires_at,
+    )
+
+
+def _run_view(session: Session, row: TrainingModel) -> p.TrainingRun:
+    last: dict[str, p.Checkpoint | None] = {"weights": None, "sampler_weights": None}
+    for kind in last:
+        ck = session.execute(
+            select(TrainingCheckpoint)
+            .where(
+                TrainingCheckpoint.model_id == row.id, TrainingCheckpoint.kind == kind, checkpoint_is_live()
+            )
+            .order_by(TrainingCheckpoint.created_at.desc())
+            .limit(1)
+        ).scalar_one_or_none()
+        last[kind] = None if ck is None else _checkpoint_view(ck)
+    return p.TrainingRun(
+        training_run_id=row.id,
+        base_model=row.base_model,
+        model_owner=row.tenant_id,
+        is_lora=True,
+        last_request_time=row.last_request_time,
+        corrupted=row.state == ModelState.FAILED,
+        lora_rank=row.lora_rank,
+        last_checkpoint=last["weights"],
+        last_sampler_checkpoint=last["sampler_weights"],
+        user_metadata=str_metadata(row.user_metadata),
+    )
+
+
+@router.get("/training_runs")
+def training_runs(
+    who: Caller,
+    services: Svc,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 20,
+    offset: Offset = 0,
+    access_scope: str = "owned",
+    project_id: str | None = None,
+) -> p.TrainingRunsResponse:
+    """The tenant's training runs, newest first."""
+    with services.sessions() as session:
+        query = select(TrainingModel).where(TrainingModel.tenant_id == who.tenant)
+        if project_id is not None:
+            query = query.join(ServerSession, ServerSession.id == TrainingModel.session_id).where(
+                ServerSession.project_id == project_id
+            )
+        total = session.execute(select(func.count()).select_from(query.subquery())).scalar_one()
+        rows = session.execute(
+            query.order_by(TrainingModel.created_at.desc(), TrainingModel.id).limit(limit).offset(offset)
+        ).scalars()
+        runs = [_run_view(session, row) for row in rows]
+    return p.TrainingRunsResponse(
+        training_runs=runs, cursor=p.Cursor(offset=offset, limit=limit, total_count=int(total))
+    )
+
+
+@router.get("/training_runs/{run_id}")
+def training_run(run_id: str, who: Caller, services: Svc, access_scope: str = "owned") -> p.TrainingRun:
+    """One training run of the tenant."""
+    with services.sessions() as session:
+        return _run_view(session, own_model(session, who, run_id))
+
+
+@router.get("/training_runs/{run_id}/checkpoints")
+def run_checkpoints(run_id: str, who: Caller, services: Svc) -> p.CheckpointsListResponse:
+    """Checkpoints of one training run."""
+    with services.sessions() as session:
+        own_model(session, who, run_id)
+        rows = session.execute(
+            select(TrainingCheckpoint)
+            .where(TrainingCheckpoint.model_id == run_id, TrainingCheckpoint.tenant_id == who.tenant)
+            .where(checkpoint_is_live())
+            .order_by(TrainingCheckpoint.created_at)
+        ).scalars()
+        return p.CheckpointsListResponse(checkpoints=[_checkpoint_view(r) for r in rows])
+
+
+@router.get("/checkpoints")
+def all_checkpoints(
+    who: Caller, services: Svc, limit: Annotated[int, Query(ge=1, le=1000)] = 100, offset: Offset = 0
+) -> p.CheckpointsListResponse:
+    """Checkpoints across the tenant's runs, newest first."""
+    with services.sessions() as session:
+        query = select(TrainingCheckpoint).where(
+            TrainingCheckpoint.tenant_id == who.tenant, checkpoint_is_live()
+        )
+        total = session.execute(select(func.count()).select_from(query.subquery())).scalar_one()
+        rows = session.execute(
+            query.order_by(TrainingCheckpoint.created_at.desc()).limit(limit).offset(offset)
+        ).scalars()
+        return p.CheckpointsListResponse(
+            checkpoints=[_checkpoint_view(r) for r in rows],
+            cursor=p.Cursor(offset=offset, limit=limit, total_count=int(total)),
+        )
+
+
+@router.delete("/training_runs/{run_id}/checkpoints/{checkpoint_id:path}")
+def delete_checkpoint(run_id: str, checkpoint_id: str, who: Caller, services: Svc) -> dict[str, str]:
+    """Delete a checkpoint and its encrypted files."""
+    path = f"tinker://{run_id}/{checkpoint_id}"
+    with services.sessions.begin() as session:
+        row = own_checkpoint(session, who, path)
+        ref = row.artifact_id
+        session.delete(row)
+        audit(services, session, who, "api.delete_checkpoint", path, artifact=ref or "")
+    delete_checkpoint_artifacts(services.store, who.tenant, ref)
+    return {"status": "deleted"}
+
+
+@router.get("/sessions")
+def list_sessions(
+    who: Caller,
+    services: Svc,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 20,
+    offset: Offset = 0,
+    access_scope: str = "owned",
+) -> p.ListSessionsResponse:
+    """The tenant's session ids, newest first."""
+    with services.sessions() as session:
+        rows = session.execute(
+            select(ServerSession.id)
+            .where(ServerSession.tenant_id == who.tenant)
+            .order_by(ServerSession.created_at.desc(), ServerSession.id)
+            .limit(limit)
+            .offset(offset)
+        ).scalars()
+        return p.ListSessionsResponse(sessions=list(rows))
+
+
+@router.get("/sessions/{session_id}")
+def get_session(
+    session_id: str, who: Caller, services: Svc, access_scope: str = "owned"
+) -> p.GetSessionResponse:
+    """One session: its training runs."""
+    with services.sessions() as session:
+        row = own_session(session, who, session_id)
+        runs = session.execute(
+            select(TrainingModel.id)
+            .where(TrainingModel.session_id == row.id)
+            .order_by(TrainingModel.model_seq_id)
+        ).scalars()
+        samplers = session.execute(
+            select(SamplingSessionRow.id)
+            .where(SamplingSessionRow.session_id == row.id)
+            .order_by(SamplingSessionRow.seq_id)
+        ).scalars()
+        return p.GetSessionResponse(
+            training_run_ids=list(runs),
+            sampler_ids=list(samplers),
+            user_metadata=json.loads(row.user_metadata) or None,
+            display_name=row.display_name,
+        )

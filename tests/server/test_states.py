@@ -33,7 +33,7 @@ LEGAL_MODEL_MOVES = {("creating", "ready"), ("creating", "failed"), ("ready", "r
 
 def test_the_database_strings_are_unchanged() -> None:
     assert [s.value for s in FutureState] == ["queued", "running", "complete", "failed"]
-    assert [s.value for s in ModelState] == ["creating", "ready", "failed"]
+    assert [s.value for s in ModelState] == ["creating", "ready", "failed", "uploaded"]
 
 
 @given(current=st.sampled_from(list(FutureState)), target=st.sampled_from(list(FutureState)))

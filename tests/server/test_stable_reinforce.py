@@ -27,7 +27,8 @@ from sqlalchemy import select, update
 from server.conftest import TINY_MODEL, LiveServer, ServerEnv
 from tensafe.db import utcnow
 from tensafe.server.privacy import OperatorPrivacy
-from tensafe.server.stability import StabilityRecord, sweep_expired_stability_records
+from tensafe.server.retention import sweep_expired_stability_records
+from tensafe.server.stability import StabilityRecord
 
 tinker = pytest.importorskip("tinker", reason="the official tinker SDK is a test dependency (tinker==0.38.0)")
 from tinker import types  # noqa: E402

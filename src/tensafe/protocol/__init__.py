@@ -106,6 +106,7 @@ from tensafe.protocol.errors import (
 )
 from tensafe.protocol.paths import (
     CHECKPOINT_KINDS,
+    KIND_OF_CHECKPOINT_TYPE,
     TINKER_PATH_PREFIX,
     CheckpointKind,
     CheckpointType,
@@ -115,6 +116,7 @@ from tensafe.protocol.paths import (
 __all__ = [
     "API_KEY_PREFIX",
     "CHECKPOINT_KINDS",
+    "KIND_OF_CHECKPOINT_TYPE",
     "LENIENT",
     "TINKER_PATH_PREFIX",
     "AdamParams",

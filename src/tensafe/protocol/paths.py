@@ -31,6 +31,7 @@ from tensafe.protocol.errors import InvalidTinkerPathError
 
 __all__ = [
     "CHECKPOINT_KINDS",
+    "KIND_OF_CHECKPOINT_TYPE",
     "TINKER_PATH_PREFIX",
     "CheckpointKind",
     "CheckpointType",
@@ -53,6 +54,10 @@ _TYPE_OF_KIND: Final[dict[CheckpointKind, CheckpointType]] = {
     "weights": "training",
     "sampler_weights": "sampler",
     "external_weights": "external",
+}
+#: The kind of each Tinker REST checkpoint type (the inverse of :attr:`TinkerPath.checkpoint_type`).
+KIND_OF_CHECKPOINT_TYPE: Final[dict[CheckpointType, CheckpointKind]] = {
+    v: k for k, v in _TYPE_OF_KIND.items()
 }
 _IDENT: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9:._-]{0,199}")
 _FORM: Final = "tinker://<training_run_id>/<weights|sampler_weights|external_weights>/<name>"

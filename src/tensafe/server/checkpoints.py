@@ -28,14 +28,16 @@ import json
 import re
 import secrets
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import ColumnElement, or_, select
 from sqlalchemy.orm import Session
 
+from tensafe import protocol as p
 from tensafe.db import utcnow
+from tensafe.protocol import CHECKPOINT_KINDS, CheckpointKind, InvalidTinkerPathError, TinkerPath
 from tensafe.protocol.tensafe import MAX_TTL_SECONDS, MIN_TTL_SECONDS
-from tensafe.server.errors import JobFailedError
+from tensafe.server.errors import BadRequestError, JobFailedError
 from tensafe.server.jobs import JobContext, JobResult
 from tensafe.server.models import TrainingCheckpoint, TrainingModel
 from tensafe.storage import EncryptedArtifactStore
@@ -49,12 +51,16 @@ __all__ = [
     "MAX_TTL_SECONDS",
     "MIN_TTL_SECONDS",
     "checkpoint_is_live",
+    "checkpoint_path",
+    "checkpoint_view",
     "delete_checkpoint_artifacts",
     "export_external_weights",
     "find_checkpoint",
     "is_expired",
+    "parse_checkpoint_path",
     "publish_refusal",
     "record_checkpoint",
+    "str_metadata",
 ]
 
 #: Lifetime of a download URL (seconds).
@@ -65,9 +71,50 @@ MAX_AGE_RECIPIENTS = 10
 #: Format label of the encrypted manifest ``<ref>.manifest`` of an external-weights export.
 MANIFEST_FORMAT = "tensafe.external_weights/v1"
 #: The kind of an exported adapter.
-EXTERNAL_KIND = "external_weights"
-#: Every checkpoint kind (the middle part of a ``tinker://`` path).
-CHECKPOINT_KINDS = ("weights", "sampler_weights", "external_weights")
+EXTERNAL_KIND: CheckpointKind = "external_weights"
+
+
+# --------------------------------------------------------------------------- paths and views
+
+
+def parse_checkpoint_path(path: str) -> TinkerPath:
+    """Parse a client's ``tinker://`` path.
+
+    Raises:
+        BadRequestError: ``path`` is not a checkpoint path (the message shows the form).
+    """
+    try:
+        return TinkerPath.parse(path)
+    except InvalidTinkerPathError as exc:
+        raise BadRequestError(str(exc)) from None
+
+
+def checkpoint_path(row: TrainingCheckpoint) -> TinkerPath:
+    """The ``tinker://`` path of a stored checkpoint."""
+    return TinkerPath(run_id=row.model_id, kind=cast("CheckpointKind", row.kind), name=row.name)
+
+
+def str_metadata(raw: str) -> dict[str, str] | None:
+    """A checkpoint's stored ``user_metadata`` JSON as Tinker's ``dict[str, str]`` (None if absent)."""
+    data = json.loads(raw) if raw else None
+    if not isinstance(data, dict):
+        return None
+    return {str(k): v if isinstance(v, str) else json.dumps(v) for k, v in data.items()}
+
+
+def checkpoint_view(row: TrainingCheckpoint) -> p.Checkpoint:
+    """A stored checkpoint as the REST API lists it."""
+    path = checkpoint_path(row)
+    return p.Checkpoint(
+        checkpoint_id=path.checkpoint_id,
+        checkpoint_type=path.checkpoint_type,
+        time=row.created_at,
+        tinker_path=str(path),
+        size_bytes=row.size_bytes,
+        public=row.public,
+        user_metadata=str_metadata(row.user_metadata),
+        expires_at=row.expires_at,
+    )
 
 
 # --------------------------------------------------------------------------- helpers
@@ -244,13 +291,14 @@ def export_external_weights(ctx: JobContext, session: Any, *, ledger_id: str | N
     name = str(ctx.payload.get("path") or "")
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", name):
         raise JobFailedError(f"invalid external weights name {name!r}", category="user")
+    path = str(TinkerPath(run_id=model_id, kind=EXTERNAL_KIND, name=name))
     raw_recipients = ctx.payload.get("age_encryption_recipients") or []
     recipients = _age_recipients(raw_recipients) if raw_recipients else []
     with ctx.services.sessions() as db:
         existing = find_checkpoint(db, model_id, EXTERNAL_KIND, name)
         if existing is not None and not is_expired(existing):
             raise JobFailedError(
-                f"checkpoint tinker://{model_id}/{EXTERNAL_KIND}/{name} already exists; choose another name",
+                f"checkpoint {path} already exists; choose another name",
                 category="user",
             )
         old_ref = None if existing is None else existing.artifact_id
@@ -295,7 +343,6 @@ def export_external_weights(ctx: JobContext, session: Any, *, ledger_id: str | N
         if old_ref is not None and old_ref != ref:
             delete_checkpoint_artifacts(store, tenant, old_ref)
 
-    path = f"tinker://{model_id}/{EXTERNAL_KIND}/{name}"
     return JobResult(
         json={"path": path, "size_bytes": size, "type": "save_weights_external"},
         apply=apply,

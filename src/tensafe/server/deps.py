@@ -25,12 +25,12 @@ from typing import Annotated, Any
 from fastapi import Depends, Header, Request
 from sqlalchemy.orm import Session
 
-from tensafe.server.checkpoints import find_checkpoint, is_expired
+from tensafe.protocol import CHECKPOINT_KINDS, InvalidTinkerPathError, TinkerPath
+from tensafe.server.checkpoints import find_checkpoint, is_expired, parse_checkpoint_path
 from tensafe.server.errors import BadRequestError, NotFoundError
 from tensafe.server.jobs import Worker
 from tensafe.server.limits import principal_of
 from tensafe.server.models import SamplingSessionRow, ServerSession, TrainingCheckpoint, TrainingModel
-from tensafe.server.ops import parse_tinker_path
 from tensafe.server.services import Services
 from tensafe.server.settings import ServerSettings
 from tensafe.server.states import ModelState
@@ -50,6 +50,7 @@ __all__ = [
     "own_sampler",
     "own_session",
     "require_usable",
+    "route_checkpoint_path",
     "services_of",
     "settings_of",
     "worker_of",
@@ -143,17 +144,32 @@ def own_sampler(session: Session, who: Principal, sampler_id: str) -> SamplingSe
     return row
 
 
-def own_live_checkpoint(
-    session: Session, who: Principal, run_id: str, kind: str, name: str
-) -> TrainingCheckpoint:
-    """The caller's live (unexpired) checkpoint ``tinker://{run_id}/{kind}/{name}``, else 404."""
-    row = find_checkpoint(session, run_id, kind, name)
+def route_checkpoint_path(run_id: str, kind: str, name: str) -> TinkerPath:
+    """The checkpoint a REST route names by the parts of its URL.
+
+    Raises:
+        BadRequestError: ``kind`` is not a checkpoint kind.
+        NotFoundError: ``run_id`` or ``name`` is not an identifier (no checkpoint has it).
+    """
+    if kind not in CHECKPOINT_KINDS:
+        raise BadRequestError(
+            f"{f'tinker://{run_id}/{kind}/{name}'[:120]!r}: the checkpoint kind must be one of "
+            f"{', '.join(CHECKPOINT_KINDS)}"
+        )
+    try:
+        return TinkerPath(run_id=run_id, kind=kind, name=name)
+    except InvalidTinkerPathError:
+        raise NotFoundError(f"unknown checkpoint {f'tinker://{run_id}/{kind}/{name}'[:120]!r}") from None
+
+
+def own_live_checkpoint(session: Session, who: Principal, path: TinkerPath) -> TrainingCheckpoint:
+    """The caller's live (unexpired) checkpoint at ``path``, else 404."""
+    row = find_checkpoint(session, path.run_id, path.kind, path.name)
     if row is None or row.tenant_id != who.tenant or is_expired(row):
-        raise NotFoundError(f"unknown checkpoint {f'tinker://{run_id}/{kind}/{name}'!r}")
+        raise NotFoundError(f"unknown checkpoint {str(path)!r}")
     return row
 
 
 def own_checkpoint(session: Session, who: Principal, path: str) -> TrainingCheckpoint:
-    """The caller's live checkpoint at the ``tinker://`` ``path``, else 404 (400 if malformed)."""
-    run_id, kind, name = parse_tinker_path(path)
-    return own_live_checkpoint(session, who, run_id, kind, name)
+    """The caller's live checkpoint at the client's ``tinker://`` ``path``, else 404 (400 if malformed)."""
+    return own_live_checkpoint(session, who, parse_checkpoint_path(path))

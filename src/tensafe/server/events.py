@@ -94,6 +94,18 @@ _FIXED: dict[str, ServerEventSpec] = {
     "privacy.step_charged": ServerEventSpec(
         "info", False, "a DP-SGD step was charged to a privacy ledger before it ran"
     ),
+    "api.external_weights_upload_start": ServerEventSpec(
+        "info", True, "an upload of LoRA weights trained elsewhere was started"
+    ),
+    "api.external_weights_upload_file": ServerEventSpec(
+        "info", True, "a file of an external weights upload was received"
+    ),
+    "api.external_weights_upload_finish": ServerEventSpec(
+        "warning", True, "uploaded LoRA weights were verified and stored as a non-private checkpoint"
+    ),
+    "api.external_weights_upload_refused": ServerEventSpec(
+        "warning", True, "an external weights upload or one of its files was refused"
+    ),
 }
 
 #: The events that belong to no operation, read-only.

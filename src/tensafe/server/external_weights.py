@@ -70,8 +70,16 @@ from sqlalchemy.orm import Session
 
 from tensafe import protocol as p
 from tensafe.db import utcnow
+from tensafe.protocol import KIND_OF_CHECKPOINT_TYPE, TinkerPath
 from tensafe.protocol import external_weights as xw
-from tensafe.server.checkpoints import checkpoint_is_live, record_checkpoint
+from tensafe.server.checkpoints import (
+    EXTERNAL_KIND,
+    MANIFEST_FORMAT,
+    checkpoint_is_live,
+    checkpoint_view,
+    record_checkpoint,
+    str_metadata,
+)
 from tensafe.server.errors import BadRequestError, NotFoundError
 from tensafe.server.jobs import JobFailedError, Services
 from tensafe.server.limits import MAX_BODY_BYTES
@@ -122,8 +130,6 @@ ACTIONS = (
     "api.external_weights_upload_refused",
 )
 
-_KIND = "external_weights"
-_MANIFEST_FORMAT = "tensafe.external_weights/v1"
 _META_FORMAT = "tensafe.external_weights_upload/v1"
 _GRANT_LABEL = b"tensafe-upload-grant-v1\x00"
 _CONFIG, _WEIGHTS = xw.ADAPTER_FILES
@@ -150,8 +156,6 @@ _MUST_BE_OFF = (
     "megatron_config",
 )
 _FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
-_CHECKPOINT_TYPES = {"training": "weights", "sampler": "sampler_weights", "external": "external_weights"}
-_TYPE_OF_KIND = {kind: name for name, kind in _CHECKPOINT_TYPES.items()}
 
 
 # --------------------------------------------------------------------------- signed URLs
@@ -732,14 +736,14 @@ def finish_upload(
                 "sha256": hashlib.sha256(data).hexdigest(),
             }
         )
-    manifest = {"format": _MANIFEST_FORMAT, "age_encrypted": False, "files": entries, "uploaded": upload_id}
+    manifest = {"format": MANIFEST_FORMAT, "age_encrypted": False, "files": entries, "uploaded": upload_id}
     services.store.put_bytes(
         who.tenant, f"{ref}.manifest", json.dumps(manifest, sort_keys=True).encode(), kind="manifest"
     )
 
     session_id = "upload-" + upload_id.removeprefix("xw-")
     model_id = p.model_id_for(session_id, 0)
-    path = f"tinker://{model_id}/{_KIND}/{CHECKPOINT_NAME}"
+    path = str(TinkerPath(run_id=model_id, kind=EXTERNAL_KIND, name=CHECKPOINT_NAME))
     size = sum(e["size"] for e in entries)
     certificate = json.loads(files[CERTIFICATE_FILENAME])
     try:
@@ -797,7 +801,7 @@ def finish_upload(
                 session,
                 tenant=who.tenant,
                 model_id=model_id,
-                kind=_KIND,
+                kind=EXTERNAL_KIND,
                 name=CHECKPOINT_NAME,
                 artifact_id=ref,
                 size_bytes=size,
@@ -903,26 +907,6 @@ def training_session_from_upload(
 # --------------------------------------------------------------------------- search
 
 
-def _str_metadata(raw: str) -> dict[str, str] | None:
-    data = json.loads(raw) if raw else None
-    if not isinstance(data, dict):
-        return None
-    return {str(k): v if isinstance(v, str) else json.dumps(v) for k, v in data.items()}
-
-
-def _view(row: TrainingCheckpoint) -> p.Checkpoint:
-    return p.Checkpoint(
-        checkpoint_id=f"{row.kind}/{row.name}",
-        checkpoint_type=_TYPE_OF_KIND[row.kind],  # type: ignore[arg-type]
-        time=row.created_at,
-        tinker_path=f"tinker://{row.model_id}/{row.kind}/{row.name}",
-        size_bytes=row.size_bytes,
-        public=row.public,
-        user_metadata=_str_metadata(row.user_metadata),
-        expires_at=row.expires_at,
-    )
-
-
 #: Rows read per batch while filtering on ``user_metadata`` (stored as JSON text).
 _SCAN_BATCH = 500
 
@@ -957,7 +941,7 @@ def search_checkpoints(
         .where(checkpoint_is_live())
     )
     if body.checkpoint_type is not None:
-        query = query.where(TrainingCheckpoint.kind == _CHECKPOINT_TYPES[body.checkpoint_type])
+        query = query.where(TrainingCheckpoint.kind == KIND_OF_CHECKPOINT_TYPE[body.checkpoint_type])
     if body.base_models is not None:
         query = query.where(TrainingModel.base_model.in_(body.base_models))
     cursor = body.cursor
@@ -981,7 +965,7 @@ def search_checkpoints(
             rows = list(session.execute(query.limit(_SCAN_BATCH).offset(offset)).scalars())
             for row in rows:
                 if wanted:
-                    have = _str_metadata(row.user_metadata) or {}
+                    have = str_metadata(row.user_metadata) or {}
                     if any(have.get(k) != v for k, v in wanted.items()):
                         continue
                 if len(found) == body.limit:
@@ -991,7 +975,7 @@ def search_checkpoints(
             if more or len(rows) < _SCAN_BATCH:
                 break
             offset += _SCAN_BATCH
-        views = [_view(r) for r in found]
+        views = [checkpoint_view(r) for r in found]
         last = found[-1] if found else None
         next_cursor = (
             xw.CheckpointSearchCursor(last_created_at=last.created_at, last_checkpoint_uuid=last.id)
@@ -1006,7 +990,7 @@ def search_checkpoints(
 
 def _uploaded(session: Session, ckpt: TrainingCheckpoint) -> bool:
     """Whether ``ckpt`` is the checkpoint of an uploaded adapter."""
-    if ckpt.kind != _KIND:
+    if ckpt.kind != EXTERNAL_KIND:
         return False
     model = session.get(TrainingModel, ckpt.model_id)
     return model is not None and model.state == UPLOADED_STATE

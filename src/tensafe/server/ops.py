@@ -42,16 +42,16 @@ import dataclasses
 import hashlib
 import json
 import logging
-import re
 import secrets
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import and_, func, select
 from sqlalchemy.orm import Session
 
 from tensafe.db import Tenant, utcnow
+from tensafe.protocol import CheckpointKind, InvalidTinkerPathError, TinkerPath
 from tensafe.server.cache import (
     DEFAULT_MAX_LOADED_MODELS,
     CacheStats,
@@ -88,7 +88,7 @@ from tensafe.server.stability import (
 from tensafe.server.states import FutureState, ModelState, transition
 from tensafe.training._heap import settle_heap
 
-__all__ = ["MAX_DATASET_SIZE", "ComputeOps", "default_registry", "parse_tinker_path"]
+__all__ = ["MAX_DATASET_SIZE", "ComputeOps", "default_registry"]
 
 #: Most examples one ``register_dataset`` request may carry.
 MAX_DATASET_SIZE = 1_000_000
@@ -105,26 +105,6 @@ _UNSUPPORTED_SAMPLE_KNOBS = (
 #: ``max_tokens`` when the client sends none.
 DEFAULT_MAX_TOKENS = 64
 _ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
-_KINDS = ("weights", "sampler_weights", "external_weights")
-_PATH_PART = re.compile(r"[A-Za-z0-9][A-Za-z0-9:._-]{0,199}")
-
-
-def parse_tinker_path(path: str) -> tuple[str, str, str]:
-    """Split ``tinker://<run>/<kind>/<name>``.
-
-    Raises:
-        BadRequestError: The path is malformed (each part must be an identifier).
-    """
-    from tensafe.server.errors import BadRequestError
-
-    if not path.startswith("tinker://"):
-        raise BadRequestError(f"{path!r} is not a tinker:// path")
-    parts = path[len("tinker://") :].split("/")
-    if len(parts) != 3 or parts[1] not in _KINDS or not all(_PATH_PART.fullmatch(x) for x in parts):
-        raise BadRequestError(
-            f"{path!r} must look like tinker://<training_run_id>/<weights|sampler_weights>/<name>"
-        )
-    return parts[0], parts[1], parts[2]
 
 
 @dataclass
@@ -515,16 +495,19 @@ class ComputeOps:
         """Create a model from a ``weights`` checkpoint (or reload an existing model's state)."""
         assert ctx.model_id is not None
         row = self._model_row(ctx)
-        source = _checkpoint(ctx, str(ctx.payload["path"]), kinds=("weights",))
+        source = _checkpoint(ctx, str(ctx.payload["path"]), kinds=("weights", "external_weights"))
         optimizer = bool(ctx.payload.get("optimizer", False))
-        self._make_room(ctx.tenant, ctx.model_id)
-        session = self._restore(
-            ctx, source.artifact_id or "", base_model=row.base_model, restore_optimizer=optimizer
-        )
         try:
             effective = EffectivePolicy.from_json(row.dp_policy)
         except ValueError as exc:
             raise JobFailedError(str(exc), category="server") from None
+        self._make_room(ctx.tenant, ctx.model_id)
+        if source.kind == "external_weights":  # an uploaded adapter (server/external_weights.py)
+            session = _from_upload(ctx, source, row, effective.policy)
+        else:
+            session = self._restore(
+                ctx, source.artifact_id or "", base_model=row.base_model, restore_optimizer=optimizer
+            )
         restored = session.policy
         if effective.policy is not None and (
             restored is None or not restored.is_at_least_as_strict_as(effective.policy)
@@ -894,13 +877,16 @@ class ComputeOps:
     ) -> JobResult:
         """Encrypt ``files`` as checkpoint ``kind/name`` (a live one is replaced only with overwrite)."""
         model_id, tenant = str(ctx.model_id), ctx.tenant
+        try:
+            path = str(TinkerPath(run_id=model_id, kind=cast("CheckpointKind", kind), name=name))
+        except InvalidTinkerPathError as exc:
+            raise JobFailedError(str(exc), category="user") from None
         overwrite = bool(ctx.payload.get("overwrite", False))
         with ctx.services.sessions() as db:
             existing = find_checkpoint(db, model_id, kind, name)
             if existing is not None and not overwrite and not is_expired(existing):
                 raise JobFailedError(
-                    f"checkpoint tinker://{model_id}/{kind}/{name} already exists; choose another name "
-                    "or pass overwrite=True",
+                    f"checkpoint {path} already exists; choose another name or pass overwrite=True",
                     category="user",
                 )
             old_ref = None if existing is None else existing.artifact_id
@@ -926,7 +912,6 @@ class ComputeOps:
             if old_ref is not None:
                 _delete_files(ctx, old_ref, kind)
 
-        path = f"tinker://{model_id}/{kind}/{name}"
         return JobResult(
             json={"path": path, "type": "save_weights" if kind == "weights" else "save_weights_for_sampler"},
             apply=apply,
@@ -1014,7 +999,7 @@ class ComputeOps:
                     live = (
                         ckpt is not None
                         and ckpt.tenant_id == ctx.tenant
-                        and ckpt.kind == "sampler_weights"
+                        and ckpt.kind in ("sampler_weights", "external_weights")
                         and not is_expired(ckpt)
                         and ckpt.artifact_id == row.weights_ref
                     )
@@ -1085,30 +1070,43 @@ class ComputeOps:
 
 
 def _checkpoint(ctx: JobContext, path: str, *, kinds: tuple[str, ...]) -> TrainingCheckpoint:
-    from tensafe.server.errors import BadRequestError
-
     try:
-        run, kind, name = parse_tinker_path(path)
-    except BadRequestError as exc:
+        parsed = TinkerPath.parse(path)
+    except InvalidTinkerPathError as exc:
         raise JobFailedError(str(exc), category="user") from None
     with ctx.services.sessions() as db:
-        row = find_checkpoint(db, run, kind, name)
-        if row is None or row.tenant_id != ctx.tenant or kind not in kinds or is_expired(row):
+        row = find_checkpoint(db, parsed.run_id, parsed.kind, parsed.name)
+        if row is None or row.tenant_id != ctx.tenant or parsed.kind not in kinds or is_expired(row):
             raise JobFailedError(f"unknown checkpoint {path!r}", category="user")
         db.expunge(row)
         return row
 
 
+def _from_upload(ctx: JobContext, source: TrainingCheckpoint, row: TrainingModel, policy: Any) -> Any:
+    """A training session from an uploaded ``external_weights`` checkpoint (weights only)."""
+    from tensafe.server.external_weights import training_session_from_upload
+
+    ref = source.artifact_id or ""
+    return training_session_from_upload(
+        directory=str(ctx.services.catalog.get(row.base_model).directory()),
+        adapter_files={
+            name: ctx.services.store.get_bytes(ctx.tenant, f"{ref}.{i}")
+            for i, name in enumerate(_ADAPTER_FILES)
+        },
+        lora_config=json.loads(row.lora_config or "{}"),
+        policy=policy,
+    )
+
+
 def _checkpoint_coords(model_path: str | None) -> tuple[str, str, str] | None:
     """``(run, kind, name)`` of a sampling session's ``model_path`` (None: none, or malformed)."""
-    from tensafe.server.errors import BadRequestError
-
     if model_path is None:
         return None
     try:
-        return parse_tinker_path(model_path)
-    except BadRequestError:
+        path = TinkerPath.parse(model_path)
+    except InvalidTinkerPathError:
         return None
+    return path.run_id, path.kind, path.name
 
 
 def _put_files(ctx: JobContext, ref: str, files: Mapping[str, bytes]) -> int:

@@ -41,12 +41,15 @@ from collections.abc import Iterable, Sequence
 from typing import Any, cast
 
 from sqlalchemy import CursorResult, delete, or_, select, update
+from sqlalchemy.orm import Session, sessionmaker
 
 from tensafe.db import Tenant, utcnow
+from tensafe.protocol import CheckpointKind, TinkerPath
 from tensafe.server.checkpoints import delete_checkpoint_artifacts
 from tensafe.server.errors import ResultExpiredError
 from tensafe.server.models import DownloadToken, FutureRow, TrainingCheckpoint
 from tensafe.server.services import Services
+from tensafe.server.stability import StabilityRecord
 from tensafe.server.states import FutureState
 from tensafe.storage import ArtifactNotFoundError, EncryptedArtifactStore, LocalFilesystemBackend
 
@@ -61,6 +64,7 @@ __all__ = [
     "run_retention_sweeps",
     "sweep_expired_checkpoints",
     "sweep_expired_results",
+    "sweep_expired_stability_records",
     "sweep_orphan_artifacts",
     "sweep_when_due",
 ]
@@ -124,7 +128,7 @@ def sweep_expired_checkpoints(
         ).all()
     removed = 0
     for ckpt_id, tenant, model_id, kind, name, ref, expires_at in due:
-        path = f"tinker://{model_id}/{kind}/{name}"
+        path = str(TinkerPath(run_id=model_id, kind=cast("CheckpointKind", kind), name=name))
         with services.sessions.begin() as session:
             result = cast(
                 "CursorResult[Any]",
@@ -341,7 +345,8 @@ def sweep_orphan_artifacts(
 
 
 def run_retention_sweeps(services: Services) -> None:
-    """Run :func:`sweep_expired_results` and :func:`sweep_orphan_artifacts`; never raises."""
+    """Run :func:`sweep_expired_results`, :func:`sweep_orphan_artifacts` and
+    :func:`sweep_expired_stability_records`; never raises."""
     try:
         expired = sweep_expired_results(services)
         if expired:
@@ -352,6 +357,34 @@ def run_retention_sweeps(services: Services) -> None:
         sweep_orphan_artifacts(services)
     except Exception:
         _log.exception("the orphaned-artifact sweep failed; retrying later")
+    try:
+        records = sweep_expired_stability_records(services.sessions)
+        if records:
+            _log.info("deleted %d expired stability record(s)", records)
+    except Exception:
+        _log.exception("the stability-record sweep failed; retrying later")
+
+
+def sweep_expired_stability_records(
+    sessions: sessionmaker[Session], *, now: _dt.datetime | None = None, limit: int = 5000
+) -> int:
+    """Delete up to ``limit`` expired stability records (:mod:`tensafe.server.stability`); return how many.
+
+    Safe in several processes at once (the delete re-checks the expiry).
+    """
+    now = now or utcnow()
+    with sessions.begin() as db:
+        ids = list(
+            db.execute(
+                select(StabilityRecord.id).where(StabilityRecord.expires_at <= now).limit(limit)
+            ).scalars()
+        )
+        if not ids:
+            return 0
+        result: Any = db.execute(
+            delete(StabilityRecord).where(StabilityRecord.id.in_(ids), StabilityRecord.expires_at <= now)
+        )
+        return int(result.rowcount or 0)
 
 
 # --------------------------------------------------------------------------- the worker's task

@@ -15,8 +15,8 @@ endian: ``b"TSSR" 0x01``, ``u32 P``, ``u32 T``, ``int32[P]`` prompt, ``int32[T]`
 **Retention.** A record is kept :data:`STABILITY_TTL_SECONDS` (one day, Tinker's documented
 rule); every training request (``forward`` or ``forward_backward``) that uses it restarts the
 day, in the transaction that completes that request. An expired record is refused at once;
-:func:`sweep_expired_stability_records` deletes expired rows (run by the server's retention
-sweeps).
+:func:`tensafe.server.retention.sweep_expired_stability_records` deletes expired rows (one of
+the server's retention sweeps).
 
 **Provenance.** A datum may carry ``model_input_spans`` and ``loss_fn_input_spans`` (both or
 neither; the wire decoder checks that they tile the input and the targets). Before a
@@ -48,7 +48,6 @@ import hashlib
 import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 from sqlalchemy import ForeignKey, LargeBinary, String, delete, select, update
@@ -72,7 +71,6 @@ __all__ = [
     "seal_records",
     "sequence_ids",
     "store_records",
-    "sweep_expired_stability_records",
 ]
 
 #: How long a recorded sequence is kept after sampling or after its last use in training.
@@ -80,7 +78,6 @@ STABILITY_TTL_SECONDS = 86400.0
 #: ``loss_fn_inputs`` the server derives from provenance; a client that sends one is refused.
 SERVER_DERIVED_INPUTS = ("sampled_mask",)
 #: Rows deleted per sweep at most.
-_SWEEP_LIMIT = 5000
 _MAGIC = b"TSSR\x01"
 _HEADER = struct.Struct("<5sII")
 _KIND = "stability-record"
@@ -349,22 +346,3 @@ def resolve_provenance(
                 inputs["sampled_mask"] = mask
         out.append(inputs)
     return out, sorted(ids)
-
-
-def sweep_expired_stability_records(
-    sessions: sessionmaker[Session], *, now: _dt.datetime | None = None, limit: int = _SWEEP_LIMIT
-) -> int:
-    """Delete up to ``limit`` expired records; return how many (safe in several processes at once)."""
-    now = now or utcnow()
-    with sessions.begin() as db:
-        ids = list(
-            db.execute(
-                select(StabilityRecord.id).where(StabilityRecord.expires_at <= now).limit(limit)
-            ).scalars()
-        )
-        if not ids:
-            return 0
-        result: Any = db.execute(
-            delete(StabilityRecord).where(StabilityRecord.id.in_(ids), StabilityRecord.expires_at <= now)
-        )
-        return int(result.rowcount or 0)

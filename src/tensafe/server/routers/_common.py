@@ -27,7 +27,6 @@ __all__ = [
     "dump",
     "new_model_row",
     "protobuf_request",
-    "str_metadata",
     "submit_creation",
     "submit_model_body",
     "submit_model_request",
@@ -47,14 +46,6 @@ PROTOBUF_BODY: dict[str, Any] = {
 def dump(value: Any) -> str:
     """The canonical JSON text of ``value`` (``{}`` for None), as the tables store it."""
     return json.dumps(value if value is not None else {}, sort_keys=True)
-
-
-def str_metadata(raw: str) -> dict[str, str] | None:
-    """Stored ``user_metadata`` as the REST listings answer it: every value a string."""
-    data = json.loads(raw) if raw else None
-    if not isinstance(data, dict):
-        return None
-    return {str(k): v if isinstance(v, str) else json.dumps(v) for k, v in data.items()}
 
 
 def new_model_row(

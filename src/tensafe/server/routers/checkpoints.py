@@ -39,7 +39,6 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 from sqlalchemy import select
-from sqlalchemy.orm import Session
 
 from tensafe import protocol as p
 from tensafe.db import utcnow
@@ -51,18 +50,26 @@ from tensafe.protocol.tensafe import (
     SetTtlRequest,
 )
 from tensafe.server.checkpoints import (
-    CHECKPOINT_KINDS,
     DOWNLOAD_URL_SECONDS,
     EXTERNAL_KIND,
     MANIFEST_FORMAT,
+    checkpoint_path,
     is_expired,
     publish_refusal,
 )
-from tensafe.server.deps import Caller, Jobs, Svc, audit, own_live_checkpoint, own_model, require_usable
+from tensafe.server.deps import (
+    Caller,
+    Jobs,
+    Svc,
+    audit,
+    own_live_checkpoint,
+    own_model,
+    require_usable,
+    route_checkpoint_path,
+)
 from tensafe.server.errors import BadRequestError, NotFoundError, PublishRefusedError
 from tensafe.server.jobs import submit_future
 from tensafe.server.models import DownloadToken, TrainingCheckpoint, TrainingModel
-from tensafe.server.tenants import Principal
 
 __all__ = ["router"]
 
@@ -91,14 +98,6 @@ if not any(isinstance(f, _RedactDownloadTokens) for f in _access_log.filters):
 
 def _hash_token(token: str) -> str:
     return hashlib.sha256(b"tensafe-download-token-v1\x00" + token.encode("ascii")).hexdigest()
-
-
-def _own_live(session: Session, who: Principal, run_id: str, kind: str, name: str) -> TrainingCheckpoint:
-    """The caller's live checkpoint, else 404 (400 for a kind that does not exist)."""
-    if kind not in CHECKPOINT_KINDS:
-        path = f"tinker://{run_id}/{kind}/{name}"
-        raise BadRequestError(f"{path!r}: the checkpoint kind must be one of {', '.join(CHECKPOINT_KINDS)}")
-    return own_live_checkpoint(session, who, run_id, kind, name)
 
 
 router = APIRouter(prefix="/api/v1")
@@ -154,12 +153,13 @@ def external_weights_urls(
             f"download URLs exist only for external_weights checkpoints, not {kind!r}; export one with "
             "save_weights_external"
         )
+    path = route_checkpoint_path(run_id, kind, name)
     now = utcnow()
     with services.sessions() as session:
-        row = _own_live(session, who, run_id, kind, name)
+        row = own_live_checkpoint(session, who, path)
         ref, ckpt_id, ckpt_expiry = row.artifact_id, row.id, row.expires_at
     if ref is None:
-        raise NotFoundError(f"unknown checkpoint 'tinker://{run_id}/{kind}/{name}'")
+        raise NotFoundError(f"unknown checkpoint {str(path)!r}")
     manifest = json.loads(services.store.get_bytes(who.tenant, f"{ref}.manifest"))
     if manifest.get("format") != MANIFEST_FORMAT:
         raise BadRequestError(f"unsupported external weights format {manifest.get('format')!r}")
@@ -192,7 +192,7 @@ def external_weights_urls(
             session,
             who,
             "api.external_weights_urls",
-            f"tinker://{run_id}/{kind}/{name}",
+            str(path),
             files=sorted(urls),
             expires=expires.isoformat(),
         )
@@ -227,7 +227,7 @@ def download(token: str, services: Svc) -> StreamingResponse:
             grant.file_name,
             grant.size_bytes,
         )
-        path = f"tinker://{ckpt.model_id}/{ckpt.kind}/{ckpt.name}"
+        path = str(checkpoint_path(ckpt))
         services.audit(
             session,
             tenant=tenant,
@@ -258,28 +258,30 @@ def download(token: str, services: Svc) -> StreamingResponse:
 @router.post(_CKPT + "/publish", tags=["rest"])
 def publish(run_id: str, kind: str, name: str, who: Caller, services: Svc) -> dict[str, str]:
     """Mark a checkpoint public (only for runs trained with DP; no cross-tenant access follows)."""
+    path = route_checkpoint_path(run_id, kind, name)
     with services.sessions.begin() as session:
-        row = _own_live(session, who, run_id, kind, name)
+        row = own_live_checkpoint(session, who, path)
         reason = publish_refusal(session.get(TrainingModel, row.model_id), kind)
         if reason is not None:
             raise PublishRefusedError(
-                f"tinker://{run_id}/{kind}/{name} cannot be published: TenSafe publishes only the adapter "
+                f"{path} cannot be published: TenSafe publishes only the adapter "
                 f"of runs with a differential privacy guarantee, and {reason}"
             )
         if not row.public:
             row.public = True
-            audit(services, session, who, "api.publish_checkpoint", f"tinker://{run_id}/{kind}/{name}")
+            audit(services, session, who, "api.publish_checkpoint", str(path))
     return {"status": "published"}
 
 
 @router.delete(_CKPT + "/publish", tags=["rest"])
 def unpublish(run_id: str, kind: str, name: str, who: Caller, services: Svc) -> dict[str, str]:
     """Clear a checkpoint's ``public`` flag."""
+    path = route_checkpoint_path(run_id, kind, name)
     with services.sessions.begin() as session:
-        row = _own_live(session, who, run_id, kind, name)
+        row = own_live_checkpoint(session, who, path)
         if row.public:
             row.public = False
-            audit(services, session, who, "api.unpublish_checkpoint", f"tinker://{run_id}/{kind}/{name}")
+            audit(services, session, who, "api.unpublish_checkpoint", str(path))
     return {"status": "unpublished"}
 
 
@@ -294,8 +296,9 @@ def set_ttl(
             f"ttl_seconds must be between {MIN_TTL_SECONDS} (1 hour) and {MAX_TTL_SECONDS} (10 years), "
             "or null for no expiry"
         )
+    path = route_checkpoint_path(run_id, kind, name)
     with services.sessions.begin() as session:
-        row = _own_live(session, who, run_id, kind, name)
+        row = own_live_checkpoint(session, who, path)
         row.expires_at = None if ttl is None else utcnow() + _dt.timedelta(seconds=ttl)
         expires = None if row.expires_at is None else row.expires_at.isoformat()
         audit(
@@ -303,7 +306,7 @@ def set_ttl(
             session,
             who,
             "api.set_checkpoint_ttl",
-            f"tinker://{run_id}/{kind}/{name}",
+            str(path),
             ttl_seconds=ttl,
             expires_at=expires,
         )

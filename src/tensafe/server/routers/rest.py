@@ -10,10 +10,16 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from tensafe import protocol as p
-from tensafe.server.checkpoints import checkpoint_is_live, delete_checkpoint_artifacts
-from tensafe.server.deps import Caller, Svc, audit, own_checkpoint, own_model, own_session
+from tensafe.protocol import InvalidTinkerPathError, TinkerPath
+from tensafe.server.checkpoints import (
+    checkpoint_is_live,
+    checkpoint_view,
+    delete_checkpoint_artifacts,
+    str_metadata,
+)
+from tensafe.server.deps import Caller, Svc, audit, own_live_checkpoint, own_model, own_session
+from tensafe.server.errors import BadRequestError
 from tensafe.server.models import SamplingSessionRow, ServerSession, TrainingCheckpoint, TrainingModel
-from tensafe.server.routers._common import str_metadata
 from tensafe.server.states import ModelState
 
 __all__ = ["router"]
@@ -22,7 +28,6 @@ router = APIRouter(prefix="/api/v1", tags=["rest"])
 
 #: Page parameters of the listings.
 Offset = Annotated[int, Query(ge=0, le=2**31 - 1)]
-_TYPES = {"weights": "training", "sampler_weights": "sampler", "external_weights": "external"}
 
 
 @router.get("/get_server_capabilities")
@@ -33,19 +38,6 @@ def capabilities(who: Caller, services: Svc) -> p.ServerCapabilities:
             p.SupportedModel(model_name=name, trainable=True, sampleable=True)
             for name in sorted(services.catalog.entries)
         ]
-    )
-
-
-def _checkpoint_view(row: TrainingCheckpoint) -> p.Checkpoint:
-    return p.Checkpoint(
-        checkpoint_id=f"{row.kind}/{row.name}",
-        checkpoint_type=_TYPES[row.kind],  # type: ignore[arg-type]
-        time=row.created_at,
-        tinker_path=f"tinker://{row.model_id}/{row.kind}/{row.name}",
-        size_bytes=row.size_bytes,
-        public=row.public,
-        user_metadata=str_metadata(row.user_metadata),
-        expires_at=row.expires_at,
     )
 
 
@@ -60,7 +52,7 @@ def _run_view(session: Session, row: TrainingModel) -> p.TrainingRun:
             .order_by(TrainingCheckpoint.created_at.desc())
             .limit(1)
         ).scalar_one_or_none()
-        last[kind] = None if ck is None else _checkpoint_view(ck)
+        last[kind] = None if ck is None else checkpoint_view(ck)
     return p.TrainingRun(
         training_run_id=row.id,
         base_model=row.base_model,
@@ -119,7 +111,7 @@ def run_checkpoints(run_id: str, who: Caller, services: Svc) -> p.CheckpointsLis
             .where(checkpoint_is_live())
             .order_by(TrainingCheckpoint.created_at)
         ).scalars()
-        return p.CheckpointsListResponse(checkpoints=[_checkpoint_view(r) for r in rows])
+        return p.CheckpointsListResponse(checkpoints=[checkpoint_view(r) for r in rows])
 
 
 @router.get("/checkpoints")
@@ -136,7 +128,7 @@ def all_checkpoints(
             query.order_by(TrainingCheckpoint.created_at.desc()).limit(limit).offset(offset)
         ).scalars()
         return p.CheckpointsListResponse(
-            checkpoints=[_checkpoint_view(r) for r in rows],
+            checkpoints=[checkpoint_view(r) for r in rows],
             cursor=p.Cursor(offset=offset, limit=limit, total_count=int(total)),
         )
 
@@ -144,12 +136,15 @@ def all_checkpoints(
 @router.delete("/training_runs/{run_id}/checkpoints/{checkpoint_id:path}")
 def delete_checkpoint(run_id: str, checkpoint_id: str, who: Caller, services: Svc) -> dict[str, str]:
     """Delete a checkpoint and its encrypted files."""
-    path = f"tinker://{run_id}/{checkpoint_id}"
+    try:
+        path = TinkerPath.from_checkpoint_id(run_id, checkpoint_id)
+    except InvalidTinkerPathError as exc:
+        raise BadRequestError(str(exc)) from None
     with services.sessions.begin() as session:
-        row = own_checkpoint(session, who, path)
+        row = own_live_checkpoint(session, who, path)
         ref = row.artifact_id
         session.delete(row)
-        audit(services, session, who, "api.delete_checkpoint", path, artifact=ref or "")
+        audit(services, session, who, "api.delete_checkpoint", str(path), artifact=ref or "")
     delete_checkpoint_artifacts(services.store, who.tenant, ref)
     return {"status": "deleted"}
 

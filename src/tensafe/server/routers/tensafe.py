@@ -40,6 +40,7 @@ from tensafe.audit import (
     verify_chain,
 )
 from tensafe.audit.models import AuditChainHead
+from tensafe.protocol import TinkerPath
 from tensafe.protocol.tensafe import (
     ArtifactInfo,
     ArtifactsResponse,
@@ -297,7 +298,7 @@ def artifacts(
                 request_id=row.request_id,
                 training_run_id=row.training_run_id,
                 tinker_path=(
-                    f"tinker://{row.training_run_id}/{row.kind}/{row.name}"
+                    str(TinkerPath(run_id=row.training_run_id, kind=row.kind, name=row.name))
                     if row.role == "checkpoint"
                     else None
                 ),

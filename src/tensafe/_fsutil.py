@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_write_bytes", "atomic_write_json", "fsync_dir"]
+__all__ = ["atomic_write_bytes", "atomic_write_json", "ensure_parent_dir", "fsync_dir"]
 
 
 def fsync_dir(path: str | os.PathLike[str]) -> None:
@@ -24,6 +24,21 @@ def fsync_dir(path: str | os.PathLike[str]) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def ensure_parent_dir(path: str | os.PathLike[str], *, mode: int = 0o777) -> Path:
+    """Create the missing parent directories of ``path`` (like ``mkdir -p``) and return ``path``.
+
+    Directories that exist are left as they are; new ones get ``mode`` (minus the umask).
+
+    Raises:
+        OSError: A parent cannot be created (permission denied, or a file is in the way).
+    """
+    target = Path(path)
+    parent = target.parent
+    if not parent.is_dir():
+        parent.mkdir(parents=True, exist_ok=True, mode=mode)
+    return target
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, *, mode: int = 0o644) -> None:

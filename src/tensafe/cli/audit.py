@@ -284,10 +284,12 @@ def _verify(args: argparse.Namespace) -> int:
 
 def _export(args: argparse.Namespace) -> int:
     from tensafe.audit import AuditError, export_bundle
+    from tensafe.cli._paths import output_path
 
     out = Path(args.out)
     if out.exists() and not args.force:
         raise AuditError(f"{out} exists: pass --force to replace it")
+    output_path(out, flag="--out")
     with _session(args.database_url) as session:
         count = export_bundle(session, tenant=args.tenant, out=out)
     print(f"wrote {count} records of tenant {args.tenant!r} to {out}")
@@ -320,6 +322,7 @@ def _verify_bundle(args: argparse.Namespace) -> int:
 
 def _head(args: argparse.Namespace) -> int:
     from tensafe.audit import AuditError, signed_head, write_head
+    from tensafe.cli._paths import output_path
     from tensafe.db import Tenant
 
     out = Path(args.out)
@@ -337,7 +340,7 @@ def _head(args: argparse.Namespace) -> int:
         if session.get(Tenant, args.tenant) is None:
             raise AuditError(f"unknown tenant {args.tenant!r}")
         head = signed_head(session, tenant=args.tenant, signer=signer)
-        write_head(head.checkpoint, out)
+        write_head(head.checkpoint, output_path(out, flag="--out"))
     checkpoint = head.checkpoint
     made = "signed now" if head.created else f"signed {checkpoint.timestamp}"
     print(

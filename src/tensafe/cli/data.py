@@ -124,6 +124,7 @@ def _usage(parser: argparse.ArgumentParser) -> int:
 
 
 def _synth(args: argparse.Namespace) -> int:
+    from tensafe.cli._paths import output_path
     from tensafe.errors import ConfigurationError
     from tensafe.training.data import records_sha256
     from tensafe.training.synth import synthesize_dataset, write_canaries, write_jsonl
@@ -134,11 +135,11 @@ def _synth(args: argparse.Namespace) -> int:
         canary_out = out.with_name(out.name.removesuffix(".jsonl") + ".canaries.json")
     if canary_out is not None and not args.canaries:
         raise ConfigurationError("--canary-out needs --canaries K with K >= 1")
-    for target in (out, canary_out):
-        if target is not None and not target.parent.is_dir():
-            raise ConfigurationError(f"directory {target.parent} does not exist")
     if canary_out is not None and canary_out.resolve() == out.resolve():
         raise ConfigurationError("--canary-out must differ from --out")
+    output_path(out, flag="--out")
+    if canary_out is not None:
+        output_path(canary_out, flag="--canary-out", private=True)
 
     dataset = synthesize_dataset(
         args.kind,

@@ -158,6 +158,7 @@ def _export_public_key(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from tensafe._fsutil import atomic_write_bytes
+    from tensafe.cli._paths import output_path
     from tensafe.keys import KeyManagementError
 
     out = Path(args.out)
@@ -169,7 +170,7 @@ def _export_public_key(args: argparse.Namespace) -> int:
         public = manager.deployment_verifying_key()
     finally:
         manager.close()
-    atomic_write_bytes(out, public.public_bytes(), mode=0o644)
+    atomic_write_bytes(output_path(out, flag="--out"), public.public_bytes(), mode=0o644)
     print(f"deployment signing public key {public.key_id} written to {out}")
     return 0
 

@@ -10,6 +10,8 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from tensafe.cli._paths import output_path
+
 __all__ = ["register"]
 
 
@@ -182,7 +184,7 @@ def _cmd_pack(args: argparse.Namespace) -> int:
         certificate = _read_json_file(args.dp_certificate, what="DP certificate")
     header = pack(
         args.adapter_dir,
-        args.out,
+        output_path(args.out, flag="--out"),
         name=args.name,
         version=args.version,
         signing_keys=signing_keys,
@@ -314,7 +316,7 @@ def _cmd_unpack(args: argparse.Namespace) -> int:
     key = _recipient_private(args.key, _passphrase(args))
     info = unpack(
         args.package,
-        args.out,
+        output_path(args.out, flag="--out"),
         recipient_key=key,
         trust=trust,
         state=_state(args),

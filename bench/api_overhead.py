@@ -128,10 +128,11 @@ def main(argv: list[str] | None = None) -> int:
     from tensafe.crypto.kdf import Argon2idParams
     from tensafe.db import create_engine_from_url, make_session_factory, upgrade
     from tensafe.keys import LocalKekProvider
+    from tensafe.privacy import DpPolicy
     from tensafe.server.privacy import OperatorPrivacy
     from tensafe.server.tenants import create_api_key, create_tenant
     from tensafe.training._heap import settle_heap
-    from tensafe.training.runtime import AdamParams, Datum, DpPolicy, LoraTrainingSession
+    from tensafe.training.runtime import AdamParams, Datum, LoraTrainingSession
 
     n = 1024
     data = _examples(n, 0)

@@ -11,10 +11,10 @@ from hypothesis import strategies as st
 
 from tensafe.cli import admin
 from tensafe.db import create_engine_from_url, make_session_factory
+from tensafe.privacy import DpPolicy
 from tensafe.server.errors import BadRequestError, ServerConfigurationError, TenantAdminError
 from tensafe.server.models import PrivacyPolicyRow
 from tensafe.server.privacy import OperatorPrivacy, client_request, effective_policy
-from tensafe.training.runtime import DpPolicy
 
 
 @pytest.fixture(autouse=True)

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from tensafe.training.runtime import AdamParams, Datum, DpPolicy, LoraTrainingSession
+from tensafe.privacy import DpPolicy
+from tensafe.training.runtime import AdamParams, Datum, LoraTrainingSession
 
 ADAM = AdamParams(learning_rate=1e-2)
 

@@ -10,13 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from tensafe.privacy import BudgetExceededError, compute_epsilon
+from tensafe.privacy import BudgetExceededError, DpPolicy, DpPolicyError, compute_epsilon
 from tensafe.training.dp import CLIP_EPSILON
 from tensafe.training.runtime import (
     USER_ERRORS,
     Datum,
-    DpPolicy,
-    DpPolicyError,
     LoraTrainingSession,
     SessionStateError,
     StepLimitError,

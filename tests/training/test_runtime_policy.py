@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tensafe.training.runtime import DpPolicy, DpPolicyError, PolicyLoosenedError
+from tensafe.privacy import DpPolicy, DpPolicyError, PolicyLoosenedError
 
 
 def _base(**overrides: Any) -> DpPolicy:

@@ -14,12 +14,11 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tensafe.privacy import DpPolicy, DpPolicyError
 from tensafe.training.runtime import (
     STATE_FORMAT,
     AdamParams,
     Datum,
-    DpPolicy,
-    DpPolicyError,
     LoraTrainingSession,
     StateFormatError,
 )

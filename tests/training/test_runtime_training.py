@@ -7,8 +7,8 @@ import pathlib
 import numpy as np
 import pytest
 
-from tensafe.privacy import DpCertificate, compute_epsilon
-from tensafe.training.runtime import AdamParams, Datum, DpPolicy, LoraTrainingSession
+from tensafe.privacy import DpCertificate, DpPolicy, compute_epsilon
+from tensafe.training.runtime import AdamParams, Datum, LoraTrainingSession
 
 SENTENCE = [310, 4021, 77, 1500, 9, 2600]
 STEPS = 10

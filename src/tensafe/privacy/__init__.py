@@ -6,6 +6,9 @@ Public surface (everything that affects privacy takes keyword-only arguments):
   questions ("what ε does this spend?", "how much noise for this ε?").
 * :class:`PrivacyBudget`, the per-run stateful budget the trainer consults every step.
 * :class:`DpCertificate`, the versioned ``dp_certificate.json`` a run produces.
+* :class:`DpPolicy`, the DP-SGD policy the platform enforces (operator, tenant, client), and
+  :func:`plan_dp_sgd`, which turns a policy and a data set size into a run's σ, q and budget
+  (:class:`DpPlan`) for both ``tensafe train`` and the training server.
 * Immutable spending records (:class:`DpSgdEvent`, :class:`UnsupportedEvent`) and the
   accountant registry (:func:`create_accountant`, :func:`available_accountants`,
   :func:`register_accountant`) for heterogeneous histories.
@@ -33,28 +36,39 @@ from tensafe.privacy.certificate import CERTIFICATE_FILENAME, CERTIFICATE_SCHEMA
 from tensafe.privacy.errors import (
     BudgetExceededError,
     CertificateError,
+    DpPolicyError,
+    PolicyLoosenedError,
     PrivacyConfigError,
     PrivacyError,
     UnreachableBudgetError,
     UnsupportedEventError,
 )
 from tensafe.privacy.events import DpEvent, DpSgdEvent, SamplingMethod, UnsupportedEvent
+from tensafe.privacy.plan import DpPlan, NoiseOrigin, plan_dp_sgd
+from tensafe.privacy.policy import SAMPLING_MODES, DpPolicy, SamplingMode
 
 __all__ = [
     "CERTIFICATE_FILENAME",
     "CERTIFICATE_SCHEMA",
     "DEFAULT_ACCOUNTANT",
+    "SAMPLING_MODES",
     "Accountant",
     "BudgetExceededError",
     "CertificateError",
     "DpCertificate",
     "DpEvent",
+    "DpPlan",
+    "DpPolicy",
+    "DpPolicyError",
     "DpSgdEvent",
     "EpsilonReport",
+    "NoiseOrigin",
+    "PolicyLoosenedError",
     "PrivacyBudget",
     "PrivacyConfigError",
     "PrivacyError",
     "SamplingMethod",
+    "SamplingMode",
     "UnreachableBudgetError",
     "UnsupportedEvent",
     "UnsupportedEventError",
@@ -63,6 +77,7 @@ __all__ = [
     "compute_epsilon",
     "create_accountant",
     "epsilon_report",
+    "plan_dp_sgd",
     "register_accountant",
     "validate_delta",
 ]

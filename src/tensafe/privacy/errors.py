@@ -14,6 +14,8 @@ from tensafe.errors import TenSafeError
 __all__ = [
     "BudgetExceededError",
     "CertificateError",
+    "DpPolicyError",
+    "PolicyLoosenedError",
     "PrivacyConfigError",
     "PrivacyError",
     "UnreachableBudgetError",
@@ -29,6 +31,14 @@ class PrivacyError(TenSafeError, ValueError):
 
 class PrivacyConfigError(PrivacyError):
     """A privacy parameter is out of range (σ, q, steps, δ, accountant name ...)."""
+
+
+class DpPolicyError(PrivacyConfigError):
+    """A DP-SGD policy (:class:`tensafe.privacy.DpPolicy`) or its plan is invalid or inconsistent."""
+
+
+class PolicyLoosenedError(DpPolicyError):
+    """A requested policy change would weaken the privacy policy; only tightening is allowed."""
 
 
 class UnsupportedEventError(PrivacyError):

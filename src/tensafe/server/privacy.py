@@ -104,12 +104,12 @@ class OperatorPrivacy:
         return operator
 
     def policy(self) -> Any:
-        """Return the floor as a :class:`~tensafe.training.runtime.DpPolicy`.
+        """Return the floor as a :class:`~tensafe.privacy.DpPolicy`.
 
         Raises:
             ServerConfigurationError: The values do not form a valid policy.
         """
-        from tensafe.training.runtime import DpPolicy, DpPolicyError
+        from tensafe.privacy import DpPolicy, DpPolicyError
 
         try:
             return DpPolicy(
@@ -152,7 +152,7 @@ class EffectivePolicy:
         Raises:
             ValueError: ``text`` is empty (a model created before 0004_privacy).
         """
-        from tensafe.training.runtime import DpPolicy
+        from tensafe.privacy import DpPolicy
 
         if not text:
             raise ValueError("this training model has no recorded privacy policy")
@@ -216,7 +216,7 @@ def effective_policy(
         BadRequestError: The client asked for a looser policy, or for no DP where that is
             not allowed (the message names the fields).
     """
-    from tensafe.training.runtime import DpPolicy, DpPolicyError
+    from tensafe.privacy import DpPolicy, DpPolicyError
 
     base = operator.policy()
     source = "operator"
@@ -283,7 +283,7 @@ def set_tenant_policy(
         TenantAdminError: Unknown tenant, or values that do not form a valid policy.
     """
     from tensafe.db import Tenant
-    from tensafe.training.runtime import DpPolicy, DpPolicyError
+    from tensafe.privacy import DpPolicy, DpPolicyError
 
     if session.get(Tenant, tenant) is None:
         raise TenantAdminError(f"unknown tenant {tenant!r}; create it with 'tensafe admin create-tenant'")

@@ -54,9 +54,11 @@ from tensafe.privacy import (
     CERTIFICATE_FILENAME,
     BudgetExceededError,
     DpCertificate,
+    DpPlan,
+    DpPolicy,
     PrivacyBudget,
     SamplingMethod,
-    calibrate_noise,
+    plan_dp_sgd,
     validate_delta,
 )
 from tensafe.privacy.certificate import CertificateSigner
@@ -69,6 +71,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
     from tensafe.training.data import TokenizedExample
+    from tensafe.training.dp import DPGradientEngine, PoissonSampler
 
 __all__ = [
     "CHECKPOINT_SCHEMA",
@@ -76,6 +79,7 @@ __all__ = [
     "BudgetStopError",
     "ModelLoader",
     "TrainResult",
+    "dp_policy_of",
     "evaluate_loss",
     "generate_sample",
     "per_example_loss",
@@ -453,6 +457,13 @@ def train(
 ) -> TrainResult:
     """Run (or resume) the training described by ``config``.
 
+    The run is a pipeline of stages, each a function below: open the output directory
+    (:func:`_open_run`), check the signer, read the data (:func:`_load_inputs`), load and
+    tokenize (:func:`_load_model`), plan the privacy (:func:`_plan_privacy`), add LoRA and the
+    DP engine (:func:`_build_model`), restore the latest checkpoint (:func:`_resume`), train
+    (:func:`_train_loop`), evaluate (:func:`_evaluate`) and write the certificate, adapter,
+    evidence and summary (:func:`_write_outputs`).
+
     Args:
         config: The validated configuration.
         signer: Signs the DP certificate (both copies): the deployment signing key, or
@@ -470,6 +481,7 @@ def train(
 
     Raises:
         TrainingConfigError: Invalid data or privacy parameters (nothing is written).
+        DpPolicyError: No noise multiplier reaches the target ε (nothing is written).
         TrainingError: The signer cannot produce a signature that its own public key
             verifies (nothing is written).
         BudgetStopError: The next step would exceed the ε target; the adapter of the
@@ -477,22 +489,117 @@ def train(
     """
     import torch
 
-    from tensafe.training._heap import settle_heap
-    from tensafe.training.data import (
-        COMMITMENT_KEY_FILENAME,
-        COMMITMENT_SCHEME,
-        collate,
-        load_jsonl,
-        records_commitment,
-        tokenize_examples,
-        train_eval_split,
-    )
-    from tensafe.training.dp import DPConfig, random_source_from_env, split_microbatches
-    from tensafe.training.dp.rng import Purpose
-    from tensafe.training.lora import LoraSettings, apply_lora, save_adapter
-
     torch.set_num_threads(max(1, min(torch.get_num_threads(), os.cpu_count() or 1)))
-    cfg = config
+    run = _open_run(config, resume=resume)
+    signed_by = _check_signer(signer)  # a broken signer fails now, not after the training
+    inputs = _load_inputs(config)
+    loaded = _load_model(config, inputs, model_loader)
+    privacy = _plan_privacy(config, n=len(loaded.train_ex), latest=run.latest)
+    built = _build_model(config, loaded.model, privacy)
+    start = _resume(run, built, loaded, privacy)
+    loop = _train_loop(
+        config, run, built, loaded, privacy, start, show_progress=show_progress, on_step=on_step
+    )
+    eval_after, sample = _evaluate(built, loaded, sample_prompt)
+    result = _write_outputs(
+        config,
+        run,
+        inputs,
+        loaded,
+        built,
+        privacy,
+        start,
+        loop,
+        signer=signer,
+        signed_by=signed_by,
+        eval_after=eval_after,
+        sample=sample,
+    )
+    if loop.stopped is not None:
+        raise BudgetStopError(loop.stopped, result)
+    return result
+
+
+# --------------------------------------------------------------------------- stages
+
+
+@dataclasses.dataclass(frozen=True)
+class _Run:
+    """Where the run writes, and the checkpoint it resumes from (if any)."""
+
+    out: Path
+    checkpoints: _Checkpoints
+    latest: Path | None
+
+
+@dataclasses.dataclass(frozen=True)
+class _Inputs:
+    """The training and held-out records (validated JSONL)."""
+
+    train_records: list[dict[str, Any]]
+    eval_records: list[dict[str, Any]]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Loaded:
+    """The base model and tokenizer, and the tokenized examples."""
+
+    model: Any
+    tokenizer: Any
+    pad_id: int
+    train_ex: list[TokenizedExample]
+    eval_ex: list[TokenizedExample]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Privacy:
+    """The run's size and privacy plan (``plan`` is ``None`` when ``privacy.enabled`` is false)."""
+
+    n: int
+    batch_size: int
+    sample_rate: float
+    steps: int
+    plan: DpPlan | None
+
+
+@dataclasses.dataclass(frozen=True)
+class _Built:
+    """The LoRA model with its optimizer, and the DP engine, sampler and budget of the plan."""
+
+    model: Any
+    optimizer: Any
+    config_hash: str
+    engine: DPGradientEngine | None
+    sampler: PoissonSampler | None
+    budget: PrivacyBudget | None
+
+    @property
+    def private(self) -> bool:
+        """A guarantee holds only for DP-SGD with CSPRNG noise (``TS_DETERMINISTIC=1`` gives none)."""
+        return self.engine is not None and self.engine.random_source.secure
+
+
+@dataclasses.dataclass(frozen=True)
+class _Start:
+    """Where the loop starts: step, metrics file, held-out loss before training."""
+
+    step: int
+    metrics: _Metrics
+    eval_before: float | None
+    resumed_from: int | None
+
+
+@dataclasses.dataclass(frozen=True)
+class _LoopResult:
+    """What the loop did: steps counted by the budget (or run), the refusal that stopped it."""
+
+    done_steps: int
+    stopped: BudgetExceededError | None
+    train_seconds: float
+
+
+def _open_run(cfg: TrainConfig, *, resume: bool) -> _Run:
+    """Find the latest checkpoint in ``output_dir``; refuse a finished run or an unwanted resume."""
     out = cfg.output_dir
     checkpoints = _Checkpoints(out / "checkpoints", cfg.training.keep_checkpoints)
     latest = checkpoints.latest() if out.exists() else None
@@ -500,9 +607,13 @@ def train(
         raise TrainingConfigError(f"{out} already holds a finished run; choose another output_dir")
     if latest is not None and not resume:
         raise TrainingConfigError(f"{out} holds checkpoints; resume or choose another output_dir")
-    signed_by = _check_signer(signer)  # a broken signer fails now, not after the training
+    return _Run(out=out, checkpoints=checkpoints, latest=latest)
 
-    # ---- data (validated before anything is written)
+
+def _load_inputs(cfg: TrainConfig) -> _Inputs:
+    """Read and split the records; check δ and the batch size on them before any model loads."""
+    from tensafe.training.data import load_jsonl, train_eval_split
+
     records = load_jsonl(cfg.data.train)
     if cfg.data.eval is not None:
         train_records, eval_records = records, load_jsonl(cfg.data.eval)
@@ -512,7 +623,6 @@ def train(
         )
     else:
         train_records, eval_records = records, []
-
     # Cheap checks on the raw records first, so bad settings fail before a model loads.
     if cfg.privacy.enabled:
         validate_delta(cfg.privacy.delta, len(train_records))
@@ -520,51 +630,78 @@ def train(
         raise TrainingConfigError(
             f"training.batch_size {cfg.training.batch_size} exceeds the {len(train_records)} training records"
         )
+    return _Inputs(train_records=train_records, eval_records=eval_records)
+
+
+def _load_model(cfg: TrainConfig, inputs: _Inputs, model_loader: ModelLoader | None) -> _Loaded:
+    """Load the base model and tokenizer, and tokenize the training and held-out records."""
+    from tensafe.training._heap import settle_heap
+    from tensafe.training.data import tokenize_examples
 
     model, tokenizer = (model_loader or _default_loader)(cfg.model)
     settle_heap()  # the model's objects stay out of every later garbage collection
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    train_ex = tokenize_examples(train_records, tokenizer, max_length=cfg.data.max_length)
+    train_ex = tokenize_examples(inputs.train_records, tokenizer, max_length=cfg.data.max_length)
     eval_ex = (
-        tokenize_examples(eval_records, tokenizer, max_length=cfg.data.max_length) if eval_records else []
+        tokenize_examples(inputs.eval_records, tokenizer, max_length=cfg.data.max_length)
+        if inputs.eval_records
+        else []
     )
-    n = len(train_ex)
+    return _Loaded(model=model, tokenizer=tokenizer, pad_id=pad_id, train_ex=train_ex, eval_ex=eval_ex)
+
+
+def dp_policy_of(cfg: TrainConfig, *, dataset_size: int, steps: int) -> DpPolicy:
+    """The DP policy a ``tensafe train`` run enforces on itself (``privacy.enabled`` must be true).
+
+    The engine draws every batch (``server_poisson``, so q = B/N), σ is calibrated for the
+    planned ``steps`` unless ``privacy.noise_multiplier`` is set, and without a
+    ``target_epsilon`` the budget never binds (the run is bounded by its steps; ε is still
+    reported).
+
+    Raises:
+        DpPolicyError: The section does not form a valid policy for ``dataset_size`` examples.
+    """
+    priv = cfg.privacy
+    return DpPolicy(
+        target_epsilon=priv.target_epsilon if priv.target_epsilon is not None else _NO_TARGET,
+        delta=priv.delta,
+        clip_norm=priv.clip_norm,
+        accountant=priv.accountant,
+        noise_multiplier=priv.noise_multiplier,
+        dataset_size=dataset_size,
+        sampling="server_poisson",
+        expected_batch_size=cfg.training.batch_size,
+        max_steps=steps,
+        dataset_size_source="declared",
+    )
+
+
+def _plan_privacy(cfg: TrainConfig, *, n: int, latest: Path | None) -> _Privacy:
+    """Count the steps and plan σ, q and the budget (reusing the σ of a resumed run, bit for bit)."""
     batch_size = cfg.training.batch_size
     if batch_size > n:
         raise TrainingConfigError(f"training.batch_size {batch_size} exceeds the {n} training examples")
-    q = batch_size / n
     steps = _resolve_steps(cfg, n, batch_size)
-    priv = cfg.privacy
-    sigma: float | None = None
-    budget: PrivacyBudget | None = None
-    if priv.enabled:
-        validate_delta(priv.delta, n)
-        saved_sigma = _saved_noise_multiplier(latest) if latest is not None else None
-        if priv.noise_multiplier is not None:
-            sigma = priv.noise_multiplier
-        elif saved_sigma is not None:
-            sigma = saved_sigma  # the calibration of the first session, bit for bit
-        else:
-            assert priv.target_epsilon is not None
-            sigma = calibrate_noise(
-                target_epsilon=priv.target_epsilon,
-                delta=priv.delta,
-                sample_rate=q,
-                steps=steps,
-                accountant=priv.accountant,
-            )
-        budget = PrivacyBudget(
-            # Without a target the run is bounded by its step count; ε is still reported.
-            target_epsilon=priv.target_epsilon if priv.target_epsilon is not None else _NO_TARGET,
-            delta=priv.delta,
-            accountant=priv.accountant,
-            noise_multiplier=sigma,
-            sample_rate=q,
+    plan: DpPlan | None = None
+    if cfg.privacy.enabled:
+        validate_delta(cfg.privacy.delta, n)
+        plan = plan_dp_sgd(
+            policy=dp_policy_of(cfg, dataset_size=n, steps=steps),
+            dataset_size=n,
+            saved_noise_multiplier=_saved_noise_multiplier(latest) if latest is not None else None,
         )
     else:
         _log.warning("privacy.enabled is false: this run is NOT differentially private")
+    return _Privacy(n=n, batch_size=batch_size, sample_rate=batch_size / n, steps=steps, plan=plan)
 
-    config_hash = cfg.config_hash()
+
+def _build_model(cfg: TrainConfig, base: Any, privacy: _Privacy) -> _Built:
+    """Add LoRA adapters and AdamW; attach the DP engine and sampler of the plan."""
+    import torch
+
+    from tensafe.training.dp import build_dp_sgd, random_source_from_env
+    from tensafe.training.lora import LoraSettings, apply_lora
+
     settings = LoraSettings(
         rank=cfg.lora.rank,
         alpha=cfg.lora.alpha,
@@ -572,7 +709,7 @@ def train(
         target_modules=cfg.lora.target_modules,
         layers_to_transform=cfg.lora.layers,
     )
-    model = cast("PreTrainedModel", apply_lora(model, settings, init_seed=cfg.training.seed))
+    model = cast("PreTrainedModel", apply_lora(base, settings, init_seed=cfg.training.seed))
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
         trainable,
@@ -580,44 +717,78 @@ def train(
         weight_decay=cfg.optimizer.weight_decay,
         betas=(cfg.optimizer.beta1, cfg.optimizer.beta2),
     )
+    engine = sampler = budget = None
+    if privacy.plan is not None:
+        budget = privacy.plan.new_budget()
+        engine, sampler = build_dp_sgd(
+            privacy.plan, model, random_source=random_source_from_env(seed=cfg.training.seed)
+        )
+    return _Built(
+        model=model,
+        optimizer=optimizer,
+        config_hash=cfg.config_hash(),
+        engine=engine,
+        sampler=sampler,
+        budget=budget,
+    )
 
-    engine = None
-    sampler = None
-    if priv.enabled:
-        assert sigma is not None
-        engine, sampler = DPConfig(
-            noise_multiplier=sigma,
-            clip_norm=priv.clip_norm,
-            sample_rate=q,
-            dataset_size=n,
-            max_microbatch_size=cfg.training.micro_batch_size,
-            seed=cfg.training.seed,
-        ).build(model)
 
-    out.mkdir(parents=True, exist_ok=True)
-    metrics = _Metrics(out / "metrics.jsonl")
-    start = 0
-    eval_before: float | None
-    if latest is not None:
-        state = _Checkpoints.load(latest, model=model, optimizer=optimizer)
-        if state.get("config_hash") != config_hash:
-            raise TrainingConfigError(
-                f"{latest} was written by a different configuration; use a new output_dir to change settings"
-            )
-        start = int(state["step"])
-        eval_before = state.get("eval_loss_before")
-        if budget is not None:
-            budget.load_state_dict(state["budget"])
-        if engine is not None:
-            engine.load_state_dict(state["engine"])
-        metrics.truncate_after(start)
-        _log.info("resuming from %s (step %d)", latest, start)
-        print(f"Resuming from checkpoint at step {start}/{steps}.", flush=True)
-    else:
+def _resume(run: _Run, built: _Built, loaded: _Loaded, privacy: _Privacy) -> _Start:
+    """Restore the latest checkpoint (same configuration only), or measure the held-out loss."""
+    run.out.mkdir(parents=True, exist_ok=True)
+    metrics = _Metrics(run.out / "metrics.jsonl")
+    latest = run.latest
+    if latest is None:
         metrics.truncate_after(0)
-        eval_before = evaluate_loss(model, eval_ex, pad_id)
+        eval_before = evaluate_loss(built.model, loaded.eval_ex, loaded.pad_id)
+        return _Start(step=0, metrics=metrics, eval_before=eval_before, resumed_from=None)
+    state = _Checkpoints.load(latest, model=built.model, optimizer=built.optimizer)
+    if state.get("config_hash") != built.config_hash:
+        raise TrainingConfigError(
+            f"{latest} was written by a different configuration; use a new output_dir to change settings"
+        )
+    start = int(state["step"])
+    if built.budget is not None:
+        built.budget.load_state_dict(state["budget"])
+    if built.engine is not None:
+        built.engine.load_state_dict(state["engine"])
+    metrics.truncate_after(start)
+    _log.info("resuming from %s (step %d)", latest, start)
+    print(f"Resuming from checkpoint at step {start}/{privacy.steps}.", flush=True)
+    return _Start(step=start, metrics=metrics, eval_before=state.get("eval_loss_before"), resumed_from=start)
 
-    # Non-private runs draw shuffled fixed-size batches from a seeded generator keyed by step.
+
+def _train_loop(
+    cfg: TrainConfig,
+    run: _Run,
+    built: _Built,
+    loaded: _Loaded,
+    privacy: _Privacy,
+    start: _Start,
+    *,
+    show_progress: bool,
+    on_step: StepCallback | None,
+) -> _LoopResult:
+    """Run the steps: budget check, batch, clipped gradients, noise, AdamW, metrics, checkpoint.
+
+    Private runs train on the engine's Poisson batches; non-private runs on shuffled
+    fixed-size batches from a seeded generator keyed by step. The budget is asked before
+    every step; its refusal ends the loop (returned as ``stopped``).
+    """
+    import torch
+
+    from tensafe.training.data import collate
+    from tensafe.training.dp import random_source_from_env, split_microbatches
+    from tensafe.training.dp.rng import Purpose
+
+    model, optimizer, engine, sampler, budget = (
+        built.model,
+        built.optimizer,
+        built.engine,
+        built.sampler,
+        built.budget,
+    )
+    n, batch_size, steps = privacy.n, privacy.batch_size, privacy.steps
     plain_source = random_source_from_env(seed=cfg.training.seed) if engine is None else None
 
     def plain_batch(step: int) -> list[int]:
@@ -626,22 +797,20 @@ def train(
         g = torch.Generator().manual_seed(int.from_bytes(raw, "big") >> 1)
         return sorted(torch.randperm(n, generator=g)[:batch_size].tolist())
 
-    # A guarantee holds only for DP-SGD with CSPRNG noise (TS_DETERMINISTIC=1 gives none); the
-    # certificate derives the same from its fields, and nothing below shows an ε without it.
-    private = engine is not None and engine.random_source.secure
+    # Nothing below shows an ε without a guarantee (the certificate derives the same).
+    private = built.private
     bar = None
     if show_progress:
         from tqdm import tqdm
 
         desc = "train" if private else "train [NOT PRIVATE]"
-        bar = tqdm(total=steps, initial=start, desc=desc, unit="step", dynamic_ncols=True)
+        bar = tqdm(total=steps, initial=start.step, desc=desc, unit="step", dynamic_ncols=True)
     model.train()
-    resumed_from = start if latest is not None else None
-    step = start
+    step = start.step
     stopped: BudgetExceededError | None = None
     t_run = time.perf_counter()
     try:
-        for step in range(start, steps):
+        for step in range(start.step, steps):
             if budget is not None:
                 try:
                     budget.check_step()
@@ -654,7 +823,7 @@ def train(
             loss_sum = 0.0
             norms: list[float] = []
             for micro in split_microbatches(indices, cfg.training.micro_batch_size):
-                batch = collate([train_ex[i] for i in micro], pad_id)
+                batch = collate([loaded.train_ex[i] for i in micro], loaded.pad_id)
                 tokens += int(batch.attention_mask.sum())
                 losses = per_example_loss(model, batch)
                 loss_sum += float(losses.detach().sum())
@@ -679,20 +848,22 @@ def train(
             last = step + 1 == steps
             if private and budget is not None and (step % cfg.training.log_every == 0 or last):
                 record["epsilon"] = budget.spent_epsilon()
-            metrics.append(record)
+            start.metrics.append(record)
             if (step + 1) % cfg.training.checkpoint_every == 0 or last:
-                checkpoints.save(
+                run.checkpoints.save(
                     step + 1,
                     model=model,
                     optimizer=optimizer,
                     state={
                         "schema": CHECKPOINT_SCHEMA,
-                        "config_hash": config_hash,
+                        "config_hash": built.config_hash,
                         "step": step + 1,
                         "budget": budget.state_dict() if budget is not None else None,
                         "engine": engine.state_dict() if engine is not None else None,
-                        "eval_loss_before": eval_before,
-                        "noise_multiplier": sigma,
+                        "eval_loss_before": start.eval_before,
+                        "noise_multiplier": (
+                            privacy.plan.noise_multiplier if privacy.plan is not None else None
+                        ),
                     },
                 )
             if bar is not None:
@@ -713,43 +884,76 @@ def train(
         if engine is not None:
             engine.close()
     done_steps = budget.steps if budget is not None else step
-    train_seconds = time.perf_counter() - t_run
+    return _LoopResult(done_steps=done_steps, stopped=stopped, train_seconds=time.perf_counter() - t_run)
 
-    eval_after = evaluate_loss(model, eval_ex, pad_id)
-    sample = generate_sample(model, tokenizer, sample_prompt) if sample_prompt else None
 
-    # ---- certificate and evidence
-    method = SamplingMethod.POISSON if engine is not None else SamplingMethod.SHUFFLED
-    if priv.enabled:
-        assert sigma is not None
-        assert engine is not None
+def _evaluate(
+    built: _Built, loaded: _Loaded, sample_prompt: str | Sequence[dict[str, str]] | None
+) -> tuple[float | None, str | None]:
+    """Held-out loss after training, and the greedy completion of ``sample_prompt`` (if any)."""
+    eval_after = evaluate_loss(built.model, loaded.eval_ex, loaded.pad_id)
+    sample = generate_sample(built.model, loaded.tokenizer, sample_prompt) if sample_prompt else None
+    return eval_after, sample
+
+
+def _certificate(privacy: _Privacy, loop: _LoopResult, *, private: bool) -> DpCertificate:
+    """The run's DP certificate (unsigned): from the plan, or the non-private statement."""
+    method = SamplingMethod.POISSON if privacy.plan is not None else SamplingMethod.SHUFFLED
+    plan = privacy.plan
+    if plan is not None:
         certificate = DpCertificate.issue(
-            accountant=priv.accountant,
-            noise_multiplier=sigma,
-            clip_norm=priv.clip_norm,
-            sample_rate=q,
-            steps=done_steps,
-            delta=priv.delta,
-            dataset_size=n,
+            accountant=plan.policy.accountant,
+            noise_multiplier=plan.noise_multiplier,
+            clip_norm=plan.clip_norm,
+            sample_rate=plan.sample_rate,
+            steps=loop.done_steps,
+            delta=plan.policy.delta,
+            dataset_size=privacy.n,
             dataset_size_source="counted",
-            expected_batch_size=batch_size,
+            expected_batch_size=privacy.batch_size,
             sampling_method=method,
             sampled_by="engine",
-            noise_rng="csprng" if engine.random_source.secure else "deterministic",
+            noise_rng="csprng" if private else "deterministic",
         )
     else:
         certificate = DpCertificate.non_private(
-            steps=done_steps,
-            dataset_size=n,
+            steps=loop.done_steps,
+            dataset_size=privacy.n,
             dataset_size_source="counted",
-            expected_batch_size=batch_size,
-            sample_rate=q,
+            expected_batch_size=privacy.batch_size,
+            sample_rate=privacy.sample_rate,
             sampling_method=method,
             sampled_by="engine",
         )
     assert certificate.private == private
+    return certificate
+
+
+def _write_outputs(
+    cfg: TrainConfig,
+    run: _Run,
+    inputs: _Inputs,
+    loaded: _Loaded,
+    built: _Built,
+    privacy: _Privacy,
+    start: _Start,
+    loop: _LoopResult,
+    *,
+    signer: CertificateSigner | None,
+    signed_by: str | None,
+    eval_after: float | None,
+    sample: str | None,
+) -> TrainResult:
+    """Write the (signed) certificate, the adapter with its evidence (atomic), summary and plot."""
+    from tensafe.training.data import COMMITMENT_KEY_FILENAME, COMMITMENT_SCHEME, records_commitment
+    from tensafe.training.lora import save_adapter
+
+    out = run.out
+    private = built.private
+    certificate = _certificate(privacy, loop, private=private)
     if signer is not None:
         certificate = _signed(certificate, signer)
+    config_hash = built.config_hash
     # The commitment key stays in output_dir, outside adapter/ (what gets packed and shipped).
     key_path = out / COMMITMENT_KEY_FILENAME
     commitment_key = _commitment_key(key_path)
@@ -761,10 +965,10 @@ def train(
         "base_model": cfg.model,
         "dataset_commitment": {
             "scheme": COMMITMENT_SCHEME,
-            "value": records_commitment(train_records, key=commitment_key),
+            "value": records_commitment(inputs.train_records, key=commitment_key),
         },
-        "dataset_size": n,
-        "steps": done_steps,
+        "dataset_size": privacy.n,
+        "steps": loop.done_steps,
         "private": certificate.private,
         "dp_enabled": certificate.dp_enabled,
         "noise_rng": certificate.noise_rng,
@@ -774,7 +978,7 @@ def train(
     adapter_dir = out / "adapter"
     staging = Path(tempfile.mkdtemp(prefix=".adapter.", dir=out))
     try:
-        staged = save_adapter(cast("PeftModel", model), staging / "adapter", base_model_id=cfg.model)
+        staged = save_adapter(cast("PeftModel", built.model), staging / "adapter", base_model_id=cfg.model)
         certificate.write(staged / CERTIFICATE_FILENAME)
         atomic_write_json(staged / "evidence.json", evidence)
         if adapter_dir.exists():
@@ -785,42 +989,42 @@ def train(
         shutil.rmtree(staging, ignore_errors=True)
     certificate.write(out / CERTIFICATE_FILENAME)
     summary = {
-        "steps": done_steps,
-        "planned_steps": steps,
-        "dataset_size": n,
-        "eval_examples": len(eval_ex),
-        "sample_rate": q,
-        "noise_multiplier": sigma,
+        "steps": loop.done_steps,
+        "planned_steps": privacy.steps,
+        "dataset_size": privacy.n,
+        "eval_examples": len(loaded.eval_ex),
+        "sample_rate": privacy.sample_rate,
+        "noise_multiplier": privacy.plan.noise_multiplier if privacy.plan is not None else None,
         "private": certificate.private,
         "dp_enabled": certificate.dp_enabled,
         "noise_rng": certificate.noise_rng,
         "epsilon": certificate.epsilon,
         "delta": certificate.delta,
-        "eval_loss_before": eval_before,
+        "eval_loss_before": start.eval_before,
         "eval_loss_after": eval_after,
-        "train_seconds_this_session": train_seconds,
-        "resumed_from": resumed_from,
-        "stopped_by_budget": stopped is not None,
+        "train_seconds_this_session": loop.train_seconds,
+        "resumed_from": start.resumed_from,
+        "stopped_by_budget": loop.stopped is not None,
         "statement": certificate.statement,
         "certificate_signed_by": signed_by,
         "dataset_commitment_key": str(key_path),
     }
     atomic_write_json(out / "summary.json", summary)
     plot_path = plot_metrics(
-        metrics.read(),
+        start.metrics.read(),
         out / "training.png",
-        target_epsilon=priv.target_epsilon if private else None,
+        target_epsilon=cfg.privacy.target_epsilon if private else None,
         private=private,
     )
-    result = TrainResult(
+    return TrainResult(
         output_dir=out,
         adapter_dir=adapter_dir,
         certificate=certificate,
-        steps=done_steps,
-        eval_loss_before=eval_before,
+        steps=loop.done_steps,
+        eval_loss_before=start.eval_before,
         eval_loss_after=eval_after,
-        resumed_from=resumed_from,
-        metrics_path=metrics.path,
+        resumed_from=start.resumed_from,
+        metrics_path=start.metrics.path,
         summary_path=out / "summary.json",
         plot_path=plot_path,
         signed_by=signed_by,
@@ -828,9 +1032,6 @@ def train(
         commitment_key_path=key_path,
         sample=sample,
     )
-    if stopped is not None:
-        raise BudgetStopError(stopped, result)
-    return result
 
 
 def _check_signer(signer: CertificateSigner | None) -> str | None:

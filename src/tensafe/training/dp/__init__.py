@@ -15,6 +15,7 @@ See ``docs/dp-sgd.md`` for the exact algorithm and its security notes.
 
 from __future__ import annotations
 
+from tensafe.training.dp.build import build_dp_sgd
 from tensafe.training.dp.config import DPConfig
 from tensafe.training.dp.engine import CLIP_EPSILON, DPGradientEngine, MicroBatchStats, StepStats
 from tensafe.training.dp.errors import DPConfigError, DPError, UnsupportedParameterError
@@ -40,6 +41,7 @@ __all__ = [
     "RandomSource",
     "StepStats",
     "UnsupportedParameterError",
+    "build_dp_sgd",
     "deterministic_random_source",
     "deterministic_requested",
     "random_source_from_env",

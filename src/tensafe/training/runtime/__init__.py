@@ -1,8 +1,8 @@
 """Tinker-compatible LoRA training runtime with platform-enforced DP-SGD.
 
 Plain Python (dataclasses, lists, NumPy arrays); the server translates the wire protocol to
-these types. See ``docs/runtime.md``. Names are re-exported lazily so that importing this
-package does not load torch.
+these types. See ``docs/runtime.md``; the DP policy is :class:`tensafe.privacy.DpPolicy`.
+Names are re-exported lazily so that importing this package does not load torch.
 """
 
 from __future__ import annotations
@@ -14,16 +14,13 @@ if TYPE_CHECKING:
     from tensafe.training.runtime.errors import (
         USER_ERRORS,
         BudgetExceededError,
-        DpPolicyError,
         InvalidRequestError,
-        PolicyLoosenedError,
         SessionStateError,
         StateFormatError,
         StepLimitError,
         TrainingRuntimeError,
     )
     from tensafe.training.runtime.losses import LOSS_FUNCTIONS
-    from tensafe.training.runtime.policy import SAMPLING_MODES, DpPolicy
     from tensafe.training.runtime.session import LORA_ALPHA, LoraTrainingSession, SamplingSession
     from tensafe.training.runtime.state import STATE_FORMAT, STATE_VERSION
     from tensafe.training.runtime.types import (
@@ -37,16 +34,12 @@ if TYPE_CHECKING:
 _EXPORTS: dict[str, str] = {
     "USER_ERRORS": "errors",
     "BudgetExceededError": "errors",
-    "DpPolicyError": "errors",
     "InvalidRequestError": "errors",
-    "PolicyLoosenedError": "errors",
     "SessionStateError": "errors",
     "StateFormatError": "errors",
     "StepLimitError": "errors",
     "TrainingRuntimeError": "errors",
     "LOSS_FUNCTIONS": "losses",
-    "SAMPLING_MODES": "policy",
-    "DpPolicy": "policy",
     "LORA_ALPHA": "session",
     "LoraTrainingSession": "session",
     "SamplingSession": "session",
@@ -62,19 +55,15 @@ _EXPORTS: dict[str, str] = {
 __all__ = [
     "LORA_ALPHA",
     "LOSS_FUNCTIONS",
-    "SAMPLING_MODES",
     "STATE_FORMAT",
     "STATE_VERSION",
     "USER_ERRORS",
     "AdamParams",
     "BudgetExceededError",
     "Datum",
-    "DpPolicy",
-    "DpPolicyError",
     "ForwardBackwardResult",
     "InvalidRequestError",
     "LoraTrainingSession",
-    "PolicyLoosenedError",
     "SampleResult",
     "SampledSequence",
     "SamplingSession",

@@ -1,23 +1,23 @@
 """Errors raised by the training runtime.
 
 Every class derives from :class:`TrainingRuntimeError` (a
-:class:`tensafe.training.errors.TrainingError`) except the budget refusal, which is
-:class:`tensafe.privacy.BudgetExceededError` so that every layer reports an exhausted budget
-the same way. :data:`USER_ERRORS` lists the exceptions that a request caused (the server
-fails the future with category ``user``); anything else is a server fault.
+:class:`tensafe.training.errors.TrainingError`). The privacy refusals are the privacy
+package's own: :class:`tensafe.privacy.BudgetExceededError` (so that every layer reports an
+exhausted budget the same way) and :class:`tensafe.privacy.DpPolicyError` /
+:class:`tensafe.privacy.PolicyLoosenedError` (an invalid or loosened DP policy, raised with
+:class:`tensafe.privacy.DpPolicy`). :data:`USER_ERRORS` lists the exceptions that a request
+caused (the server fails the future with category ``user``); anything else is a server fault.
 """
 
 from __future__ import annotations
 
-from tensafe.privacy import BudgetExceededError
+from tensafe.privacy import BudgetExceededError, DpPolicyError
 from tensafe.training.errors import TrainingError
 
 __all__ = [
     "USER_ERRORS",
     "BudgetExceededError",
-    "DpPolicyError",
     "InvalidRequestError",
-    "PolicyLoosenedError",
     "SessionStateError",
     "StateFormatError",
     "StepLimitError",
@@ -33,14 +33,6 @@ class InvalidRequestError(TrainingRuntimeError, ValueError):
     """A request is malformed: unknown loss, bad tensor shape, token out of range, bad sampling knob."""
 
     exit_code = 2
-
-
-class DpPolicyError(InvalidRequestError):
-    """A differential-privacy policy is invalid or inconsistent."""
-
-
-class PolicyLoosenedError(DpPolicyError):
-    """A requested policy change would weaken the privacy policy; only tightening is allowed."""
 
 
 class SessionStateError(TrainingRuntimeError):
@@ -64,6 +56,7 @@ class StateFormatError(TrainingRuntimeError, ValueError):
 #: Exceptions caused by the request itself (map them to a user error, never a 5xx).
 USER_ERRORS: tuple[type[Exception], ...] = (
     InvalidRequestError,
+    DpPolicyError,
     SessionStateError,
     StepLimitError,
     StateFormatError,

@@ -1,8 +1,10 @@
 """LoRA training and sampling sessions with Tinker's semantics and platform-enforced DP-SGD.
 
 A :class:`LoraTrainingSession` owns one base model with fresh LoRA adapters, its AdamW state
-and, under a :class:`~tensafe.training.runtime.policy.DpPolicy`, a DP-SGD engine and a
-privacy budget. Each :class:`~tensafe.training.runtime.types.Datum` is one privacy unit:
+and, under a :class:`~tensafe.privacy.DpPolicy`, a DP-SGD engine and a privacy budget
+(planned by :func:`~tensafe.privacy.plan_dp_sgd`, built by
+:func:`~tensafe.training.dp.build_dp_sgd`). Each
+:class:`~tensafe.training.runtime.types.Datum` is one privacy unit:
 
 * ``forward_backward`` clips every datum's gradient (over all LoRA parameters) to the
   policy's clip norm and adds it to an accumulator; calls (the SDK's chunks) accumulate
@@ -44,14 +46,21 @@ import torch
 
 from tensafe.privacy import (
     DpCertificate,
+    DpPolicy,
+    DpPolicyError,
     DpSgdEvent,
     PrivacyBudget,
     PrivacyError,
     SamplingMethod,
-    calibrate_noise,
-    validate_delta,
+    plan_dp_sgd,
 )
-from tensafe.training.dp import DPGradientEngine, PoissonSampler, RandomSource, random_source_from_env
+from tensafe.training.dp import (
+    DPGradientEngine,
+    PoissonSampler,
+    RandomSource,
+    build_dp_sgd,
+    random_source_from_env,
+)
 from tensafe.training.errors import TrainingConfigError
 from tensafe.training.lora import (
     ADAPTER_CONFIG,
@@ -64,14 +73,18 @@ from tensafe.training.lora import (
 from tensafe.training.models import load_model_and_tokenizer, resolve_model
 from tensafe.training.runtime import losses, sampling
 from tensafe.training.runtime.errors import (
-    DpPolicyError,
     InvalidRequestError,
     SessionStateError,
     StateFormatError,
     StepLimitError,
 )
-from tensafe.training.runtime.policy import DpPolicy
-from tensafe.training.runtime.state import STATE_FORMAT, STATE_VERSION, decode_state, encode_state
+from tensafe.training.runtime.state import (
+    AdamSnapshot,
+    DpSnapshot,
+    SessionSnapshot,
+    decode_snapshot,
+    encode_snapshot,
+)
 from tensafe.training.runtime.types import AdamParams, Datum, ForwardBackwardResult, SampleResult
 
 __all__ = ["LORA_ALPHA", "LoraTrainingSession", "SamplingSession"]
@@ -409,62 +422,21 @@ class LoraTrainingSession:
         )
 
     def _setup_dp(self, dataset_size: int, *, noise_multiplier: float | None = None) -> None:
+        """Plan σ, q and the budget for ``dataset_size`` units and attach the engine (and sampler).
+
+        ``noise_multiplier`` is the σ of a saved state (never recalibrated on restore).
+        """
         policy = self._policy
         assert policy is not None
-        if policy.dataset_size is not None and policy.dataset_size != dataset_size:
-            raise DpPolicyError(
-                f"the registered data set has {dataset_size} examples but the DP policy says "
-                f"dataset_size={policy.dataset_size}"
-            )
-        if policy.expected_batch_size > dataset_size:
-            raise DpPolicyError(
-                f"expected_batch_size {policy.expected_batch_size} exceeds the data set size {dataset_size}"
-            )
-        try:
-            validate_delta(policy.delta, dataset_size)
-        except PrivacyError as exc:
-            raise DpPolicyError(f"DP policy: {exc}") from None
-        # Amplification by sampling holds only for batches the engine draws itself. With batches
-        # the client chose, every privacy unit may be in every step: q = 1 (no amplification).
-        q = policy.expected_batch_size / dataset_size if policy.sampling == "server_poisson" else 1.0
-        sigma = noise_multiplier if noise_multiplier is not None else policy.noise_multiplier
-        if sigma is None:
-            assert policy.max_steps is not None
-            try:
-                sigma = calibrate_noise(
-                    target_epsilon=policy.target_epsilon,
-                    delta=policy.delta,
-                    sample_rate=q,
-                    steps=policy.max_steps,
-                    accountant=policy.accountant,
-                )
-            except PrivacyError as exc:
-                raise DpPolicyError(f"cannot calibrate the noise for this policy: {exc}") from None
-        budget = PrivacyBudget(
-            target_epsilon=policy.target_epsilon,
-            delta=policy.delta,
-            accountant=policy.accountant,
-            noise_multiplier=sigma,
-            sample_rate=q,
-        )
+        plan = plan_dp_sgd(policy=policy, dataset_size=dataset_size, saved_noise_multiplier=noise_multiplier)
+        budget = plan.new_budget()
         source = random_source_from_env(seed=self._noise_seed, secure_rng=not self._deterministic_requested)
-        engine = DPGradientEngine(
-            self._h.model,
-            clip_norm=policy.clip_norm,
-            noise_multiplier=sigma,
-            expected_batch_size=float(policy.expected_batch_size),
-            random_source=source,
-        )
-        sampler = (
-            PoissonSampler(dataset_size, sample_rate=q, random_source=source)
-            if policy.sampling == "server_poisson"
-            else None
-        )
+        engine, sampler = build_dp_sgd(plan, self._h.model, random_source=source)
         self._dp = _DpState(
             policy=policy,
             dataset_size=dataset_size,
-            noise_multiplier=float(sigma),
-            sample_rate=q,
+            noise_multiplier=plan.noise_multiplier,
+            sample_rate=plan.sample_rate,
             budget=budget,
             engine=engine,
             source=source,
@@ -1117,110 +1089,52 @@ class LoraTrainingSession:
         Gradients accumulated since the last :meth:`optim_step` are not saved (as in Tinker).
         """
         with self._lock:
-            tensors: dict[str, torch.Tensor] = {f"lora/{n}": p.detach() for n, p in self._params}
-            optimizer: dict[str, Any] | None = None
-            if include_optimizer:
-                group = self._optimizer.param_groups[0]
-                optimizer = {
-                    "type": "adamw",
-                    "lr": group["lr"],
-                    "betas": list(group["betas"]),
-                    "eps": group["eps"],
-                    "weight_decay": group["weight_decay"],
-                    "has_state": [],
-                }
-                for n, p in self._params:
-                    st = self._optimizer.state.get(p)
-                    if st:
-                        optimizer["has_state"].append(n)
-                        tensors[f"adam/{n}/exp_avg"] = st["exp_avg"]
-                        tensors[f"adam/{n}/exp_avg_sq"] = st["exp_avg_sq"]
-                        tensors[f"adam/{n}/step"] = torch.as_tensor(st["step"], dtype=torch.float32).reshape(
-                            1
-                        )
-            dp_header: dict[str, Any] | None = None
-            if self._policy is not None:
-                dp = self._dp
-                dp_header = {"policy": self._policy.to_dict(), "setup": None}
-                if dp is not None:
-                    dp_header["setup"] = {
-                        "dataset_size": dp.dataset_size,
-                        "noise_multiplier": dp.noise_multiplier,
-                        "budget": dp.budget.state_dict(),
-                        "engine": dp.engine.state_dict(),
-                        "secure_rng": dp.source.secure,
-                        # The step's drawn batch is durable: a reload must not redraw it.
-                        "drawn": None if self._drawn is None else list(self._drawn),
-                    }
-            data_header = self._pack_dataset(tensors)
-            header = {
-                "format": STATE_FORMAT,
-                "version": STATE_VERSION,
-                "base_model": {"id": self.base_model_id, "revision": self.base_model_revision},
-                "lora": {
-                    "rank": self._settings.rank,
-                    "alpha": self._settings.alpha,
-                    "target_modules": list(self._settings.target_modules),
-                    **self._flags,
-                },
-                "parameters": [n for n, _ in self._params],
-                "step": self._step,
-                "examples_seen": self._examples_seen,
-                # Deterministic noise is reproducible from this seed (0 when none was given).
-                "noise_seed": (
-                    (self._noise_seed or 0) if (self._dp is not None and not self._dp.source.secure) else None
-                ),
-                "dp": dp_header,
-                "optimizer": optimizer,
-                "dataset": data_header,
-            }
-            return encode_state(header, tensors)
+            return encode_snapshot(self._snapshot(include_optimizer=include_optimizer))
 
-    def _pack_dataset(self, tensors: dict[str, torch.Tensor]) -> dict[str, Any] | None:
-        if self._dataset is None:
-            return None
-        tokens = [np.asarray(d.model_input, dtype=np.int64) for d in self._dataset]
-        tensors["data/tokens"] = torch.from_numpy(np.concatenate(tokens))
-        tensors["data/token_offsets"] = torch.from_numpy(
-            np.cumsum([0, *[len(t) for t in tokens]]).astype(np.int64)
-        )
-        keys = sorted({k for d in self._dataset for k in d.loss_fn_inputs})
-        shapes: dict[str, list[list[int] | None]] = {}
-        dtypes: dict[str, str] = {}
-        for key in keys:
-            arrays = [d.loss_fn_inputs.get(key) for d in self._dataset]
-            kinds = {np.asarray(a).dtype.kind for a in arrays if a is not None}
-            dtype = np.int64 if kinds <= {"i", "u"} else np.float32
-            dtypes[key] = "int64" if dtype is np.int64 else "float32"
-            flat = [
-                np.asarray(a, dtype=dtype).reshape(-1) if a is not None else np.zeros(0, dtype)
-                for a in arrays
-            ]
-            shapes[key] = [list(np.asarray(a).shape) if a is not None else None for a in arrays]
-            tensors[f"data/in/{key}"] = torch.from_numpy(np.concatenate(flat))
-            tensors[f"data/in_offsets/{key}"] = torch.from_numpy(
-                np.cumsum([0, *[f.size for f in flat]]).astype(np.int64)
+    def _snapshot(self, *, include_optimizer: bool) -> SessionSnapshot:
+        """The session as a :class:`~tensafe.training.runtime.state.SessionSnapshot` (no copies)."""
+        optimizer: AdamSnapshot | None = None
+        if include_optimizer:
+            group = self._optimizer.param_groups[0]
+            moments = {}
+            for n, p in self._params:
+                st = self._optimizer.state.get(p)
+                if st:
+                    moments[n] = (st["exp_avg"], st["exp_avg_sq"], st["step"])
+            optimizer = AdamSnapshot(
+                lr=group["lr"],
+                betas=group["betas"],
+                eps=group["eps"],
+                weight_decay=group["weight_decay"],
+                moments=moments,
             )
-        return {"size": len(self._dataset), "keys": keys, "shapes": shapes, "dtypes": dtypes}
-
-    @staticmethod
-    def _unpack_dataset(header: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> list[Datum]:
-        size = int(header["size"])
-        tokens = tensors["data/tokens"].numpy()
-        offs = tensors["data/token_offsets"].numpy()
-        if offs.shape != (size + 1,):
-            raise StateFormatError("session state data set offsets are inconsistent")
-        inputs: list[dict[str, np.ndarray]] = [{} for _ in range(size)]
-        for key in header["keys"]:
-            values = tensors[f"data/in/{key}"].numpy()
-            koffs = tensors[f"data/in_offsets/{key}"].numpy()
-            for i, shape in enumerate(header["shapes"][key]):
-                if shape is not None:
-                    inputs[i][key] = values[koffs[i] : koffs[i + 1]].reshape(shape).copy()
-        return [
-            Datum(model_input=[int(t) for t in tokens[offs[i] : offs[i + 1]]], loss_fn_inputs=inputs[i])
-            for i in range(size)
-        ]
+        dp = self._dp
+        return SessionSnapshot(
+            base_model_id=self.base_model_id,
+            base_model_revision=self.base_model_revision,
+            rank=self._settings.rank,
+            alpha=self._settings.alpha,
+            target_modules=tuple(self._settings.target_modules),
+            flags=dict(self._flags),
+            weights={n: p.detach() for n, p in self._params},
+            step=self._step,
+            examples_seen=self._examples_seen,
+            # Deterministic noise is reproducible from this seed (0 when none was given).
+            noise_seed=(self._noise_seed or 0) if (dp is not None and not dp.source.secure) else None,
+            policy=self._policy,
+            dp=None
+            if dp is None
+            else DpSnapshot(
+                dataset_size=dp.dataset_size,
+                noise_multiplier=dp.noise_multiplier,
+                budget=dp.budget.state_dict(),
+                engine=dp.engine.state_dict(),
+                secure_rng=dp.source.secure,
+                drawn=None if self._drawn is None else list(self._drawn),
+            ),
+            optimizer=optimizer,
+            dataset=self._dataset,
+        )
 
     @classmethod
     def from_state_bytes(
@@ -1250,11 +1164,10 @@ class LoraTrainingSession:
                 lacks what was asked for.
             DpPolicyError: If ``policy`` differs from the saved one.
         """
-        header, tensors = decode_state(data)
+        snapshot = decode_snapshot(data)
         try:
             return cls._restore(
-                header,
-                tensors,
+                snapshot,
                 restore_optimizer=restore_optimizer,
                 policy=policy,
                 base_model=base_model,
@@ -1262,15 +1175,14 @@ class LoraTrainingSession:
                 max_microbatch_size=max_microbatch_size,
             )
         except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
-            if isinstance(exc, InvalidRequestError | StateFormatError):
+            if isinstance(exc, InvalidRequestError | StateFormatError | DpPolicyError):
                 raise
             raise StateFormatError(f"session state is malformed ({type(exc).__name__}: {exc})") from None
 
     @classmethod
     def _restore(
         cls,
-        header: Mapping[str, Any],
-        tensors: Mapping[str, torch.Tensor],
+        snap: SessionSnapshot,
         *,
         restore_optimizer: bool,
         policy: DpPolicy | None,
@@ -1278,101 +1190,85 @@ class LoraTrainingSession:
         deterministic: bool,
         max_microbatch_size: int,
     ) -> LoraTrainingSession:
-        if header.get("format") != STATE_FORMAT or header.get("version") != STATE_VERSION:
-            raise StateFormatError("session state header has the wrong format or version")
-        saved_model = header["base_model"]
-        dp_header = header["dp"]
-        saved_policy = DpPolicy.from_dict(dp_header["policy"]) if dp_header is not None else None
-        if policy is not None and policy != saved_policy:
+        """Load the base model and apply ``snap`` to a new session (weights, optimizer, DP state)."""
+        if policy is not None and policy != snap.policy:
             raise DpPolicyError(
                 "the saved session runs under another DP policy; a resumed run keeps the policy and "
                 "budget it was saved with"
             )
-        seed = header.get("noise_seed", header.get("seed"))
-        if deterministic and seed is None:
+        if deterministic and snap.noise_seed is None:
             raise StateFormatError(
                 "this state was not saved in deterministic mode; resume without deterministic=True"
             )
-        lora = header["lora"]
         settings = LoraSettings(
-            rank=int(lora["rank"]),
-            alpha=float(lora["alpha"]),
-            dropout=0.0,
-            target_modules=tuple(lora["target_modules"]),
+            rank=snap.rank, alpha=snap.alpha, dropout=0.0, target_modules=snap.target_modules
         )
-        model, tokenizer, _model_id, revision = _load_base(base_model or str(saved_model["id"]))
-        if revision != saved_model["revision"]:
+        model, tokenizer, _model_id, revision = _load_base(base_model or snap.base_model_id)
+        if revision != snap.base_model_revision:
             raise StateFormatError(
                 f"the base model weights (sha256 {revision[:12]}...) differ from those the state was "
                 f"trained on "
-                f"(sha256 {str(saved_model['revision'])[:12]}...)"
+                f"(sha256 {snap.base_model_revision[:12]}...)"
             )
         peft_model = apply_lora(model, settings, init_seed=0)
         peft_model.eval()
-        flags = {k: bool(lora[k]) for k in ("train_mlp", "train_attn", "train_unembed")}
         session = cls(
-            handle=_ModelHandle(
-                peft_model, tokenizer, base_model_id=str(saved_model["id"]), revision=revision
-            ),
+            handle=_ModelHandle(peft_model, tokenizer, base_model_id=snap.base_model_id, revision=revision),
             settings=settings,
-            lora_flags=flags,
-            dp=saved_policy,
-            noise_seed=seed,
+            lora_flags=dict(snap.flags),
+            dp=snap.policy,
+            noise_seed=snap.noise_seed,
             deterministic=deterministic,
             max_microbatch_size=max_microbatch_size,
         )
         names = [n for n, _ in session._params]
-        if names != list(header["parameters"]):
+        if names != list(snap.weights):
             raise StateFormatError("session state parameters do not match the LoRA layout")
         with torch.no_grad():
             for n, p in session._params:
-                saved = tensors[f"lora/{n}"]
+                saved = snap.weights[n]
                 if saved.shape != p.shape or saved.dtype != p.dtype:
                     raise StateFormatError(f"session state tensor {n} has the wrong shape or dtype")
                 p.copy_(saved)
-        opt = header["optimizer"]
         if restore_optimizer:
+            opt = snap.optimizer
             if opt is None:
                 raise StateFormatError(
                     "this state was saved without optimizer state; load it without the optimizer"
                 )
             group_values = {
-                "lr": float(opt["lr"]),
-                "betas": (float(opt["betas"][0]), float(opt["betas"][1])),
-                "eps": float(opt["eps"]),
-                "weight_decay": float(opt["weight_decay"]),
+                "lr": opt.lr,
+                "betas": opt.betas,
+                "eps": opt.eps,
+                "weight_decay": opt.weight_decay,
             }
             for group in session._optimizer.param_groups:
                 group.update(group_values)
             params = dict(session._params)
-            for n in opt["has_state"]:
-                p = params[n]
-                session._optimizer.state[p] = {
-                    "step": tensors[f"adam/{n}/step"].reshape(()).clone(),
-                    "exp_avg": tensors[f"adam/{n}/exp_avg"].clone(),
-                    "exp_avg_sq": tensors[f"adam/{n}/exp_avg_sq"].clone(),
+            for n, (exp_avg, exp_avg_sq, step) in opt.moments.items():
+                session._optimizer.state[params[n]] = {
+                    "step": step.clone(),
+                    "exp_avg": exp_avg.clone(),
+                    "exp_avg_sq": exp_avg_sq.clone(),
                 }
-        session._step = int(header["step"])
-        session._examples_seen = int(header["examples_seen"])
-        if dp_header is not None and dp_header["setup"] is not None:
-            setup = dp_header["setup"]
+        session._step = snap.step
+        session._examples_seen = snap.examples_seen
+        if snap.dp is not None:
             if session._dp is not None:
                 session._dp.engine.close()
                 session._dp = None
-            if header["dataset"] is not None:
-                dataset = cls._unpack_dataset(header["dataset"], tensors)
-                session._dataset = dataset
-                session._digests = [_datum_digest(d.model_input, d.loss_fn_inputs) for d in dataset]
-            session._setup_dp(int(setup["dataset_size"]), noise_multiplier=float(setup["noise_multiplier"]))
+            if snap.dataset is not None:
+                session._dataset = snap.dataset
+                session._digests = [_datum_digest(d.model_input, d.loss_fn_inputs) for d in snap.dataset]
+            session._setup_dp(snap.dp.dataset_size, noise_multiplier=snap.dp.noise_multiplier)
             assert session._dp is not None
             try:
-                session._dp.budget.load_state_dict(setup["budget"])
+                session._dp.budget.load_state_dict(snap.dp.budget)
             except PrivacyError as exc:
                 raise StateFormatError(f"session state budget is inconsistent: {exc}") from None
-            session._dp.engine.load_state_dict(setup["engine"])
-            drawn = setup.get("drawn")
-            if drawn is not None:
-                session.restore_draw(drawn)
+            session._dp.engine.load_state_dict(snap.dp.engine)
+            if snap.dp.drawn is not None:
+                session.restore_draw(snap.dp.drawn)
         return session
 
     def close(self) -> None:

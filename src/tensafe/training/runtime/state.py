@@ -17,6 +17,11 @@ Format ``tensafe-lora-session/v1`` is one safetensors file:
 raw little-endian bytes, each followed by a NUL byte. It detects accidental corruption; it is
 not a MAC (the server's AEAD encryption provides integrity against tampering).
 
+:class:`SessionSnapshot` is the blob as plain values: :func:`encode_snapshot` writes it and
+:func:`decode_snapshot` reads it back (every header key and tensor name lives in this
+module); :class:`~tensafe.training.runtime.session.LoraTrainingSession` only takes and
+applies snapshots.
+
 Readers refuse another ``format``, an unknown ``version`` and any malformed header with
 :class:`~tensafe.training.runtime.errors.StateFormatError`. The blob holds model weights and
 possibly training data: the server encrypts it before it is stored.
@@ -24,16 +29,31 @@ possibly training data: the server encrypts it before it is stored.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import struct
+from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
 import torch
 
+from tensafe.privacy import DpPolicy, DpPolicyError
 from tensafe.training.runtime.errors import StateFormatError
+from tensafe.training.runtime.types import Datum
 
-__all__ = ["STATE_FORMAT", "STATE_VERSION", "decode_state", "encode_state"]
+__all__ = [
+    "STATE_FORMAT",
+    "STATE_VERSION",
+    "AdamSnapshot",
+    "DpSnapshot",
+    "SessionSnapshot",
+    "decode_snapshot",
+    "decode_state",
+    "encode_snapshot",
+    "encode_state",
+]
 
 STATE_FORMAT = "tensafe-lora-session"
 STATE_VERSION = 1
@@ -164,3 +184,247 @@ def decode_state(data: bytes) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     if not isinstance(header, dict):
         raise StateFormatError("session state header must be a JSON object")
     return header, tensors
+
+
+# --------------------------------------------------------------------------- session snapshots
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class AdamSnapshot:
+    """AdamW hyper-parameters and the moments of every parameter that has them.
+
+    Attributes:
+        moments: Parameter name -> ``(exp_avg, exp_avg_sq, step)`` in parameter order; ``step``
+            as the optimizer keeps it (a 0-d tensor).
+    """
+
+    lr: float
+    betas: tuple[float, float]
+    eps: float
+    weight_decay: float
+    moments: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DpSnapshot:
+    """The DP state of a session whose engine is set up (σ, N, budget, engine, drawn batch).
+
+    Attributes:
+        secure_rng: Whether the noise came from the OS CSPRNG (``None`` when not recorded).
+        drawn: The indices of the batch drawn for the current step (``server_poisson``); a
+            reload must not redraw it.
+    """
+
+    dataset_size: int
+    noise_multiplier: float
+    budget: dict[str, Any]
+    engine: dict[str, Any]
+    secure_rng: bool | None
+    drawn: list[int] | None
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SessionSnapshot:
+    """Everything a ``tensafe-lora-session/v1`` blob holds, as plain values.
+
+    Attributes:
+        weights: LoRA parameter name -> tensor, in the model's parameter order.
+        noise_seed: Seed of deterministic noise; ``None`` with CSPRNG noise (or without DP).
+        policy: The DP policy; ``None`` for a non-private session.
+        dp: The DP state; ``None`` without a policy, or in ``server_poisson`` mode before the
+            data set is registered.
+        optimizer: ``None`` when saved without the optimizer.
+        dataset: The registered data set (``server_poisson``), else ``None``.
+    """
+
+    base_model_id: str
+    base_model_revision: str
+    rank: int
+    alpha: float
+    target_modules: tuple[str, ...]
+    flags: dict[str, bool]
+    weights: dict[str, torch.Tensor]
+    step: int
+    examples_seen: int
+    noise_seed: int | None
+    policy: DpPolicy | None
+    dp: DpSnapshot | None
+    optimizer: AdamSnapshot | None
+    dataset: list[Datum] | None
+
+
+_LORA_FLAGS = ("train_mlp", "train_attn", "train_unembed")
+
+
+def encode_snapshot(snapshot: SessionSnapshot) -> bytes:
+    """Serialize ``snapshot`` as a ``tensafe-lora-session/v1`` blob (see the module docstring)."""
+    s = snapshot
+    tensors: dict[str, torch.Tensor] = {f"lora/{n}": t for n, t in s.weights.items()}
+    optimizer: dict[str, Any] | None = None
+    if s.optimizer is not None:
+        opt = s.optimizer
+        optimizer = {
+            "type": "adamw",
+            "lr": opt.lr,
+            "betas": list(opt.betas),
+            "eps": opt.eps,
+            "weight_decay": opt.weight_decay,
+            "has_state": list(opt.moments),
+        }
+        for n, (exp_avg, exp_avg_sq, step) in opt.moments.items():
+            tensors[f"adam/{n}/exp_avg"] = exp_avg
+            tensors[f"adam/{n}/exp_avg_sq"] = exp_avg_sq
+            tensors[f"adam/{n}/step"] = torch.as_tensor(step, dtype=torch.float32).reshape(1)
+    dp_header: dict[str, Any] | None = None
+    if s.policy is not None:
+        dp_header = {"policy": s.policy.to_dict(), "setup": None}
+        if s.dp is not None:
+            dp_header["setup"] = {
+                "dataset_size": s.dp.dataset_size,
+                "noise_multiplier": s.dp.noise_multiplier,
+                "budget": s.dp.budget,
+                "engine": s.dp.engine,
+                "secure_rng": s.dp.secure_rng,
+                # The step's drawn batch is durable: a reload must not redraw it.
+                "drawn": None if s.dp.drawn is None else list(s.dp.drawn),
+            }
+    header = {
+        "format": STATE_FORMAT,
+        "version": STATE_VERSION,
+        "base_model": {"id": s.base_model_id, "revision": s.base_model_revision},
+        "lora": {
+            "rank": s.rank,
+            "alpha": s.alpha,
+            "target_modules": list(s.target_modules),
+            **s.flags,
+        },
+        "parameters": list(s.weights),
+        "step": s.step,
+        "examples_seen": s.examples_seen,
+        # Deterministic noise is reproducible from this seed (0 when none was given).
+        "noise_seed": s.noise_seed,
+        "dp": dp_header,
+        "optimizer": optimizer,
+        "dataset": _pack_dataset(s.dataset, tensors),
+    }
+    return encode_state(header, tensors)
+
+
+def decode_snapshot(data: bytes) -> SessionSnapshot:
+    """Parse a blob written by :func:`encode_snapshot` (digest checked by :func:`decode_state`).
+
+    Raises:
+        StateFormatError: If the blob is not a well-formed v1 session state.
+        DpPolicyError: If the saved DP policy is invalid.
+    """
+    header, tensors = decode_state(data)
+    try:
+        return _parse_snapshot(header, tensors)
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
+        if isinstance(exc, StateFormatError | DpPolicyError):
+            raise
+        raise StateFormatError(f"session state is malformed ({type(exc).__name__}: {exc})") from None
+
+
+def _parse_snapshot(header: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> SessionSnapshot:
+    if header.get("format") != STATE_FORMAT or header.get("version") != STATE_VERSION:
+        raise StateFormatError("session state header has the wrong format or version")
+    dp_header = header["dp"]
+    policy = DpPolicy.from_dict(dp_header["policy"]) if dp_header is not None else None
+    dp: DpSnapshot | None = None
+    if dp_header is not None and dp_header["setup"] is not None:
+        setup = dp_header["setup"]
+        drawn = setup.get("drawn")
+        secure = setup.get("secure_rng")
+        dp = DpSnapshot(
+            dataset_size=int(setup["dataset_size"]),
+            noise_multiplier=float(setup["noise_multiplier"]),
+            budget=setup["budget"],
+            engine=setup["engine"],
+            secure_rng=None if secure is None else bool(secure),
+            drawn=None if drawn is None else [int(i) for i in drawn],
+        )
+    opt = header["optimizer"]
+    optimizer: AdamSnapshot | None = None
+    if opt is not None:
+        optimizer = AdamSnapshot(
+            lr=float(opt["lr"]),
+            betas=(float(opt["betas"][0]), float(opt["betas"][1])),
+            eps=float(opt["eps"]),
+            weight_decay=float(opt["weight_decay"]),
+            moments={
+                str(n): (
+                    tensors[f"adam/{n}/exp_avg"],
+                    tensors[f"adam/{n}/exp_avg_sq"],
+                    tensors[f"adam/{n}/step"].reshape(()),
+                )
+                for n in opt["has_state"]
+            },
+        )
+    lora = header["lora"]
+    saved_model = header["base_model"]
+    seed = header.get("noise_seed", header.get("seed"))
+    return SessionSnapshot(
+        base_model_id=str(saved_model["id"]),
+        base_model_revision=str(saved_model["revision"]),
+        rank=int(lora["rank"]),
+        alpha=float(lora["alpha"]),
+        target_modules=tuple(lora["target_modules"]),
+        flags={k: bool(lora[k]) for k in _LORA_FLAGS},
+        weights={str(n): tensors[f"lora/{n}"] for n in header["parameters"]},
+        step=int(header["step"]),
+        examples_seen=int(header["examples_seen"]),
+        noise_seed=None if seed is None else int(seed),
+        policy=policy,
+        dp=dp,
+        optimizer=optimizer,
+        dataset=_unpack_dataset(header["dataset"], tensors) if header["dataset"] is not None else None,
+    )
+
+
+def _pack_dataset(dataset: list[Datum] | None, tensors: dict[str, torch.Tensor]) -> dict[str, Any] | None:
+    """Add the registered data set's tensors to ``tensors``; return its header (``None`` without one)."""
+    if dataset is None:
+        return None
+    tokens = [np.asarray(d.model_input, dtype=np.int64) for d in dataset]
+    tensors["data/tokens"] = torch.from_numpy(np.concatenate(tokens))
+    tensors["data/token_offsets"] = torch.from_numpy(
+        np.cumsum([0, *[len(t) for t in tokens]]).astype(np.int64)
+    )
+    keys = sorted({k for d in dataset for k in d.loss_fn_inputs})
+    shapes: dict[str, list[list[int] | None]] = {}
+    dtypes: dict[str, str] = {}
+    for key in keys:
+        arrays = [d.loss_fn_inputs.get(key) for d in dataset]
+        kinds = {np.asarray(a).dtype.kind for a in arrays if a is not None}
+        dtype = np.int64 if kinds <= {"i", "u"} else np.float32
+        dtypes[key] = "int64" if dtype is np.int64 else "float32"
+        flat = [
+            np.asarray(a, dtype=dtype).reshape(-1) if a is not None else np.zeros(0, dtype) for a in arrays
+        ]
+        shapes[key] = [list(np.asarray(a).shape) if a is not None else None for a in arrays]
+        tensors[f"data/in/{key}"] = torch.from_numpy(np.concatenate(flat))
+        tensors[f"data/in_offsets/{key}"] = torch.from_numpy(
+            np.cumsum([0, *[f.size for f in flat]]).astype(np.int64)
+        )
+    return {"size": len(dataset), "keys": keys, "shapes": shapes, "dtypes": dtypes}
+
+
+def _unpack_dataset(header: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> list[Datum]:
+    """The data set that :func:`_pack_dataset` stored."""
+    size = int(header["size"])
+    tokens = tensors["data/tokens"].numpy()
+    offs = tensors["data/token_offsets"].numpy()
+    if offs.shape != (size + 1,):
+        raise StateFormatError("session state data set offsets are inconsistent")
+    inputs: list[dict[str, np.ndarray]] = [{} for _ in range(size)]
+    for key in header["keys"]:
+        values = tensors[f"data/in/{key}"].numpy()
+        koffs = tensors[f"data/in_offsets/{key}"].numpy()
+        for i, shape in enumerate(header["shapes"][key]):
+            if shape is not None:
+                inputs[i][key] = values[koffs[i] : koffs[i + 1]].reshape(shape).copy()
+    return [
+        Datum(model_input=[int(t) for t in tokens[offs[i] : offs[i + 1]]], loss_fn_inputs=inputs[i])
+        for i in range(size)
+    ]

@@ -1,8 +1,10 @@
-"""The differential-privacy policy a training session runs under.
+"""The differential-privacy policy a training run is held to (torch-free).
 
-The server builds a :class:`DpPolicy` from the operator's configuration and the tenant's
-policy (combined with :meth:`DpPolicy.stricter_of`), then applies what the client asked for
-with :meth:`DpPolicy.tighten`, which refuses any change that would weaken the guarantee.
+:class:`DpPolicy` states what the platform enforces; :mod:`tensafe.privacy.plan` turns it,
+with the data set size, into the run's concrete σ, sampling rate and budget. The server
+builds a :class:`DpPolicy` from the operator's configuration and the tenant's policy
+(combined with :meth:`DpPolicy.stricter_of`), then applies what the client asked for with
+:meth:`DpPolicy.tighten`, which refuses any change that would weaken the guarantee.
 
 "Stricter" is defined field by field:
 
@@ -30,8 +32,9 @@ import math
 from collections.abc import Mapping
 from typing import Any, Literal, Self
 
-from tensafe.privacy import PrivacyError, available_accountants, validate_delta
-from tensafe.training.runtime.errors import DpPolicyError, PolicyLoosenedError
+from tensafe.privacy._validation import validate_delta
+from tensafe.privacy.accountants import available_accountants
+from tensafe.privacy.errors import DpPolicyError, PolicyLoosenedError, PrivacyError
 
 __all__ = ["SAMPLING_MODES", "DpPolicy", "SamplingMode"]
 

@@ -20,10 +20,10 @@ verification reports.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
+from tensafe import config
 from tensafe.audit.errors import AuditError
 
 __all__ = [
@@ -37,7 +37,7 @@ __all__ = [
 ]
 
 #: Default interval: at most this many records between signed checkpoints of a tenant.
-DEFAULT_CHECKPOINT_EVERY = 1000
+DEFAULT_CHECKPOINT_EVERY = config.DEFAULT_AUDIT_CHECKPOINT_EVERY
 #: The environment variable every appender and verifier of a deployment reads.
 CHECKPOINT_EVERY_ENV = "TS_AUDIT_CHECKPOINT_EVERY"
 _MAX = 2**53 - 1
@@ -56,19 +56,10 @@ def checkpoint_every_from_environment(env: Mapping[str, str] | None = None) -> i
     Raises:
         AuditError: The value is set but is not a positive integer.
     """
-    raw = (os.environ if env is None else env).get(CHECKPOINT_EVERY_ENV, "").strip()
-    if not raw:
-        return DEFAULT_CHECKPOINT_EVERY
     try:
-        value = int(raw, 10)
-    except ValueError:
-        value = 0
-    if not 1 <= value <= _MAX:
-        raise AuditError(
-            f"{CHECKPOINT_EVERY_ENV} must be a positive integer (records between signed checkpoints), "
-            f"not {raw[:40]!r}"
-        )
-    return value
+        return config.audit_checkpoint_every(env)  # the one parser (tensafe.config)
+    except config.EnvironmentVariableError as exc:
+        raise AuditError(str(exc)) from None
 
 
 def checkpoint_due(length: int, newest: int, every: int) -> bool:

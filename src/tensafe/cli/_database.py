@@ -11,10 +11,7 @@ alone: the command then refuses an unmigrated schema with its usual message, whi
 
 from __future__ import annotations
 
-import os
 import sys
-
-from tensafe.errors import ConfigurationError
 
 __all__ = ["development_mode", "prepare_embedded_database"]
 
@@ -25,10 +22,9 @@ def development_mode() -> bool:
     Raises:
         ConfigurationError: ``TS_ENVIRONMENT`` is neither ``development`` nor ``production``.
     """
-    environment = os.environ.get("TS_ENVIRONMENT", "").strip().lower() or "development"
-    if environment not in ("development", "production"):
-        raise ConfigurationError(f"TS_ENVIRONMENT must be 'development' or 'production', not {environment!r}")
-    return environment == "development"
+    from tensafe.config import environment
+
+    return environment() == "development"
 
 
 def prepare_embedded_database(url: str) -> None:

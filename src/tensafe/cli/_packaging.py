@@ -14,12 +14,12 @@ Configuration keys (paths relative to the configuration file)::
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from tensafe.config import env_value
 from tensafe.training.errors import TrainingConfigError
 
 __all__ = ["package_run"]
@@ -47,7 +47,7 @@ def package_run(adapter_dir: Path, cfg: Mapping[str, Any], *, base: Path | None)
     passphrase: bytes | None = None
     var = cfg.get("passphrase_env")
     if var:
-        value = os.environ.get(str(var))
+        value = env_value(str(var))
         if not value:
             raise TrainingConfigError(f"package.passphrase_env: ${var} is not set")
         passphrase = value.encode()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -390,11 +389,12 @@ def _log(args: argparse.Namespace) -> int:
 
 def _signing_key(path: str, passphrase_env: str | None) -> Any:
     from tensafe.audit import AuditError
+    from tensafe.config import env_value
     from tensafe.crypto.signing import HybridSigningKey
 
     passphrase: bytes | None = None
     if passphrase_env:
-        value = os.environ.get(passphrase_env)
+        value = env_value(passphrase_env)
         if not value:
             raise AuditError(f"environment variable {passphrase_env} is not set or empty")
         passphrase = value.encode("utf-8")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
-import os
 import sys
 from collections.abc import Sequence
 
@@ -69,8 +68,9 @@ def _configure_logging(verbosity: int) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the process exit status."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    from tensafe.config import set_offline_defaults
+
+    set_offline_defaults()  # before any Hugging Face import; library code passes local_files_only=True
     parser = build_parser()
     args = parser.parse_args(argv)
     _configure_logging(args.verbose)

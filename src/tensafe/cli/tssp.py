@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from tensafe.cli._paths import output_path
+from tensafe.config import env_value
 
 __all__ = ["register"]
 
@@ -21,7 +22,7 @@ def _passphrase(args: argparse.Namespace) -> bytes | None:
     var = getattr(args, "passphrase_env", None)
     if not var:
         return None
-    value = os.environ.get(var)
+    value = env_value(var)
     if not value:
         raise PackageInputError(f"--passphrase-env {var}: the environment variable is not set or empty")
     return value.encode("utf-8")

@@ -45,6 +45,14 @@ from tensafe.client._exceptions import (
     CrossOriginRedirectError,
     status_error,
 )
+from tensafe.config import (
+    DEFAULT_CLIENT_BASE_URL,
+    EnvironmentVariableError,
+    client_allow_insecure_http,
+    client_api_key,
+    client_base_url,
+    client_ca_bundle,
+)
 
 __all__ = [
     "ALLOW_INSECURE_HTTP_ENV",
@@ -61,7 +69,7 @@ __all__ = [
 M = TypeVar("M", bound=BaseModel)
 
 #: Where the SDK connects when neither ``base_url`` nor ``TENSAFE_BASE_URL`` is given.
-DEFAULT_BASE_URL = "http://127.0.0.1:8000"
+DEFAULT_BASE_URL = DEFAULT_CLIENT_BASE_URL
 #: Environment variable that, set to ``1``, allows plain ``http://`` to a non-loopback host.
 ALLOW_INSECURE_HTTP_ENV = "TENSAFE_ALLOW_INSECURE_HTTP"
 #: Environment variable naming a PEM CA bundle that server certificates are verified against.
@@ -74,7 +82,7 @@ _DEFAULT_PORTS = {"http": 80, "https": 443}
 
 def resolve_base_url(base_url: str | None) -> str:
     """Return ``base_url``, else ``$TENSAFE_BASE_URL``, else :data:`DEFAULT_BASE_URL`."""
-    url = base_url or os.environ.get("TENSAFE_BASE_URL") or DEFAULT_BASE_URL
+    url = base_url or client_base_url()
     if not url.startswith(("http://", "https://")):
         raise ClientConfigurationError(f"the base URL must start with http:// or https://, not {url[:40]!r}")
     return url.rstrip("/")
@@ -82,7 +90,7 @@ def resolve_base_url(base_url: str | None) -> str:
 
 def resolve_api_key(api_key: str | None) -> str:
     """Return ``api_key``, else ``$TENSAFE_API_KEY``; it must start with ``tml-``."""
-    key = api_key or os.environ.get("TENSAFE_API_KEY") or ""
+    key = api_key or client_api_key()
     if not key:
         raise ClientConfigurationError(
             "no API key: pass api_key=... or set TENSAFE_API_KEY (ask your operator for one: "
@@ -94,12 +102,10 @@ def resolve_api_key(api_key: str | None) -> str:
 
 
 def _env_allows_insecure_http() -> bool:
-    raw = os.environ.get(ALLOW_INSECURE_HTTP_ENV, "").strip().lower()
-    if raw in ("", "0", "false", "no"):
-        return False
-    if raw in ("1", "true", "yes"):
-        return True
-    raise ClientConfigurationError(f"{ALLOW_INSECURE_HTTP_ENV} must be 1 or 0, not {raw[:20]!r}")
+    try:
+        return client_allow_insecure_http()
+    except EnvironmentVariableError as exc:
+        raise ClientConfigurationError(str(exc)) from None
 
 
 def tls_verification(ca_bundle: str | os.PathLike[str] | None = None) -> ssl.SSLContext | bool:
@@ -116,7 +122,7 @@ def tls_verification(ca_bundle: str | os.PathLike[str] | None = None) -> ssl.SSL
     Raises:
         ClientConfigurationError: The bundle cannot be read or holds no CA certificate.
     """
-    path = ca_bundle if ca_bundle is not None else (os.environ.get(CA_BUNDLE_ENV, "").strip() or None)
+    path = ca_bundle if ca_bundle is not None else client_ca_bundle()
     if path is None:
         return True
     try:

@@ -20,6 +20,7 @@ from tensafe.client.types import (
     OptimizerConfig,
     ServerCapabilities,
 )
+from tensafe.config import client_project_id
 from tensafe.protocol import CreateModelResponse, UntypedFuture
 
 __all__ = ["ServiceClient"]
@@ -88,7 +89,7 @@ class ServiceClient:
         self._holder = Holder(
             transport,
             user_metadata=user_metadata,
-            project_id=project_id if project_id is not None else os.environ.get("TENSAFE_PROJECT_ID") or None,
+            project_id=project_id if project_id is not None else client_project_id(),
             display_name=display_name,
         )
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 from sqlalchemy import Engine, event
@@ -11,6 +10,7 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 from sqlalchemy.orm import Session, sessionmaker
 
+from tensafe.config import DEFAULT_DATABASE_URL, database_url
 from tensafe.db.errors import DatabaseError
 
 __all__ = [
@@ -23,9 +23,6 @@ __all__ = [
     "safe_url",
 ]
 
-#: Used when ``DATABASE_URL`` is not set: a SQLite file in the working directory.
-DEFAULT_DATABASE_URL = "sqlite:///./tensafe.db"
-
 #: How long a SQLite connection waits for another writer before failing (milliseconds).
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 
@@ -33,9 +30,8 @@ _SQLITE_BEGIN_MODES = frozenset({"DEFERRED", "IMMEDIATE", "EXCLUSIVE"})
 
 
 def get_database_url() -> str:
-    """Return ``DATABASE_URL`` from the environment, or :data:`DEFAULT_DATABASE_URL`."""
-    value = os.environ.get("DATABASE_URL", "").strip()
-    return value or DEFAULT_DATABASE_URL
+    """Return ``DATABASE_URL``, or :data:`DEFAULT_DATABASE_URL` (parsed by :mod:`tensafe.config`)."""
+    return database_url()
 
 
 def _parse(url: str | URL) -> URL:

@@ -17,6 +17,7 @@ import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from tensafe.config import pg_bin
 from tensafe.db.errors import DatabaseError
 
 __all__ = ["DEFAULT_PG_BIN", "find_pg_bin", "start_postgres"]
@@ -35,7 +36,7 @@ def find_pg_bin() -> Path:
     Raises:
         DatabaseError: No PostgreSQL server binaries were found.
     """
-    candidates = [os.environ.get("TENSAFE_PG_BIN", ""), DEFAULT_PG_BIN]
+    candidates = [pg_bin(), DEFAULT_PG_BIN]
     on_path = shutil.which("initdb")
     if on_path:
         candidates.append(str(Path(on_path).parent))

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from tensafe import config
 from tensafe.crypto.kdf import Argon2idParams
 from tensafe.keys._local import LocalKekProvider
 from tensafe.keys._provider import KekProvider
@@ -35,7 +36,7 @@ __all__ = [
 
 _log = logging.getLogger("tensafe.keys")
 
-ENVIRONMENTS = ("development", "production")
+ENVIRONMENTS = config.ENVIRONMENTS
 PROVIDERS = ("local", "vault", "pkcs11")
 MIN_PASSPHRASE_CHARS = 16
 #: Minimum estimated entropy of ``TS_KEY_MASTER`` (length x empirical Shannon entropy).
@@ -43,8 +44,7 @@ MIN_PASSPHRASE_BITS = 50.0
 _TRUE = {"1", "true", "yes", "on"}
 #: The deployment's audit checkpoint interval (shared with tensafe.audit and the server).
 AUDIT_CHECKPOINT_EVERY_ENV = "TS_AUDIT_CHECKPOINT_EVERY"
-DEFAULT_AUDIT_CHECKPOINT_EVERY = 1000
-_MAX_CHECKPOINT_EVERY = 2**53 - 1
+DEFAULT_AUDIT_CHECKPOINT_EVERY = config.DEFAULT_AUDIT_CHECKPOINT_EVERY
 
 
 def check_passphrase(passphrase: str) -> None:
@@ -108,12 +108,11 @@ class KeySettings:
             KeyConfigurationError: Unknown environment or provider, or (in production)
                 no provider, the local provider, or an insecure provider setting.
         """
-        env = dict(os.environ if env is None else env)
-        environment = env.get("TS_ENVIRONMENT", "").strip().lower() or "development"
-        if environment not in ENVIRONMENTS:
-            raise KeyConfigurationError(
-                f"TS_ENVIRONMENT must be 'development' or 'production', not {environment!r}"
-            )
+        env = config.environ() if env is None else dict(env)
+        try:
+            environment = config.environment(env)  # the shared parsers (tensafe.config)
+        except config.EnvironmentVariableError as exc:
+            raise KeyConfigurationError(str(exc)) from None
         provider = env.get("TS_KEK_PROVIDER", "").strip().lower()
         if not provider:
             if environment == "production":
@@ -125,7 +124,7 @@ class KeySettings:
             raise KeyConfigurationError(
                 f"TS_KEK_PROVIDER must be one of {', '.join(PROVIDERS)}, not {provider!r}"
             )
-        data_dir = Path(env.get("TS_DATA_DIR", "").strip() or ".tensafe").expanduser().resolve()
+        data_dir = config.data_dir(env)
         settings = cls(environment=environment, provider=provider, data_dir=data_dir, env=env)
         settings._check()
         return settings
@@ -137,16 +136,10 @@ class KeySettings:
         Raises:
             KeyConfigurationError: The value is set but is not a positive integer.
         """
-        raw = self.env.get(AUDIT_CHECKPOINT_EVERY_ENV, "").strip()
-        if not raw:
-            return DEFAULT_AUDIT_CHECKPOINT_EVERY
-        value = int(raw, 10) if raw.isascii() and raw.isdigit() else 0
-        if not 1 <= value <= _MAX_CHECKPOINT_EVERY:
-            raise KeyConfigurationError(
-                f"{AUDIT_CHECKPOINT_EVERY_ENV} must be a positive integer (records between signed audit "
-                f"checkpoints), not {raw[:40]!r}"
-            )
-        return value
+        try:
+            return config.audit_checkpoint_every(self.env)
+        except config.EnvironmentVariableError as exc:
+            raise KeyConfigurationError(str(exc)) from None
 
     def _check(self) -> None:
         self.audit_checkpoint_every  # noqa: B018 - validates the variable early

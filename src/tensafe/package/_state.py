@@ -26,11 +26,9 @@ def default_state_path() -> Path:
     ``$TS_DATA_DIR/tssp-state.json`` if set, else
     ``${XDG_STATE_HOME:-~/.local/state}/tensafe/tssp-state.json``.
     """
-    data_dir = os.environ.get("TS_DATA_DIR")
-    if data_dir:
-        return Path(data_dir) / "tssp-state.json"
-    state_home = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
-    return Path(state_home) / "tensafe" / "tssp-state.json"
+    from tensafe.config import tssp_state_path
+
+    return tssp_state_path()
 
 
 class RollbackState:

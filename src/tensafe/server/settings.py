@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -245,12 +244,12 @@ class ServerSettings:
         Raises:
             ServerConfigurationError: A value is malformed.
         """
+        from tensafe import config
         from tensafe.audit import AuditError, checkpoint_every_from_environment
-        from tensafe.db import get_database_url
 
-        env = dict(os.environ if env is None else env)
-        url = env.get("DATABASE_URL", "").strip() or get_database_url()
-        data_dir = Path(env.get("TS_DATA_DIR", "").strip() or ".tensafe").expanduser().resolve()
+        env = config.environ() if env is None else dict(env)
+        url = config.database_url(env)
+        data_dir = config.data_dir(env)
         models = env.get("TS_SERVER_MODELS", "").strip()
         catalog = ModelCatalog.parse(models) if models else ModelCatalog.default()
         seconds: dict[str, float] = {}

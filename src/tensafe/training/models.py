@@ -141,12 +141,9 @@ class ModelSpec:
 
 def model_cache_root() -> Path:
     """Return the model cache root (``$TENSAFE_MODEL_CACHE`` or the XDG user cache)."""
-    override = os.environ.get(CACHE_ENV_VAR)
-    if override:
-        return Path(override).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
-    return base / "tensafe" / "models"
+    from tensafe.config import model_cache_dir
+
+    return model_cache_dir()
 
 
 def list_models() -> list[RegisteredModel]:
@@ -169,12 +166,6 @@ def _unknown(name: str, why: str = "") -> UnknownModelError:
         f"unknown model {name!r}{detail}; known models: {known}; or give the path of a local "
         "Hugging Face model directory. TenSafe never downloads models."
     )
-
-
-def _force_offline() -> None:
-    # Belt and braces: every load also passes local_files_only=True.
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
 
 def _local_dir(name: str) -> Path | None:
@@ -411,7 +402,6 @@ def _prepare_registered(entry: RegisteredModel, progress: ProgressFn | None) -> 
             raise ModelLoadError(
                 f"{final} exists but is incomplete (no {_MARKER}); delete it and run `tensafe model prepare`"
             )
-        _force_offline()
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{entry.cache_dir_name}-", dir=root))
         try:
             _convert(entry, tmp, progress)
@@ -508,7 +498,6 @@ def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
     """
     from transformers import AutoTokenizer
 
-    _force_offline()
     entry = _lookup(name)
     if entry is None:
         directory = prepare_model(name)
@@ -568,7 +557,6 @@ def load_model_and_tokenizer(
     import torch
     from transformers import AutoModelForCausalLM
 
-    _force_offline()
     directory = prepare_model(name, progress=progress)
     try:
         model = AutoModelForCausalLM.from_pretrained(

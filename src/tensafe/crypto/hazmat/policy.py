@@ -9,17 +9,14 @@ check, so a process can tighten the policy without restarting.
 
 from __future__ import annotations
 
-import os
 import warnings
 
+from tensafe import config
 from tensafe.crypto.errors import ClassicalOnlyWarning, CryptoConfigurationError, PQCRequiredError
 
 __all__ = ["ENV_PQC_REQUIRED", "enforce_pqc_policy", "pqc_required"]
 
 ENV_PQC_REQUIRED = "TS_PQC_REQUIRED"
-
-_TRUE = frozenset({"1", "true", "yes", "on"})
-_FALSE = frozenset({"", "0", "false", "no", "off"})
 
 
 def pqc_required() -> bool:
@@ -33,14 +30,10 @@ def pqc_required() -> bool:
         CryptoConfigurationError: The variable holds any other value. An unknown
             value is refused rather than guessed at, so a typo never weakens the policy.
     """
-    raw = os.environ.get(ENV_PQC_REQUIRED, "").strip().lower()
-    if raw in _TRUE:
-        return True
-    if raw in _FALSE:
-        return False
-    raise CryptoConfigurationError(
-        f"{ENV_PQC_REQUIRED} must be 'true' or 'false' (got an unrecognised value); fix the environment"
-    )
+    try:
+        return config.pqc_required()  # the one parser (tensafe.config)
+    except config.EnvironmentVariableError as exc:
+        raise CryptoConfigurationError(str(exc)) from None
 
 
 def enforce_pqc_policy(what: str) -> None:

@@ -156,10 +156,12 @@ def deterministic_requested() -> bool:
     Raises:
         DPConfigError: If the variable holds anything but ``""``, ``"0"`` or ``"1"``.
     """
-    value = os.environ.get(DETERMINISTIC_ENV, "").strip()
-    if value not in ("", "0", "1"):
-        raise DPConfigError(f"{DETERMINISTIC_ENV} must be 0 or 1, got {value!r}")
-    return value == "1"
+    from tensafe import config
+
+    try:
+        return config.deterministic()  # the one parser (tensafe.config)
+    except config.EnvironmentVariableError as exc:
+        raise DPConfigError(str(exc)) from None
 
 
 def random_source_from_env(*, seed: int | None, secure_rng: bool = True) -> RandomSource:

@@ -53,6 +53,7 @@ from tensafe.config import (
     client_base_url,
     client_ca_bundle,
 )
+from tensafe.protocol import parse_lenient_json
 
 __all__ = [
     "ALLOW_INSECURE_HTTP_ENV",
@@ -347,13 +348,13 @@ class Transport:
 
 
 def parse(model: type[M], response: httpx.Response) -> M:
-    """Validate a JSON answer.
+    """Validate a JSON answer leniently (unknown fields ignored at any depth; :mod:`tensafe.protocol`).
 
     Raises:
         APIResponseValidationError: The body is not JSON or does not match ``model``.
     """
     try:
-        return model.model_validate_json(response.content)
+        return parse_lenient_json(model, response.content)
     except ValidationError as exc:
         raise APIResponseValidationError(
             f"unexpected answer from {response.request.url.path}: {exc.error_count()} validation errors "

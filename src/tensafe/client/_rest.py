@@ -11,8 +11,10 @@ from urllib.parse import quote
 
 from pydantic import BaseModel
 
+from tensafe.client._external_weights import ExternalWeightsCalls
 from tensafe.client._futures import APIFuture
 from tensafe.client._http import Transport, resolve_api_key, resolve_base_url
+from tensafe.client._requests import wire_body
 from tensafe.client.types import (
     ArtifactsResponse,
     AuditHead,
@@ -23,13 +25,14 @@ from tensafe.client.types import (
     GetSamplerResponse,
     GetSessionResponse,
     ListSessionsResponse,
-    ParsedCheckpointTinkerPath,
     PrivacyReport,
     ServerCapabilities,
     TrainingRun,
     TrainingRunsResponse,
     WeightsInfoResponse,
 )
+from tensafe.protocol import TinkerPath, WeightsInfoRequest
+from tensafe.protocol.tensafe import SetTtlRequest
 
 __all__ = ["RestClient"]
 
@@ -41,53 +44,37 @@ def _segment(value: str) -> str:
     return quote(value, safe=":")
 
 
-_KINDS = ("weights", "sampler_weights", "external_weights")
-
-
 def _checkpoint_url(training_run_id: str, checkpoint_id: str) -> str:
     """``api/v1/training_runs/<run>/checkpoints/<kind>/<name>`` with each segment quoted.
 
     Raises:
-        ValueError: ``checkpoint_id`` is not ``<kind>/<name>`` (checked before any request).
+        InvalidTinkerPathError: (a ``ValueError``) ``checkpoint_id`` is not ``<kind>/<name>``
+            or a part is invalid (checked before any request).
     """
-    parts = checkpoint_id.split("/")
-    if (
-        not training_run_id
-        or len(parts) != 2
-        or parts[0] not in _KINDS
-        or not parts[1]
-        or parts[1] in (".", "..")
-    ):
-        raise ValueError(
-            f"invalid checkpoint id {checkpoint_id[:80]!r}: the form is <kind>/<name> with kind one of "
-            f"{', '.join(_KINDS)}"
-        )
+    return _path_url(TinkerPath.from_checkpoint_id(training_run_id, checkpoint_id))
+
+
+def _path_url(path: TinkerPath) -> str:
     return (
-        f"api/v1/training_runs/{_segment(training_run_id)}/checkpoints/"
-        f"{_segment(parts[0])}/{_segment(parts[1])}"
+        f"api/v1/training_runs/{_segment(path.run_id)}/checkpoints/"
+        f"{_segment(path.kind)}/{_segment(path.name)}"
     )
 
 
 def _checkpoint_url_of(tinker_path: str) -> str:
-    parsed = ParsedCheckpointTinkerPath.from_tinker_path(tinker_path)
-    return _checkpoint_url(parsed.training_run_id, parsed.checkpoint_id)
+    return _path_url(TinkerPath.parse(tinker_path))
 
 
 def run_id_of(tinker_path: str) -> str:
     """Return the training run id of ``tinker://<run>/<kind>/<name>``.
 
     Raises:
-        ValueError: The path does not have that form.
+        InvalidTinkerPathError: (a ``ValueError``) The path does not have that form.
     """
-    if not tinker_path.startswith("tinker://"):
-        raise ValueError(f"not a tinker:// path: {tinker_path[:80]!r}")
-    parts = tinker_path[len("tinker://") :].split("/")
-    if len(parts) != 3 or not all(parts):
-        raise ValueError("a tinker:// path has the form tinker://<run>/<kind>/<name>")
-    return parts[0]
+    return TinkerPath.parse(tinker_path).run_id
 
 
-class RestClient:
+class RestClient(ExternalWeightsCalls):
     """The tenant's runs, checkpoints, sessions and audit. Sync methods return futures, ``*_async`` values.
 
     Args:
@@ -242,28 +229,31 @@ class RestClient:
 
     def _weights_info(self, tinker_path: str) -> WeightsInfoResponse:
         return self._transport.call(
-            "POST", "api/v1/weights_info", WeightsInfoResponse, json={"tinker_path": tinker_path}
+            "POST",
+            "api/v1/weights_info",
+            WeightsInfoResponse,
+            json=wire_body(WeightsInfoRequest, tinker_path=tinker_path),
         )
 
     def get_weights_info_by_tinker_path(self, tinker_path: str) -> APIFuture[WeightsInfoResponse]:
         """What a checkpoint holds: base model, LoRA rank and trained modules (any kind of path)."""
-        ParsedCheckpointTinkerPath.from_tinker_path(tinker_path)
+        TinkerPath.parse(tinker_path)
         return self._future(lambda: self._weights_info(tinker_path))
 
     async def get_weights_info_by_tinker_path_async(self, tinker_path: str) -> WeightsInfoResponse:
         """Async twin of :meth:`get_weights_info_by_tinker_path`."""
-        ParsedCheckpointTinkerPath.from_tinker_path(tinker_path)
+        TinkerPath.parse(tinker_path)
         return await asyncio.to_thread(self._weights_info, tinker_path)
 
     @staticmethod
     def _external_url(tinker_path: str) -> str:
-        parsed = ParsedCheckpointTinkerPath.from_tinker_path(tinker_path)
-        if parsed.checkpoint_type != "external":
+        parsed = TinkerPath.parse(tinker_path)
+        if parsed.kind != "external_weights":
             raise ValueError(
                 "get_external_weights_urls only accepts external weights checkpoints "
                 f"(tinker://<training_run_id>/external_weights/<name>), got {tinker_path[:80]!r}"
             )
-        return _checkpoint_url(parsed.training_run_id, parsed.checkpoint_id) + "/external_weights_urls"
+        return _path_url(parsed) + "/external_weights_urls"
 
     def get_external_weights_urls(self, tinker_path: str) -> APIFuture[ExternalWeightsUrlsResponse]:
         """Short-lived download URLs, one per file, of an ``external_weights`` checkpoint.
@@ -331,14 +321,16 @@ class RestClient:
         An expired checkpoint is invisible at once and deleted by the server's sweeper.
         """
         url = _checkpoint_url_of(tinker_path) + "/ttl"
-        return self._future(lambda: self._send("PUT", url, {"ttl_seconds": ttl_seconds}))
+        body = wire_body(SetTtlRequest, ttl_seconds=ttl_seconds, exclude_none=False)
+        return self._future(lambda: self._send("PUT", url, body))
 
     async def set_checkpoint_ttl_from_tinker_path_async(
         self, tinker_path: str, ttl_seconds: int | None
     ) -> None:
         """Async twin of :meth:`set_checkpoint_ttl_from_tinker_path`."""
         url = _checkpoint_url_of(tinker_path) + "/ttl"
-        await asyncio.to_thread(self._send, "PUT", url, {"ttl_seconds": ttl_seconds})
+        body = wire_body(SetTtlRequest, ttl_seconds=ttl_seconds, exclude_none=False)
+        await asyncio.to_thread(self._send, "PUT", url, body)
 
     def _sampler(self, sampler_id: str) -> GetSamplerResponse:
         return self._get(f"api/v1/samplers/{_segment(sampler_id)}", GetSamplerResponse)

@@ -11,6 +11,7 @@ from tensafe.client._exceptions import ClientConfigurationError
 from tensafe.client._futures import APIFuture, retrieve
 from tensafe.client._holder import Holder
 from tensafe.client._http import Transport, resolve_api_key, resolve_base_url
+from tensafe.client._requests import json_result, wire_body
 from tensafe.client._rest import RestClient
 from tensafe.client._sampling import SamplingClient, create_sampling_client
 from tensafe.client._training import TrainingClient
@@ -21,7 +22,16 @@ from tensafe.client.types import (
     ServerCapabilities,
 )
 from tensafe.config import client_project_id
-from tensafe.protocol import CreateModelResponse, UntypedFuture
+from tensafe.protocol import (
+    TINKER_PATH_PREFIX,
+    CreateModelRequest,
+    CreateModelResponse,
+    GetInfoRequest,
+    LoadWeightsRequest,
+    LoraConfig,
+    UntypedFuture,
+    model_id_for,
+)
 
 __all__ = ["ServiceClient"]
 
@@ -119,7 +129,10 @@ class ServiceClient:
 
     def _training_client(self, model_id: str) -> TrainingClient:
         info = self._holder.transport.call(
-            "POST", "api/v1/get_info", GetInfoResponse, json={"model_id": model_id, "type": "get_info"}
+            "POST",
+            "api/v1/get_info",
+            GetInfoResponse,
+            json=wire_body(GetInfoRequest, model_id=model_id, type="get_info"),
         )
         return TrainingClient(self._holder, model_id, info=info)
 
@@ -142,24 +155,19 @@ class ServiceClient:
         if not (train_mlp or train_attn or train_unembed):
             raise ValueError("train at least one of the MLP, attention or unembedding layers")
         holder = self._holder
-        lora: dict[str, Any] = {
-            "rank": rank,
-            "train_unembed": train_unembed,
-            "train_mlp": train_mlp,
-            "train_attn": train_attn,
-        }
-        if seed is not None:
-            lora["seed"] = seed
-        body: dict[str, Any] = {
-            "session_id": holder.session_id,
-            "model_seq_id": holder.next_model_seq(),
-            "base_model": base_model,
-            "lora_config": lora,
-            "optimizer_config": (optimizer or OptimizerConfig()).model_dump(mode="json", exclude_none=True),
-            "type": "create_model",
-        }
-        if user_metadata is not None:
-            body["user_metadata"] = user_metadata
+        lora = LoraConfig.model_construct(
+            rank=rank, seed=seed, train_unembed=train_unembed, train_mlp=train_mlp, train_attn=train_attn
+        )
+        body = wire_body(
+            CreateModelRequest,
+            session_id=holder.session_id,
+            model_seq_id=holder.next_model_seq(),
+            base_model=base_model,
+            lora_config=lora,
+            optimizer_config=optimizer or OptimizerConfig(),
+            user_metadata=user_metadata,
+            type="create_model",
+        )
         answer = holder.transport.call("POST", "api/v1/create_model", UntypedFuture, json=body)
 
         def work(cancelled: Any) -> TrainingClient:
@@ -167,7 +175,7 @@ class ServiceClient:
                 holder.transport,
                 answer.request_id,
                 cancelled,
-                on_json=CreateModelResponse.model_validate,
+                on_json=json_result(CreateModelResponse),
                 request_type="CreateModel",
             )
             return self._training_client(created.model_id)
@@ -188,32 +196,30 @@ class ServiceClient:
         user_metadata: dict[str, str] | None,
         optimizer: OptimizerConfig | None,
     ) -> APIFuture[TrainingClient]:
-        if not path.startswith("tinker://"):
+        if not path.startswith(TINKER_PATH_PREFIX):
             raise ValueError("path must be a tinker://<run>/weights/<name> path")
         holder = self._holder
         session_id, model_seq = holder.session_id, holder.next_model_seq()
-        body: dict[str, Any] = {
-            "session_id": session_id,
-            "model_seq_id": model_seq,
-            "path": path,
-            "optimizer": optimizer_state,
-            "type": "load_weights",
-        }
-        if base_model is not None:
-            body["base_model"] = base_model
-        if user_metadata is not None:
-            body["user_metadata"] = user_metadata
-        if optimizer is not None:
-            body["optimizer_config"] = optimizer.model_dump(mode="json", exclude_none=True)
+        body = wire_body(
+            LoadWeightsRequest,
+            session_id=session_id,
+            model_seq_id=model_seq,
+            path=path,
+            optimizer=optimizer_state,
+            base_model=base_model,
+            user_metadata=user_metadata,
+            optimizer_config=optimizer,
+            type="load_weights",
+        )
         answer = holder.transport.call("POST", "api/v1/load_weights", UntypedFuture, json=body)
-        model_id = f"{session_id}:train:{model_seq}"
+        model_id = model_id_for(session_id, model_seq)
 
         def work(cancelled: Any) -> TrainingClient:
             retrieve(
                 holder.transport,
                 answer.request_id,
                 cancelled,
-                on_json=LoadWeightsResponse.model_validate,
+                on_json=json_result(LoadWeightsResponse),
                 request_type="LoadWeights",
             )
             return self._training_client(model_id)

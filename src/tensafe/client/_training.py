@@ -20,6 +20,7 @@ from tensafe.client._exceptions import APIResponseValidationError, RequestFailed
 from tensafe.client._futures import APIFuture, retrieve
 from tensafe.client._holder import Holder
 from tensafe.client._http import parse
+from tensafe.client._requests import json_result, wire_body
 from tensafe.client._tokenizer import load_tokenizer
 from tensafe.client._wire import decode_forward_backward_output, encode_forward_backward_request
 from tensafe.client.types import (
@@ -36,7 +37,16 @@ from tensafe.client.types import (
     SaveWeightsResponse,
     TrainStepResponse,
 )
-from tensafe.protocol import UntypedFuture
+from tensafe.protocol import (
+    GetInfoRequest,
+    LoadWeightsRequest,
+    OptimStepRequest,
+    SaveWeightsForSamplerRequest,
+    SaveWeightsRequest,
+    TrainStepRequest,
+    UntypedFuture,
+)
+from tensafe.protocol.tensafe import SaveWeightsExternalRequest
 
 if TYPE_CHECKING:
     from tensafe.client._sampling import SamplingClient
@@ -362,13 +372,10 @@ class TrainingClient:
         return self._submit(
             "api/v1/optim_step",
             "OptimStep",
-            lambda seq: {
-                "model_id": self.model_id,
-                "seq_id": seq,
-                "adam_params": params.model_dump(mode="json"),
-                "type": "optim_step",
-            },
-            on_json=OptimStepResponse.model_validate,
+            lambda seq: wire_body(
+                OptimStepRequest, model_id=self.model_id, seq_id=seq, adam_params=params, type="optim_step"
+            ),
+            on_json=json_result(OptimStepResponse),
         )
 
     async def optim_step_async(
@@ -399,7 +406,7 @@ class TrainingClient:
                 loss_fn_config=None,
                 forward_only=True,
             ),
-            on_json=RegisterDatasetResponse.model_validate,
+            on_json=json_result(RegisterDatasetResponse),
         )
 
     async def register_dataset_async(self, data: Sequence[Datum]) -> APIFuture[RegisterDatasetResponse]:
@@ -422,15 +429,17 @@ class TrainingClient:
         return self._submit(
             "api/v1/tensafe/train_step",
             "TrainStep",
-            lambda seq: {
-                "model_id": self.model_id,
-                "seq_id": seq,
-                "loss_fn": loss_fn,
-                "loss_fn_config": None if loss_fn_config is None else dict(loss_fn_config),
-                "adam_params": adam_params.model_dump(mode="json"),
-                "type": "train_step",
-            },
-            on_json=TrainStepResponse.model_validate,
+            lambda seq: wire_body(
+                TrainStepRequest,
+                model_id=self.model_id,
+                seq_id=seq,
+                loss_fn=loss_fn,
+                loss_fn_config=None if loss_fn_config is None else dict(loss_fn_config),
+                adam_params=adam_params,
+                type="train_step",
+                exclude_none=False,
+            ),
+            on_json=json_result(TrainStepResponse),
         )
 
     async def train_step_async(
@@ -455,21 +464,19 @@ class TrainingClient:
         """Save weights and optimizer state (encrypted) as ``tinker://<run>/weights/<name>``."""
 
         def build(seq: int) -> dict[str, Any]:
-            body: dict[str, Any] = {
-                "model_id": self.model_id,
-                "path": name,
-                "seq_id": seq,
-                "overwrite": overwrite,
-                "type": "save_weights",
-            }
-            if ttl_seconds is not None:
-                body["ttl_seconds"] = ttl_seconds
-            if user_metadata is not None:
-                body["user_metadata"] = user_metadata
-            return body
+            return wire_body(
+                SaveWeightsRequest,
+                model_id=self.model_id,
+                path=name,
+                seq_id=seq,
+                overwrite=overwrite,
+                ttl_seconds=ttl_seconds,
+                user_metadata=user_metadata,
+                type="save_weights",
+            )
 
         return self._submit(
-            "api/v1/save_weights", "SaveWeights", build, on_json=SaveWeightsResponse.model_validate
+            "api/v1/save_weights", "SaveWeights", build, on_json=json_result(SaveWeightsResponse)
         )
 
     async def save_state_async(
@@ -486,14 +493,15 @@ class TrainingClient:
         return self._submit(
             "api/v1/load_weights",
             "LoadWeights",
-            lambda seq: {
-                "model_id": self.model_id,
-                "seq_id": seq,
-                "path": path,
-                "optimizer": optimizer,
-                "type": "load_weights",
-            },
-            on_json=LoadWeightsResponse.model_validate,
+            lambda seq: wire_body(
+                LoadWeightsRequest,
+                model_id=self.model_id,
+                seq_id=seq,
+                path=path,
+                optimizer=optimizer,
+                type="load_weights",
+            ),
+            on_json=json_result(LoadWeightsResponse),
         )
 
     def load_state(self, path: str) -> APIFuture[LoadWeightsResponse]:
@@ -518,24 +526,22 @@ class TrainingClient:
         """Save sampler weights as ``tinker://<run>/sampler_weights/<name>``."""
 
         def build(seq: int) -> dict[str, Any]:
-            body: dict[str, Any] = {
-                "model_id": self.model_id,
-                "path": name,
-                "kind": "snapshot",
-                "seq_id": seq,
-                "type": "save_weights_for_sampler",
-            }
-            if ttl_seconds is not None:
-                body["ttl_seconds"] = ttl_seconds
-            if user_metadata is not None:
-                body["user_metadata"] = user_metadata
-            return body
+            return wire_body(
+                SaveWeightsForSamplerRequest,
+                model_id=self.model_id,
+                path=name,
+                kind="snapshot",
+                seq_id=seq,
+                ttl_seconds=ttl_seconds,
+                user_metadata=user_metadata,
+                type="save_weights_for_sampler",
+            )
 
         return self._submit(
             "api/v1/save_weights_for_sampler",
             "SaveWeightsForSampler",
             build,
-            on_json=SaveWeightsForSamplerResponse.model_validate,
+            on_json=json_result(SaveWeightsForSamplerResponse),
         )
 
     async def save_weights_for_sampler_async(
@@ -570,23 +576,21 @@ class TrainingClient:
         )
 
         def build(seq: int) -> dict[str, Any]:
-            body: dict[str, Any] = {
-                "model_id": self.model_id,
-                "path": name,
-                "seq_id": seq,
-                "type": "save_weights_external",
-            }
-            if ttl_seconds is not None:
-                body["ttl_seconds"] = ttl_seconds
-            if recipients is not None:
-                body["age_encryption_recipients"] = recipients
-            return body
+            return wire_body(
+                SaveWeightsExternalRequest,
+                model_id=self.model_id,
+                path=name,
+                seq_id=seq,
+                ttl_seconds=ttl_seconds,
+                age_encryption_recipients=recipients,
+                type="save_weights_external",
+            )
 
         return self._submit(
             "api/v1/save_weights_external",
             "SaveWeightsExternal",
             build,
-            on_json=SaveWeightsExternalResponse.model_validate,
+            on_json=json_result(SaveWeightsExternalResponse),
         )
 
     async def save_weights_external_async(
@@ -611,14 +615,15 @@ class TrainingClient:
         future = self._submit(
             "api/v1/save_weights_for_sampler",
             "SaveWeightsForSampler",
-            lambda seq: {
-                "model_id": self.model_id,
-                "sampling_session_seq_id": sampler_seq,
-                "kind": "snapshot",
-                "seq_id": seq,
-                "type": "save_weights_for_sampler",
-            },
-            on_json=SaveWeightsForSamplerResponse.model_validate,
+            lambda seq: wire_body(
+                SaveWeightsForSamplerRequest,
+                model_id=self.model_id,
+                sampling_session_seq_id=sampler_seq,
+                kind="snapshot",
+                seq_id=seq,
+                type="save_weights_for_sampler",
+            ),
+            on_json=json_result(SaveWeightsForSamplerResponse),
         )
 
         def finish() -> SamplingClient:
@@ -650,7 +655,7 @@ class TrainingClient:
                 "POST",
                 "api/v1/get_info",
                 GetInfoResponse,
-                json={"model_id": self.model_id, "type": "get_info"},
+                json=wire_body(GetInfoRequest, model_id=self.model_id, type="get_info"),
             )
         return self._info
 

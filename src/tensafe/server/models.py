@@ -44,6 +44,7 @@ __all__ = [
     "PrivacySpend",
     "SamplingSessionRow",
     "ServerSession",
+    "SessionScoped",
     "TrainingCheckpoint",
     "TrainingModel",
 ]
@@ -87,7 +88,17 @@ class ServerSession(Base):
     sdk_version: Mapped[str | None] = mapped_column(String(200), nullable=True)
 
 
-class TrainingModel(Base):
+class SessionScoped:
+    """The columns of a row numbered within a client session (``{session}:<kind>:{n}``,
+    unique per session with its number column) and owned by the session's tenant: a
+    training model, a sampling session."""
+
+    id: Mapped[str] = mapped_column(String(200), primary_key=True, sort_order=-1)
+    tenant_id: Mapped[str] = mapped_column(String(64), ForeignKey("tenants.id"), sort_order=-1)
+    session_id: Mapped[str] = mapped_column(String(64), ForeignKey("server_sessions.id"), sort_order=-1)
+
+
+class TrainingModel(SessionScoped, Base):
     """A LoRA training model (a Tinker "training run"), named ``{session}:train:{n}``.
 
     ``worker_id`` and ``lease_until`` say which worker holds the model's weights; a
@@ -97,9 +108,6 @@ class TrainingModel(Base):
     __tablename__ = "training_models"
     __table_args__ = (UniqueConstraint("session_id", "model_seq_id"),)
 
-    id: Mapped[str] = mapped_column(String(200), primary_key=True)
-    tenant_id: Mapped[str] = mapped_column(String(64), ForeignKey("tenants.id"))
-    session_id: Mapped[str] = mapped_column(String(64), ForeignKey("server_sessions.id"))
     model_seq_id: Mapped[int] = mapped_column(Integer)
     base_model: Mapped[str] = mapped_column(String(500))
     lora_rank: Mapped[int | None] = mapped_column(Integer, nullable=True)
@@ -241,15 +249,12 @@ class PrivacyPolicyRow(Base):
     updated_at: Mapped[_dt.datetime] = mapped_column(UTCDateTime())
 
 
-class SamplingSessionRow(Base):
+class SamplingSessionRow(SessionScoped, Base):
     """A sampling session ``{session}:sample:{n}``: a base model, or sampler weights in the store."""
 
     __tablename__ = "sampling_sessions"
     __table_args__ = (UniqueConstraint("session_id", "seq_id"),)
 
-    id: Mapped[str] = mapped_column(String(200), primary_key=True)
-    tenant_id: Mapped[str] = mapped_column(String(64), ForeignKey("tenants.id"))
-    session_id: Mapped[str] = mapped_column(String(64), ForeignKey("server_sessions.id"))
     seq_id: Mapped[int] = mapped_column(Integer)
     base_model: Mapped[str] = mapped_column(String(500))
     model_path: Mapped[str | None] = mapped_column(String(700), nullable=True)

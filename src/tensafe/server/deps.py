@@ -7,7 +7,9 @@ Dependencies (``Annotated`` aliases, resolved per request from ``request.app.sta
 * ``Svc``: the application's :class:`~tensafe.server.services.Services`;
 * ``Cfg``: its :class:`~tensafe.server.settings.ServerSettings`;
 * ``Jobs``: its :class:`~tensafe.server.jobs.Worker` (routes call ``wake()`` after a
-  submission).
+  submission);
+* ``Page20`` / ``Page100``: the query parameters ``limit`` (1 to 1000, default 20 or 100)
+  and ``offset`` (0 to 2**31 - 1) of a paginated listing, as a :class:`Page`.
 
 Ownership lookups, written once: :func:`own_session`, :func:`own_model`,
 :func:`own_checkpoint` (and :func:`own_live_checkpoint` for REST paths) and
@@ -20,11 +22,14 @@ acts on the row). :func:`audit` appends a record in the caller's name.
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from dataclasses import dataclass
+from typing import Annotated, Any, TypeVar
 
-from fastapi import Depends, Header, Request
+from fastapi import Depends, Header, Query, Request
+from sqlalchemy import Select
 from sqlalchemy.orm import Session
 
+from tensafe import protocol as p
 from tensafe.protocol import CHECKPOINT_KINDS, InvalidTinkerPathError, TinkerPath
 from tensafe.server.checkpoints import find_checkpoint, is_expired, parse_checkpoint_path
 from tensafe.server.errors import BadRequestError, NotFoundError
@@ -40,6 +45,9 @@ __all__ = [
     "Caller",
     "Cfg",
     "Jobs",
+    "Page",
+    "Page20",
+    "Page100",
     "Svc",
     "audit",
     "authenticate_key",
@@ -49,6 +57,7 @@ __all__ = [
     "own_model",
     "own_sampler",
     "own_session",
+    "own_session_row",
     "require_usable",
     "route_checkpoint_path",
     "services_of",
@@ -98,6 +107,39 @@ def caller(request: Request, x_api_key: Annotated[str | None, Header(alias="X-AP
     return authenticate_key(services_of(request), x_api_key)
 
 
+@dataclass(frozen=True)
+class Page:
+    """One page of a listing: at most ``limit`` rows, from row ``offset``."""
+
+    limit: int
+    offset: int
+
+    def of(self, query: Select[Any]) -> Select[Any]:
+        """``query`` restricted to this page (order it first)."""
+        return query.limit(self.limit).offset(self.offset)
+
+    def cursor(self, total: int) -> p.Cursor:
+        """The listing's cursor: this page of ``total`` rows."""
+        return p.Cursor(offset=self.offset, limit=self.limit, total_count=int(total))
+
+
+def _paging(default_limit: int) -> Any:
+    def page(
+        limit: Annotated[int, Query(ge=1, le=1000)] = default_limit,
+        # The largest offset any database here takes (SQLite integers are 64-bit).
+        offset: Annotated[int, Query(ge=0, le=2**31 - 1)] = 0,
+    ) -> Page:
+        return Page(limit=limit, offset=offset)
+
+    return Depends(page)
+
+
+Page20 = Annotated[Page, _paging(20)]
+Page100 = Annotated[Page, _paging(100)]
+
+#: A row numbered within a client session (``{session}:<kind>:{n}``).
+SessionRow = TypeVar("SessionRow", TrainingModel, SamplingSessionRow)
+
 Caller = Annotated[Principal, Depends(caller)]
 Svc = Annotated[Services, Depends(services_of)]
 Cfg = Annotated[ServerSettings, Depends(settings_of)]
@@ -119,6 +161,19 @@ def own_session(session: Session, who: Principal, session_id: str) -> ServerSess
     if row is None or row.tenant_id != who.tenant:
         raise NotFoundError(f"unknown session {session_id!r}")
     return row
+
+
+def own_session_row(
+    session: Session, who: Principal, table: type[SessionRow], session_id: str, row_id: str
+) -> SessionRow | None:
+    """Before creating row ``row_id`` of ``table`` in client session ``session_id``: the
+    existing row (a re-submission), or None; 404 unless the session is the caller's (a row of
+    another tenant gets the same answer)."""
+    own_session(session, who, session_id)
+    existing = session.get(table, row_id)
+    if existing is not None and existing.tenant_id != who.tenant:
+        raise NotFoundError(f"unknown session {session_id!r}")
+    return existing
 
 
 def own_model(session: Session, who: Principal, model_id: str, *, noun: str = "model") -> TrainingModel:

@@ -57,19 +57,10 @@ from tensafe.server.checkpoints import (
     is_expired,
     publish_refusal,
 )
-from tensafe.server.deps import (
-    Caller,
-    Jobs,
-    Svc,
-    audit,
-    own_live_checkpoint,
-    own_model,
-    require_usable,
-    route_checkpoint_path,
-)
+from tensafe.server.deps import Caller, Jobs, Svc, audit, own_live_checkpoint, route_checkpoint_path
 from tensafe.server.errors import BadRequestError, NotFoundError, PublishRefusedError
-from tensafe.server.jobs import submit_future
 from tensafe.server.models import DownloadToken, TrainingCheckpoint, TrainingModel
+from tensafe.server.routers._common import submit_model_body
 
 __all__ = ["router"]
 
@@ -110,37 +101,8 @@ def save_weights_external(
     body: SaveWeightsExternalRequest, who: Caller, services: Svc, worker: Jobs
 ) -> p.UntypedFuture:
     """Export the adapter (PEFT) as ``tinker://<model>/external_weights/<path>`` (a future)."""
-    if body.seq_id < 1:
-        raise BadRequestError("seq_id must be at least 1 (0 is the model's creation)")
-    payload = body.model_dump(mode="json", exclude_none=True, exclude={"type", "model_id", "seq_id"})
-    services.store.ensure_key(who.tenant)  # the request digest needs the tenant's key
-    with services.sessions.begin() as session:
-        model = require_usable(own_model(session, who, body.model_id))
-        future, created = submit_future(
-            services,
-            session,
-            tenant=who.tenant,
-            actor=who.actor,
-            request_type="save_weights_external",
-            model_id=body.model_id,
-            seq_id=body.seq_id,
-            payload=payload,
-        )
-        if created:
-            model.last_request_time = utcnow()
-            audit(
-                services,
-                session,
-                who,
-                "api.save_weights_external",
-                body.model_id,
-                request_id=future.id,
-                request_digest=future.request_sha256,
-                seq_id=body.seq_id,
-                age_recipients=len(body.age_encryption_recipients or ()),
-            )
-    worker.wake()
-    return p.UntypedFuture(request_id=future.id, model_id=body.model_id)
+    recipients = len(body.age_encryption_recipients or ())
+    return submit_model_body(services, worker, who, body, "save_weights_external", age_recipients=recipients)
 
 
 @router.get(_CKPT + "/external_weights_urls", tags=["rest"])

@@ -3,9 +3,8 @@
 # No "from __future__ import annotations": FastAPI evaluates the annotations.
 
 import json
-from typing import Annotated
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
@@ -17,7 +16,16 @@ from tensafe.server.checkpoints import (
     delete_checkpoint_artifacts,
     str_metadata,
 )
-from tensafe.server.deps import Caller, Svc, audit, own_live_checkpoint, own_model, own_session
+from tensafe.server.deps import (
+    Caller,
+    Page20,
+    Page100,
+    Svc,
+    audit,
+    own_live_checkpoint,
+    own_model,
+    own_session,
+)
 from tensafe.server.errors import BadRequestError
 from tensafe.server.models import SamplingSessionRow, ServerSession, TrainingCheckpoint, TrainingModel
 from tensafe.server.states import ModelState
@@ -25,9 +33,6 @@ from tensafe.server.states import ModelState
 __all__ = ["router"]
 
 router = APIRouter(prefix="/api/v1", tags=["rest"])
-
-#: Page parameters of the listings.
-Offset = Annotated[int, Query(ge=0, le=2**31 - 1)]
 
 
 @router.get("/get_server_capabilities")
@@ -69,12 +74,7 @@ def _run_view(session: Session, row: TrainingModel) -> p.TrainingRun:
 
 @router.get("/training_runs")
 def training_runs(
-    who: Caller,
-    services: Svc,
-    limit: Annotated[int, Query(ge=1, le=1000)] = 20,
-    offset: Offset = 0,
-    access_scope: str = "owned",
-    project_id: str | None = None,
+    who: Caller, services: Svc, page: Page20, access_scope: str = "owned", project_id: str | None = None
 ) -> p.TrainingRunsResponse:
     """The tenant's training runs, newest first."""
     with services.sessions() as session:
@@ -84,13 +84,9 @@ def training_runs(
                 ServerSession.project_id == project_id
             )
         total = session.execute(select(func.count()).select_from(query.subquery())).scalar_one()
-        rows = session.execute(
-            query.order_by(TrainingModel.created_at.desc(), TrainingModel.id).limit(limit).offset(offset)
-        ).scalars()
-        runs = [_run_view(session, row) for row in rows]
-    return p.TrainingRunsResponse(
-        training_runs=runs, cursor=p.Cursor(offset=offset, limit=limit, total_count=int(total))
-    )
+        rows = session.execute(page.of(query.order_by(TrainingModel.created_at.desc(), TrainingModel.id)))
+        runs = [_run_view(session, row) for row in rows.scalars()]
+    return p.TrainingRunsResponse(training_runs=runs, cursor=page.cursor(total))
 
 
 @router.get("/training_runs/{run_id}")
@@ -115,21 +111,16 @@ def run_checkpoints(run_id: str, who: Caller, services: Svc) -> p.CheckpointsLis
 
 
 @router.get("/checkpoints")
-def all_checkpoints(
-    who: Caller, services: Svc, limit: Annotated[int, Query(ge=1, le=1000)] = 100, offset: Offset = 0
-) -> p.CheckpointsListResponse:
+def all_checkpoints(who: Caller, services: Svc, page: Page100) -> p.CheckpointsListResponse:
     """Checkpoints across the tenant's runs, newest first."""
     with services.sessions() as session:
         query = select(TrainingCheckpoint).where(
             TrainingCheckpoint.tenant_id == who.tenant, checkpoint_is_live()
         )
         total = session.execute(select(func.count()).select_from(query.subquery())).scalar_one()
-        rows = session.execute(
-            query.order_by(TrainingCheckpoint.created_at.desc()).limit(limit).offset(offset)
-        ).scalars()
+        rows = session.execute(page.of(query.order_by(TrainingCheckpoint.created_at.desc()))).scalars()
         return p.CheckpointsListResponse(
-            checkpoints=[checkpoint_view(r) for r in rows],
-            cursor=p.Cursor(offset=offset, limit=limit, total_count=int(total)),
+            checkpoints=[checkpoint_view(r) for r in rows], cursor=page.cursor(total)
         )
 
 
@@ -151,20 +142,16 @@ def delete_checkpoint(run_id: str, checkpoint_id: str, who: Caller, services: Sv
 
 @router.get("/sessions")
 def list_sessions(
-    who: Caller,
-    services: Svc,
-    limit: Annotated[int, Query(ge=1, le=1000)] = 20,
-    offset: Offset = 0,
-    access_scope: str = "owned",
+    who: Caller, services: Svc, page: Page20, access_scope: str = "owned"
 ) -> p.ListSessionsResponse:
     """The tenant's session ids, newest first."""
     with services.sessions() as session:
         rows = session.execute(
-            select(ServerSession.id)
-            .where(ServerSession.tenant_id == who.tenant)
-            .order_by(ServerSession.created_at.desc(), ServerSession.id)
-            .limit(limit)
-            .offset(offset)
+            page.of(
+                select(ServerSession.id)
+                .where(ServerSession.tenant_id == who.tenant)
+                .order_by(ServerSession.created_at.desc(), ServerSession.id)
+            )
         ).scalars()
         return p.ListSessionsResponse(sessions=list(rows))
 

@@ -9,12 +9,12 @@ from fastapi import APIRouter
 
 from tensafe import protocol as p
 from tensafe.db import utcnow
-from tensafe.server.deps import Caller, Jobs, Svc, audit, own_checkpoint, own_sampler, own_session
-from tensafe.server.errors import BadRequestError, NotFoundError
+from tensafe.server.deps import Caller, Jobs, Svc, audit, own_checkpoint, own_sampler, own_session_row
+from tensafe.server.errors import BadRequestError
 from tensafe.server.external_weights import check_sampleable
-from tensafe.server.jobs import stage_payload, submit_future
 from tensafe.server.models import SamplingSessionRow, TrainingModel
 from tensafe.server.ops import _UNSUPPORTED_SAMPLE_KNOBS
+from tensafe.server.routers._common import Submission, submit_request
 
 __all__ = ["router"]
 
@@ -28,11 +28,8 @@ def create_sampling_session(
     """A sampling session on a base model or on ``sampler_weights`` (direct, not a future)."""
     sampler_id = f"{body.session_id}:sample:{body.sampling_session_seq_id}"
     with services.sessions.begin() as session:
-        own_session(session, who, body.session_id)
-        existing = session.get(SamplingSessionRow, sampler_id)
+        existing = own_session_row(session, who, SamplingSessionRow, body.session_id, sampler_id)
         if existing is not None:
-            if existing.tenant_id != who.tenant:
-                raise NotFoundError(f"unknown session {body.session_id!r}")
             if existing.model_path == body.model_path and (
                 body.base_model is None or body.base_model == existing.base_model
             ):
@@ -111,31 +108,15 @@ def asample(body: p.SampleRequest, who: Caller, services: Svc, worker: Jobs) -> 
         "topk_prompt_logprobs": body.topk_prompt_logprobs,
         **({"record_stability_info": True} if body.record_stability_info else {}),
     }
-    data = json.dumps(tokens).encode()
-    staged = stage_payload(services, who.tenant, data)  # also creates the tenant's key if needed
-    with services.sessions.begin() as session:
-        future, _ = submit_future(
-            services,
-            session,
-            tenant=who.tenant,
-            actor=who.actor,
-            request_type="sample",
-            model_id=None,
-            seq_id=None,
-            payload=payload,
-            payload_bytes=data,
-            staged=staged,
-        )
-        audit(
-            services,
-            session,
-            who,
-            "api.sample",
-            body.sampling_session_id,
-            request_id=future.id,
-            request_digest=future.request_sha256,
-            num_samples=body.num_samples,
-        )
-    worker.wake()
+    request = Submission(
+        "sample",
+        body.sampling_session_id,
+        model_id=None,  # an unordered request
+        seq_id=None,
+        payload=payload,
+        details={"num_samples": body.num_samples},
+        data=json.dumps(tokens).encode(),
+    )
+    future = submit_request(services, worker, who, request)
     ids = [f"{body.sampling_session_id}:{body.seq_id}:{i}" for i in range(body.num_samples)]
     return p.UntypedFuture(request_id=future.id, sample_sequence_ids=ids)

@@ -21,7 +21,6 @@ answer as a run that does not exist.
 
 # No "from __future__ import annotations": FastAPI evaluates the annotations.
 
-import base64
 import json
 from typing import Annotated, Any
 
@@ -39,6 +38,7 @@ from tensafe.audit import (
     signed_head,
     verify_chain,
 )
+from tensafe.audit.bundle import checkpoint_json
 from tensafe.audit.models import AuditChainHead
 from tensafe.protocol import TinkerPath
 from tensafe.protocol.tensafe import (
@@ -51,7 +51,7 @@ from tensafe.protocol.tensafe import (
     PrivacyReport,
 )
 from tensafe.server.audit_verifications import AuditVerifications
-from tensafe.server.deps import Caller, Svc, own_model
+from tensafe.server.deps import Caller, Page100, Svc, own_model
 from tensafe.server.errors import (
     BadRequestError,
     LedgerIntegrityError,
@@ -80,20 +80,7 @@ def audit_records(
             select(AuditChainHead.length).where(AuditChainHead.tenant_id == who.tenant)
         ).scalar_one_or_none()
     return AuditRecordsResponse(
-        records=[
-            AuditRecordView(
-                seq=r.seq,
-                timestamp=r.timestamp,
-                actor=r.actor,
-                action=r.action,
-                resource=r.resource,
-                details=dict(r.details),
-                prev_hash=r.prev_hash,
-                record_hash=r.record_hash,
-                format=r.format,
-            )
-            for r in records
-        ],
+        records=[AuditRecordView.model_validate(r.to_json()) for r in records],  # as in export bundles
         total_count=int(total or 0),
     )
 
@@ -144,15 +131,7 @@ def audit_head(who: Caller, services: Svc) -> AuditHead:
             head = signed_head(session, tenant=who.tenant, signer=services.signer).checkpoint
     except AuditError as exc:
         raise NotFoundError(str(exc)) from None
-    return AuditHead(
-        format=head.format,
-        tenant=head.tenant,
-        length=head.length,
-        head_hash=head.head_hash,
-        timestamp=head.timestamp,
-        key_id=head.key_id,
-        signature=base64.b64encode(head.signature).decode("ascii"),
-    )
+    return AuditHead.model_validate(checkpoint_json(head))  # exactly a head file
 
 
 @router.get("/audit/verify")
@@ -211,10 +190,6 @@ def _known_head_problem(services: Services, tenant: str, length: int, head_hash:
         return known_head_problem(session, tenant=tenant, length=length, head_hash=head_hash)
 
 
-#: Largest ``offset`` accepted by the paginated listing (SQLite integers are 64-bit).
-_MAX_OFFSET = 2**31 - 1
-
-
 def _artifact_rows(tenant: str) -> Any:
     """Every artifact reference of ``tenant`` as one ``UNION ALL`` subquery (not executed here).
 
@@ -267,12 +242,7 @@ def _artifact_rows(tenant: str) -> Any:
 
 
 @router.get("/artifacts")
-def artifacts(
-    who: Caller,
-    services: Svc,
-    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    offset: Annotated[int, Query(ge=0, le=_MAX_OFFSET)] = 0,
-) -> ArtifactsResponse:
+def artifacts(who: Caller, services: Svc, page: Page100) -> ArtifactsResponse:
     """The caller's encrypted artifacts, newest first, with what references each one.
 
     Paginated in the database: each call runs two queries (the page, ordered by
@@ -283,11 +253,8 @@ def artifacts(
     """
     rows = _artifact_rows(who.tenant)
     with services.reads() as session:
-        page = session.execute(
-            select(rows)
-            .order_by(rows.c.created_at.desc(), rows.c.artifact_id.desc())
-            .limit(limit)
-            .offset(offset)
+        found = session.execute(
+            page.of(select(rows).order_by(rows.c.created_at.desc(), rows.c.artifact_id.desc()))
         ).all()
         total = session.execute(select(func.count()).select_from(rows)).scalar_one()
     return ArtifactsResponse(
@@ -305,7 +272,7 @@ def artifacts(
                 size_bytes=row.size_bytes,
                 created_at=row.created_at,
             )
-            for row in page
+            for row in found
         ],
         total_count=int(total),
     )

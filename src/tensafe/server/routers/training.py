@@ -2,7 +2,8 @@
 and TenSafe's server-side Poisson sampling (``tensafe/register_dataset``, ``tensafe/train_step``).
 
 Every request of a model is a durable future, queued in ``seq_id`` order
-(:func:`tensafe.server.routers._common.submit_model_request`) and executed by the worker's
+(:func:`tensafe.server.routers._common.submit_model_request`; a model's creation is its
+``seq_id`` 0, :func:`~tensafe.server.routers._common.submit_creation`) and executed by the worker's
 operation of the same name (:mod:`tensafe.server.ops`).
 """
 
@@ -11,23 +12,23 @@ operation of the same name (:mod:`tensafe.server.ops`).
 import json
 
 from fastapi import APIRouter, Request
+from sqlalchemy.orm import Session
 
 from tensafe import protocol as p
 from tensafe.protocol.wire import decode_forward_backward_request
-from tensafe.server.deps import Caller, Cfg, Jobs, Svc, own_model, own_session, require_usable
-from tensafe.server.errors import BadRequestError, NotFoundError
+from tensafe.server.deps import Caller, Cfg, Jobs, Svc, own_model, require_usable
+from tensafe.server.errors import BadRequestError
 from tensafe.server.ledger import new_ledger
-from tensafe.server.models import TrainingModel
 from tensafe.server.ops import MAX_DATASET_SIZE
 from tensafe.server.privacy import EffectivePolicy, client_request, effective_policy, tenant_row
 from tensafe.server.routers._common import (
     PROTOBUF_BODY,
+    NewModel,
     dump,
-    new_model_row,
     protobuf_request,
     submit_creation,
     submit_model_body,
-    submit_model_request,
+    submit_model_message,
 )
 from tensafe.server.services import Services
 from tensafe.server.tenants import Principal
@@ -45,40 +46,25 @@ def create_model(
     services.catalog.get(body.base_model)  # unknown models: 400 with a body, now
     if body.optimizer_config.type != "adamw":
         raise BadRequestError(f"optimizer {body.optimizer_config.type!r} is not supported; use AdamW")
-    model_id = p.model_id_for(body.session_id, body.model_seq_id)
-    payload = body.model_dump(mode="json", exclude_none=True, exclude={"type"})
     request = client_request(body.user_metadata)
-    services.store.ensure_key(who.tenant)  # the request digest needs the tenant's key
-    with services.sessions.begin() as session:
-        own_session(session, who, body.session_id)
+    lora = body.lora_config
+
+    def prepare(session: Session) -> NewModel:
         policy = effective_policy(settings.privacy, tenant_row(session, who.tenant), request)
-        existing = session.get(TrainingModel, model_id)
-        if existing is not None and existing.tenant_id != who.tenant:
-            raise NotFoundError(f"unknown session {body.session_id!r}")
-        lora = body.lora_config
-        future = submit_creation(
-            services,
-            session,
-            who,
-            request_type="create_model",
-            model_id=model_id,
-            payload=payload,
-            row=lambda: new_model_row(
-                model_id,
-                who.tenant,
-                body,
-                base_model=body.base_model,
-                lora_rank=None if lora is None else lora.rank,
-                lora_config=dump(None if lora is None else lora.model_dump(mode="json")),
-                optimizer_config=dump(body.optimizer_config.model_dump(mode="json", exclude_none=True)),
-                dp_policy=policy.to_json(),
-                ledger_id=None if policy.policy is None else new_ledger(session, who.tenant),
-            ),
+        return NewModel(
             base_model=body.base_model,
-            dp_policy=policy.to_json(),
+            lora_rank=None if lora is None else lora.rank,
+            lora_config=dump(None if lora is None else lora.model_dump(mode="json")),
+            optimizer_config=dump(body.optimizer_config.model_dump(mode="json", exclude_none=True)),
+            policy=policy,
+            ledger=lambda: new_ledger(session, who.tenant),
+            details={"base_model": body.base_model, "dp_policy": policy.to_json()},
         )
-    worker.wake()
-    return p.UntypedFuture(request_id=future.id, model_id=model_id)
+
+    payload = body.model_dump(mode="json", exclude_none=True, exclude={"type"})
+    return submit_creation(
+        services, worker, who, body, request_type="create_model", payload=payload, prepare=prepare
+    )
 
 
 @router.post("/get_info", tags=["training"])
@@ -107,15 +93,14 @@ async def forward_backward(request: Request, who: Caller, services: Svc, worker:
     def submit(plain: bytes) -> p.UntypedFuture:
         req = decode_forward_backward_request(plain)
         tokens = sum(int(d.tokens.size) for d in req.data)
-        return submit_model_request(
+        return submit_model_message(
             services,
             worker,
             who,
-            model_id=req.model_id,
-            seq_id=req.seq_id,
-            request_type="forward" if req.forward_only else "forward_backward",
-            payload={"loss_fn": req.loss_fn, "num_datums": len(req.data)},
-            data=plain,
+            req,
+            plain,
+            "forward" if req.forward_only else "forward_backward",
+            {"loss_fn": req.loss_fn, "num_datums": len(req.data)},
             loss_fn=req.loss_fn,
             num_datums=len(req.data),
             num_tokens=tokens,
@@ -127,16 +112,7 @@ async def forward_backward(request: Request, who: Caller, services: Svc, worker:
 @router.post("/optim_step", tags=["training"])
 def optim_step(body: p.OptimStepRequest, who: Caller, services: Svc, worker: Jobs) -> p.UntypedFuture:
     """Queue an optimizer step (a future)."""
-    payload = body.model_dump(mode="json", exclude_none=True, exclude={"type", "model_id", "seq_id"})
-    return submit_model_request(
-        services,
-        worker,
-        who,
-        model_id=body.model_id,
-        seq_id=body.seq_id,
-        request_type="optim_step",
-        payload=payload,
-    )
+    return submit_model_body(services, worker, who, body, "optim_step")
 
 
 # -- TenSafe: server-side Poisson sampling ----------------------------------------------------
@@ -167,17 +143,8 @@ async def register_dataset(request: Request, who: Caller, services: Svc, worker:
         if not req.data:
             raise BadRequestError("register_dataset needs at least one example")
         _require_server_sampling(services, who, req.model_id)
-        return submit_model_request(
-            services,
-            worker,
-            who,
-            model_id=req.model_id,
-            seq_id=req.seq_id,
-            request_type="register_dataset",
-            payload={"num_datums": len(req.data)},
-            data=plain,
-            num_datums=len(req.data),
-        )
+        count = {"num_datums": len(req.data)}
+        return submit_model_message(services, worker, who, req, plain, "register_dataset", count, **count)
 
     return await protobuf_request(request, "/tensafe/register_dataset", submit)
 

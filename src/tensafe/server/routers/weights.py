@@ -6,20 +6,16 @@
 import json
 
 from fastapi import APIRouter
+from sqlalchemy.orm import Session
 
 from tensafe import protocol as p
-from tensafe.server.deps import Caller, Cfg, Jobs, Svc, own_checkpoint, own_session
-from tensafe.server.errors import BadRequestError, NotFoundError
+from tensafe.server.deps import Caller, Cfg, Jobs, Svc, own_checkpoint
+from tensafe.server.errors import BadRequestError
 from tensafe.server.external_weights import check_loadable
 from tensafe.server.ledger import lineage_ledger
 from tensafe.server.models import TrainingModel
 from tensafe.server.privacy import effective_policy, tenant_row
-from tensafe.server.routers._common import (
-    new_model_row,
-    submit_creation,
-    submit_model_body,
-    submit_model_request,
-)
+from tensafe.server.routers._common import NewModel, submit_creation, submit_model_body
 
 __all__ = ["router"]
 
@@ -49,27 +45,16 @@ def load_weights(
     """Create a training model from a ``weights`` checkpoint (or load into an existing one)."""
     if body.optimizer_config is not None and body.optimizer_config.type != "adamw":
         raise BadRequestError(f"optimizer {body.optimizer_config.type!r} is not supported; use AdamW")
-    payload = body.model_dump(
-        mode="json", exclude_none=True, exclude={"type", "model_id", "seq_id", "weights_access_token"}
-    )
     if body.session_id is None or body.model_seq_id is None:
         if body.model_id is None or body.seq_id is None:
             raise BadRequestError("load_weights needs session_id and model_seq_id (or model_id and seq_id)")
         with services.sessions() as session:
             own_checkpoint(session, who, body.path)
-        return submit_model_request(
-            services,
-            worker,
-            who,
-            model_id=body.model_id,
-            seq_id=body.seq_id,
-            request_type="load_weights",
-            payload=payload,
+        return submit_model_body(
+            services, worker, who, body, "load_weights", exclude=frozenset({"weights_access_token"})
         )
-    model_id = p.model_id_for(body.session_id, body.model_seq_id)
-    services.store.ensure_key(who.tenant)  # the request digest needs the tenant's key
-    with services.sessions.begin() as session:
-        own_session(session, who, body.session_id)
+
+    def prepare(session: Session) -> NewModel:
         ckpt = own_checkpoint(session, who, body.path)
         check_loadable(session, ckpt, path=body.path, optimizer=body.optimizer)
         source = session.get(TrainingModel, ckpt.model_id)
@@ -78,35 +63,24 @@ def load_weights(
             raise BadRequestError(
                 f"{body.path!r} was trained on {source.base_model!r}, not {body.base_model!r}"
             )
-        existing = session.get(TrainingModel, model_id)
-        if existing is not None and existing.tenant_id != who.tenant:
-            raise NotFoundError(f"unknown session {body.session_id!r}")
-        policy = effective_policy(settings.privacy, tenant_row(session, who.tenant))
-        future = submit_creation(
-            services,
-            session,
-            who,
-            request_type="load_weights",
-            model_id=model_id,
-            payload=payload,
-            row=lambda: new_model_row(
-                model_id,
-                who.tenant,
-                body,
-                base_model=source.base_model,
-                lora_rank=source.lora_rank,
-                lora_config=source.lora_config,
-                optimizer_config=source.optimizer_config,
-                dp_policy=policy.to_json(),
-                # The loaded state spends from the ledger of the run that saved it:
-                # reloading or branching never resets the privacy spent on the data.
-                ledger_id=None if policy.policy is None else lineage_ledger(session, source),
-            ),
-            source_checkpoint=ckpt.id,
-            optimizer=body.optimizer,
+        return NewModel(
+            base_model=source.base_model,
+            lora_rank=source.lora_rank,
+            lora_config=source.lora_config,
+            optimizer_config=source.optimizer_config,
+            policy=effective_policy(settings.privacy, tenant_row(session, who.tenant)),
+            # The loaded state spends from the ledger of the run that saved it:
+            # reloading or branching never resets the privacy spent on the data.
+            ledger=lambda: lineage_ledger(session, source),
+            details={"source_checkpoint": ckpt.id, "optimizer": body.optimizer},
         )
-    worker.wake()
-    return p.UntypedFuture(request_id=future.id, model_id=model_id)
+
+    payload = body.model_dump(
+        mode="json", exclude_none=True, exclude={"type", "model_id", "seq_id", "weights_access_token"}
+    )
+    return submit_creation(
+        services, worker, who, body, request_type="load_weights", payload=payload, prepare=prepare
+    )
 
 
 @router.post("/weights_info", tags=["rest"])

@@ -8,8 +8,12 @@ models were shared (the literal dicts below, copied from the SDK as it was).
 
 from __future__ import annotations
 
+import ast
+import importlib
 import json
+import pkgutil
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -20,6 +24,7 @@ import tensafe.client as ts
 import tensafe.protocol as p
 from tensafe.client import types
 from tensafe.client._http import Transport
+from tensafe.protocol import external_weights as pe
 from tensafe.protocol import tensafe as pt
 
 KEY = "tml-" + "k" * 43
@@ -197,6 +202,93 @@ def test_sdk_types_are_the_protocols() -> None:
             assert sdk is getattr(p, name), name
     assert types.GetSamplerResponse is p.SamplerInfo
     assert types.ModelInput is p.ModelInputBody
+
+
+def _protocol_classes() -> dict[str, type[pydantic.BaseModel]]:
+    found: dict[str, type[pydantic.BaseModel]] = {}
+    for module in (p, pt, pe):
+        for value in vars(module).values():
+            if isinstance(value, type) and issubclass(value, pydantic.BaseModel):
+                found[value.__qualname__] = value
+    return found
+
+
+def test_every_pydantic_model_of_the_sdk_is_a_protocol_class() -> None:
+    protocol = _protocol_classes()
+    # Every model tensafe.client.types offers is a protocol class, by identity (no second copy).
+    models = {
+        name: value
+        for name, value in vars(types).items()
+        if isinstance(value, type) and issubclass(value, pydantic.BaseModel)
+    }
+    assert {"AuditHead", "AuditRecord", "PrivacyReport", "ExternalWeightsUrlsResponse"} <= set(models)
+    for name, model in models.items():
+        assert protocol.get(model.__qualname__) is model, (
+            f"tensafe.client.types.{name} is a second definition"
+        )
+    assert types.AuditRecord is pt.AuditRecordView and types.AuditRecordsResponse is pt.AuditRecordsResponse
+    # ... and so is every model any module of the SDK holds.
+    for info in pkgutil.walk_packages(ts.__path__, "tensafe.client."):
+        module = importlib.import_module(info.name)
+        for name, value in vars(module).items():
+            if (
+                isinstance(value, type)
+                and issubclass(value, pydantic.BaseModel)
+                and value is not pydantic.BaseModel
+            ):
+                assert protocol.get(value.__qualname__) is value, f"{info.name}.{name}"
+
+
+def test_no_class_of_the_sdk_source_repeats_a_protocol_class_name() -> None:
+    # The grep of the source: a class statement in tensafe/client named like a protocol
+    # class, or deriving from a pydantic base, is a second definition.
+    protocol = set(_protocol_classes()) | {"AuditRecord"}
+    root = Path(ts.__file__).parent
+    offenders = []
+    for path in sorted(root.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if not isinstance(node, ast.ClassDef):
+                continue
+            bases = {ast.unparse(b).rsplit(".", 1)[-1] for b in node.bases}
+            if node.name in protocol or bases & {"BaseModel", "WireModel", "WireRequest", "WireResponse"}:
+                offenders.append(f"{path.relative_to(root)}:{node.lineno} {node.name}")
+    assert offenders == []
+
+
+def test_the_audit_models_take_what_the_server_sends() -> None:
+    from tensafe.audit import AuditRecord as StoredRecord
+
+    # What the server sends is the stored record's export form (routers/tensafe.py): every
+    # field, including an empty resource; the tenant is hashed but not part of the view.
+    stored = StoredRecord(
+        tenant="acme",
+        seq=3,
+        timestamp="2026-01-31T12:00:00.000000Z",
+        actor="key-1",
+        action="api.create_session",
+        resource="",
+        details={"n": 1},
+        prev_hash="a" * 64,
+        record_hash="b" * 64,
+    )
+    record = p.parse_lenient(types.AuditRecord, {**stored.to_json(), "added_later": 1})
+    assert record.model_dump() == {k: v for k, v in stored.to_json().items() if k != "tenant"}
+    missing = {k: v for k, v in stored.to_json().items() if k != "format"}
+    with pytest.raises(pydantic.ValidationError, match="format"):
+        p.parse_lenient(types.AuditRecord, missing)  # the server always sends it
+    head = {
+        "format": "tensafe-audit-checkpoint/1",
+        "tenant": "acme",
+        "length": 4,
+        "head_hash": "b" * 64,
+        "timestamp": stored.timestamp,
+        "key_id": "k",
+        "signature": "c2ln",
+    }
+    kept = p.parse_lenient(types.AuditHead, head)
+    assert json.loads(kept.to_json()) == head and kept.to_json().endswith("\n")
+    with pytest.raises(pydantic.ValidationError):
+        p.parse_lenient(types.AuditHead, {**head, "length": -1})
 
 
 def test_a_media_chunk_is_refused_before_it_is_trained_on() -> None:

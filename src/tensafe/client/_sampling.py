@@ -34,18 +34,33 @@ class SamplingClient:
     """Samples from a base model or saved weights (a server-side sampling session)."""
 
     def __init__(
-        self, holder: Holder, sampling_session_id: str, *, base_model: str, model_path: str | None = None
+        self,
+        holder: Holder,
+        sampling_session_id: str,
+        *,
+        base_model: str,
+        model_path: str | None = None,
+        record_stability_info: bool = False,
     ) -> None:
-        """Bind to a sampling session (use ``ServiceClient.create_sampling_client``)."""
+        """Bind to a sampling session (use ``ServiceClient.create_sampling_client``).
+
+        With ``record_stability_info``, every sample asks the server to record stability
+        information for its sequences (``stable_reinforce`` training references them by
+        ``SampledSequence.sequence_id``; tenant-scoped, they expire after a day unused).
+        """
         self._holder = holder
         self.sampling_session_id = sampling_session_id
         self.base_model = base_model
         self.model_path = model_path
+        self.record_stability_info = record_stability_info
         self._seq = 0
         self._lock = threading.Lock()
 
     def __repr__(self) -> str:
-        return f"SamplingClient(sampling_session_id={self.sampling_session_id!r})"
+        return (
+            f"SamplingClient(sampling_session_id={self.sampling_session_id!r}, "
+            f"record_stability_info={self.record_stability_info})"
+        )
 
     def sample(
         self,
@@ -59,8 +74,10 @@ class SamplingClient:
         """Sample ``num_samples`` completions of ``prompt``.
 
         Returns:
-            A future of the sequences (tokens, logprobs, stop reason, sequence id) and,
-            with ``include_prompt_logprobs``, the prompt's logprobs.
+            A future of the sequences (tokens, logprobs, stop reason, and the
+            ``sequence_id`` the server assigned when the request was submitted) and, with
+            ``include_prompt_logprobs``, the prompt's logprobs. The request carries this
+            client's ``record_stability_info``.
         """
         with self._lock:
             seq, self._seq = self._seq, self._seq + 1
@@ -75,7 +92,7 @@ class SamplingClient:
             topk_prompt_logprobs=topk_prompt_logprobs,
             topk_sample_logprobs=topk_sample_logprobs,
             prompt_alt_tokens_k=0,
-            record_stability_info=False,
+            record_stability_info=self.record_stability_info,
             type="sample",
         )
         transport = self._holder.transport
@@ -87,6 +104,11 @@ class SamplingClient:
             headers={"X-Tinker-Sampling-Backpressure": "1"},
         )
         ids = answer.sample_sequence_ids
+        if ids is None or len(ids) != num_samples:
+            raise APIResponseValidationError(
+                f"the server's asample answer carries {0 if ids is None else len(ids)} sample_sequence_ids "
+                f"for {num_samples} samples"
+            )
 
         def decode(data: bytes) -> SampleResponse:
             response = decode_sample_response(data, ids)
@@ -157,9 +179,17 @@ class SamplingClient:
 
 
 def create_sampling_client(
-    holder: Holder, *, model_path: str | None = None, base_model: str | None = None
+    holder: Holder,
+    *,
+    model_path: str | None = None,
+    base_model: str | None = None,
+    record_stability_info: bool = False,
 ) -> SamplingClient:
-    """Open a sampling session on saved sampler weights or on a base model."""
+    """Open a sampling session on saved sampler weights or on a base model.
+
+    ``record_stability_info`` is a property of the returned client, sent with each of its
+    samples (as the Tinker SDK does), not of the session.
+    """
     if model_path is None and base_model is None:
         raise ValueError("pass model_path (tinker://...) or base_model")
     if model_path is not None and not model_path.startswith(TINKER_PATH_PREFIX):
@@ -179,4 +209,10 @@ def create_sampling_client(
     if base_model is None:
         sampler = holder.transport.call("GET", f"api/v1/samplers/{quote(session_id, safe=':')}", SamplerInfo)
         base_model = sampler.base_model
-    return SamplingClient(holder, session_id, base_model=base_model, model_path=model_path)
+    return SamplingClient(
+        holder,
+        session_id,
+        base_model=base_model,
+        model_path=model_path,
+        record_stability_info=record_stability_info,
+    )

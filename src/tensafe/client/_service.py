@@ -275,19 +275,39 @@ class ServiceClient:
     # -- sampling and REST ---------------------------------------------------------------
 
     def create_sampling_client(
-        self, model_path: str | None = None, base_model: str | None = None
+        self,
+        model_path: str | None = None,
+        base_model: str | None = None,
+        *,
+        record_stability_info: bool = False,
     ) -> APIFuture[SamplingClient]:
-        """Open a sampling session on saved sampler weights or a base model (a future)."""
+        """Open a sampling session on saved sampler weights or a base model (a future).
+
+        With ``record_stability_info``, every sample of the client records stability
+        information for its sequences, which ``stable_reinforce`` training references by
+        ``SampledSequence.sequence_id`` (``Datum.with_provenance``).
+        """
         holder = self._holder
         return holder.run(
-            lambda: create_sampling_client(holder, model_path=model_path, base_model=base_model)
+            lambda: create_sampling_client(
+                holder,
+                model_path=model_path,
+                base_model=base_model,
+                record_stability_info=record_stability_info,
+            )
         )
 
     async def create_sampling_client_async(
-        self, model_path: str | None = None, base_model: str | None = None
+        self,
+        model_path: str | None = None,
+        base_model: str | None = None,
+        *,
+        record_stability_info: bool = False,
     ) -> SamplingClient:
         """Async twin of :meth:`create_sampling_client` (returns the client)."""
-        return await self.create_sampling_client(model_path, base_model)
+        return await self.create_sampling_client(
+            model_path, base_model, record_stability_info=record_stability_info
+        )
 
     def create_rest_client(self) -> RestClient:
         """A RestClient for the same server and key (runs, checkpoints, audit, artifacts)."""

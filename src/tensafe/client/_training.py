@@ -207,7 +207,10 @@ class TrainingClient:
 
         Args:
             data: The batch (sent in one request).
-            loss_fn: ``cross_entropy``, ``importance_sampling``, ``ppo``, ``cispo`` or ``dro``.
+            loss_fn: ``cross_entropy``, ``importance_sampling``, ``ppo``, ``cispo``, ``dro``, ``gspo``
+                or ``stable_reinforce`` (whose datums carry provenance spans,
+                ``Datum.with_provenance``, naming sequences sampled with
+                ``record_stability_info``).
             loss_fn_config: Loss settings such as ``clip_low_threshold`` or ``beta``.
 
         Returns:
@@ -602,11 +605,16 @@ class TrainingClient:
         """Async twin of :meth:`save_weights_external`."""
         return await self._thread(self.save_weights_external, name, ttl_seconds, age_encryption_recipients)
 
-    def save_weights_and_get_sampling_client(self, name: str | None = None) -> APIFuture[SamplingClient]:
+    def save_weights_and_get_sampling_client(
+        self, name: str | None = None, *, record_stability_info: bool = False
+    ) -> APIFuture[SamplingClient]:
         """Snapshot the current weights and return a future of a SamplingClient on them.
 
         Args:
             name: Ignored (kept for compatibility with the Tinker SDK).
+            record_stability_info: Every sample of the client records stability
+                information for its sequences, which ``stable_reinforce`` training
+                references by ``SampledSequence.sequence_id`` (``Datum.with_provenance``).
         """
         from tensafe.client._sampling import SamplingClient
 
@@ -631,20 +639,36 @@ class TrainingClient:
             if answer.sampling_session_id is None:
                 raise APIResponseValidationError("save_weights_for_sampler returned no sampling_session_id")
             base = self.get_info().model_data.model_name or ""
-            return SamplingClient(holder, answer.sampling_session_id, base_model=base)
+            return SamplingClient(
+                holder,
+                answer.sampling_session_id,
+                base_model=base,
+                record_stability_info=record_stability_info,
+            )
 
         return holder.run(finish)
 
-    async def save_weights_and_get_sampling_client_async(self, name: str | None = None) -> SamplingClient:
+    async def save_weights_and_get_sampling_client_async(
+        self, name: str | None = None, *, record_stability_info: bool = False
+    ) -> SamplingClient:
         """Async twin of :meth:`save_weights_and_get_sampling_client` (returns the client)."""
-        future = await self._thread(self.save_weights_and_get_sampling_client, name)
+        future = await self._thread(
+            self.save_weights_and_get_sampling_client, name, record_stability_info=record_stability_info
+        )
         return await future
 
-    def create_sampling_client(self, model_path: str) -> SamplingClient:
-        """Return a SamplingClient on saved sampler weights (``tinker://.../sampler_weights/...``)."""
+    def create_sampling_client(
+        self, model_path: str, *, record_stability_info: bool = False
+    ) -> SamplingClient:
+        """Return a SamplingClient on saved sampler weights (``tinker://.../sampler_weights/...``).
+
+        ``record_stability_info`` as in :meth:`save_weights_and_get_sampling_client`.
+        """
         from tensafe.client._sampling import create_sampling_client
 
-        return create_sampling_client(self._holder, model_path=model_path)
+        return create_sampling_client(
+            self._holder, model_path=model_path, record_stability_info=record_stability_info
+        )
 
     # -- information ---------------------------------------------------------------------
 

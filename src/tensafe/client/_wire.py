@@ -21,6 +21,7 @@ from tensafe.client.types import (
     SampleResponse,
     TensorData,
 )
+from tensafe.protocol import ProvenanceSpan
 from tensafe.protocol.wire import message_class
 
 __all__ = ["decode_forward_backward_output", "decode_sample_response", "encode_forward_backward_request"]
@@ -64,7 +65,16 @@ def encode_forward_backward_request(
             else:
                 t.dense, t.dtype = np.ascontiguousarray(arr, dtype="<f4").tobytes(), _FLOAT32
             t.shape.extend(int(s) for s in arr.shape)
+        _write_spans(d.model_input_spans, datum.model_input_spans)
+        _write_spans(d.loss_fn_input_spans, datum.loss_fn_input_spans)
     return bytes(msg.SerializeToString())
+
+
+def _write_spans(field: Any, spans: Sequence[ProvenanceSpan] | None) -> None:
+    """Append ``spans`` to a repeated ``ProvenanceSpan`` field (the arm named by each span's ``type``)."""
+    for span in spans or ():
+        arm = getattr(field.add(), span.type)  # "prompt_tokens" or "sampled_tokens"
+        arm.sequence_id, arm.offset, arm.length = span.sequence_id, span.offset, span.length
 
 
 def _parse(name: str, body: bytes) -> Any:
@@ -114,8 +124,20 @@ def decode_forward_backward_output(body: bytes) -> ForwardBackwardOutput:
 
 
 def decode_sample_response(body: bytes, sequence_ids: Sequence[str] | None = None) -> SampleResponse:
-    """Decode a ``SampleResponse`` protobuf result (NaN prompt logprobs become ``None``)."""
+    """Decode a ``SampleResponse`` protobuf result (NaN prompt logprobs become ``None``).
+
+    ``sequence_ids`` (the ``sample_sequence_ids`` of the ``asample`` answer, fixed when the
+    request was submitted) become the sequences' ``sequence_id``, in order, as the Tinker
+    SDK attaches them.
+
+    Raises:
+        APIResponseValidationError: Malformed protobuf, or not one id per sequence.
+    """
     msg = _parse("SampleResponse", body)
+    if sequence_ids is not None and len(sequence_ids) != len(msg.sequences):
+        raise APIResponseValidationError(
+            f"the server sent {len(sequence_ids)} sequence ids for {len(msg.sequences)} sequences"
+        )
     sequences = []
     for i, seq in enumerate(msg.sequences):
         tokens = _values(seq.tokens, np.dtype("<i4"), "sampled tokens").tolist()
@@ -129,7 +151,7 @@ def decode_sample_response(body: bytes, sequence_ids: Sequence[str] | None = Non
                 stop_reason="stop" if int(seq.stop_reason) == 0 else "length",
                 tokens=tokens,
                 logprobs=logprobs,
-                sequence_id=sequence_ids[i] if sequence_ids is not None and i < len(sequence_ids) else None,
+                sequence_id=sequence_ids[i] if sequence_ids is not None else None,
             )
         )
     prompt: list[float | None] | None = None

@@ -14,7 +14,10 @@ installable (0.38.0 stays the pinned SDK here):
   not name it): :class:`CheckpointSearchRequest` -> :class:`CheckpointSearchResponse`, newest
   first, paginated with a ``(created, checkpoint id)`` cursor.
 
-Requests are strict (``extra="forbid"``), answers tolerant, as in :mod:`tensafe.protocol`.
+Requests (and the cursor, sent back in the next request) derive from
+:class:`~tensafe.protocol._base.WireRequest`, answers from
+:class:`~tensafe.protocol._base.WireResponse`, as everywhere in :mod:`tensafe.protocol`:
+strict on the server, lenient in the SDK (:func:`~tensafe.protocol._base.parse_lenient`).
 TenSafe has no projects: ``destination_project_id`` and ``project_ids`` are accepted by the
 schema (Tinker's names) and refused by the server with a 400 when they are not null. Imports
 nothing but pydantic.
@@ -25,8 +28,9 @@ from __future__ import annotations
 import datetime as _dt
 from typing import Annotated, Literal
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import AwareDatetime, Field, StringConstraints
 
+from tensafe.protocol._base import WireRequest, WireResponse
 from tensafe.protocol._models import Checkpoint, LoraConfig
 
 __all__ = [
@@ -54,15 +58,7 @@ _MetaKey = Annotated[str, StringConstraints(min_length=1, max_length=200)]
 _MetaValue = Annotated[str, StringConstraints(max_length=2000)]
 
 
-class _Request(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
-
-
-class _Response(BaseModel):
-    model_config = ConfigDict(extra="ignore", protected_namespaces=())
-
-
-class ExternalWeightsUploadStartRequest(_Request):
+class ExternalWeightsUploadStartRequest(WireRequest):
     """Start uploading a LoRA adapter trained elsewhere, for ``base_model``.
 
     ``lora_config.rank`` must equal the adapter's ``r``; the ``train_*`` flags bound the
@@ -75,7 +71,7 @@ class ExternalWeightsUploadStartRequest(_Request):
     type: Literal["external_weights_upload_start"] | None = None
 
 
-class ExternalWeightsUploadStartResponse(_Response):
+class ExternalWeightsUploadStartResponse(WireResponse):
     """``upload_id``, one ``PUT`` URL per file (see :data:`ADAPTER_FILES`), their expiry."""
 
     upload_id: str
@@ -83,29 +79,27 @@ class ExternalWeightsUploadStartResponse(_Response):
     expires: _dt.datetime
 
 
-class ExternalWeightsUploadFinishRequest(_Request):
+class ExternalWeightsUploadFinishRequest(WireRequest):
     """Finish an upload: the server verifies the files and records the checkpoint."""
 
     upload_id: UploadId
     type: Literal["external_weights_upload_finish"] | None = None
 
 
-class ExternalWeightsUploadFinishResponse(_Response):
+class ExternalWeightsUploadFinishResponse(WireResponse):
     """Tinker path of the external weights checkpoint holding the uploaded weights."""
 
     tinker_path: str
 
 
-class CheckpointSearchCursor(BaseModel):
+class CheckpointSearchCursor(WireRequest):
     """Where the next page starts: after the checkpoint ``(last_created_at, last_checkpoint_uuid)``."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     last_created_at: AwareDatetime
     last_checkpoint_uuid: Annotated[str, StringConstraints(min_length=1, max_length=64)]
 
 
-class CheckpointSearchRequest(_Request):
+class CheckpointSearchRequest(WireRequest):
     """Search the caller's checkpoints (every given filter must hold).
 
     * ``user_metadata``: exact matches, every pair must hold;
@@ -127,7 +121,7 @@ class CheckpointSearchRequest(_Request):
     cursor: CheckpointSearchCursor | None = None
 
 
-class CheckpointSearchResponse(_Response):
+class CheckpointSearchResponse(WireResponse):
     """One page of checkpoints, newest first, and the cursor of the next page (None: no more)."""
 
     checkpoints: list[Checkpoint]

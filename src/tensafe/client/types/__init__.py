@@ -3,8 +3,9 @@
 Nothing is defined here: every name is the one definition in :mod:`tensafe.protocol`,
 re-exported so that ``from tensafe.client import types`` keeps working. The SDK parses
 answers leniently (unknown fields ignored, :func:`tensafe.protocol.parse_lenient`); what
-it sends is validated strictly by the server. The TenSafe audit, artifact and privacy
-models move to the protocol with the server's routes.
+it sends is validated strictly by the server. The TenSafe routes' models (audit,
+artifacts, privacy, external-weights URLs) are those of :mod:`tensafe.protocol.tensafe`;
+``AuditRecord`` is the SDK's name of its ``AuditRecordView``.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from tensafe.client.types.model_input import ModelInput
 from tensafe.client.types.optim_step_response import OptimStepResponse
 from tensafe.client.types.parsed_checkpoint_tinker_path import CheckpointType, ParsedCheckpointTinkerPath
 from tensafe.client.types.privacy_report import PrivacyReport
+from tensafe.client.types.provenance_spans import PromptProvenanceSpan, ProvenanceSpans, SampledProvenanceSpan
 from tensafe.client.types.sample_response import SampleResponse
 from tensafe.client.types.sampled_sequence import SampledSequence
 from tensafe.client.types.sampling_params import SamplingParams
@@ -77,8 +79,11 @@ __all__ = [
     "OptimizerConfig",
     "ParsedCheckpointTinkerPath",
     "PrivacyReport",
+    "PromptProvenanceSpan",
+    "ProvenanceSpans",
     "RegisterDatasetResponse",
     "SampleResponse",
+    "SampledProvenanceSpan",
     "SampledSequence",
     "SamplingParams",
     "SaveWeightsExternalResponse",

@@ -1,32 +1,12 @@
-"""``AuditRecord``: one entry of the tenant's hash-chained audit log."""
+"""``AuditRecord`` (the protocol's ``AuditRecordView``) and ``AuditRecordsResponse``: one definition.
+
+Both are re-exported from :mod:`tensafe.protocol.tensafe`; ``AuditRecord`` is the SDK's
+name of :class:`~tensafe.protocol.tensafe.AuditRecordView` (the same class).
+"""
 
 from __future__ import annotations
 
-from typing import Any
-
-from pydantic import Field
-
-from tensafe.client.types._base import ResponseModel
+from tensafe.protocol.tensafe import AuditRecordsResponse
+from tensafe.protocol.tensafe import AuditRecordView as AuditRecord
 
 __all__ = ["AuditRecord", "AuditRecordsResponse"]
-
-
-class AuditRecord(ResponseModel):
-    """An audit record as the server stores it (``docs/audit.md``)."""
-
-    seq: int
-    timestamp: str
-    actor: str
-    action: str
-    resource: str = ""
-    details: dict[str, Any] = Field(default_factory=dict)
-    prev_hash: str
-    record_hash: str
-    format: str | None = None
-
-
-class AuditRecordsResponse(ResponseModel):
-    """The newest records of the tenant, oldest first, and the chain's length."""
-
-    records: list[AuditRecord]
-    total_count: int

@@ -1,20 +1,7 @@
-"""``ExternalWeightsUrlsResponse``: download URLs of an external-weights checkpoint."""
+"""``ExternalWeightsUrlsResponse``: re-exported from :mod:`tensafe.protocol.tensafe` (one definition)."""
 
 from __future__ import annotations
 
-import datetime as _dt
-
-from tensafe.client.types._base import ResponseModel
+from tensafe.protocol.tensafe import ExternalWeightsUrlsResponse
 
 __all__ = ["ExternalWeightsUrlsResponse"]
-
-
-class ExternalWeightsUrlsResponse(ResponseModel):
-    """``urls`` maps each file (relative to the checkpoint root) to its download URL.
-
-    Each URL is a bearer capability: a plain GET fetches the file without an API key until
-    ``expires``. Treat the URLs as secrets (do not log them).
-    """
-
-    urls: dict[str, str]
-    expires: _dt.datetime

@@ -168,7 +168,7 @@ def test_cli_synth_writes_data_and_private_canary_file(
         ["--n", "ten"],
         ["--n", "5", "--canaries", "6"],
         ["--n", "5", "--canary-out", "X"],
-        ["--n", "5", "--out", "/no/such/dir/out.jsonl"],
+        ["--n", "5", "--out", "F/out.jsonl"],  # a regular file where the directory should be
     ],
 )
 def test_cli_synth_bad_input_is_one_line(
@@ -178,6 +178,8 @@ def test_cli_synth_bad_input_is_one_line(
     if "--out" not in argv:
         argv = [*argv, "--out", str(tmp_path / "o.jsonl")]
     argv = [a if a != "X" else str(tmp_path / "c.json") for a in argv]
+    (tmp_path / "F").write_text("a file, not a directory")
+    argv = [str(tmp_path / a) if a.startswith("F/") else a for a in argv]
     try:
         rc = main(base + argv)
     except SystemExit as exc:  # argparse type errors

@@ -3,8 +3,9 @@
 The fenced ``bash`` blocks of ``README.md`` are split into commands (a ``\\`` continues a line,
 a here-document runs to its delimiter) and run in order, each in ``bash -euo pipefail``, in an
 empty temporary directory with this virtual environment's ``tensafe`` first on ``PATH`` and
-none of TenSafe's settings in the environment (a new user's shell). Only the set-up commands
-that install TenSafe or run the test suite are skipped, each with its reason; a command that
+none of TenSafe's settings in the environment (a new user's shell). Only the set-up steps
+that install TenSafe (the leading ``&&`` steps of the first command) and the test suite are
+skipped, each with its reason; a command that
 is neither run nor listed there fails the fast test below, so a new README command cannot go
 untested. The quick tour and ``tensafe demo`` train the bundled SmolLM2-135M (slow, still run
 in CI).
@@ -25,13 +26,18 @@ from tensafe.cli.main import build_parser
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
-#: Commands not run here, each with the reason.
+#: Whole commands not run here, each with the reason.
 SKIPPED: dict[str, str] = {
-    r"^python3 -m venv \.venv && \. \.venv/bin/activate && pip install ": (
-        "creates a new virtual environment and installs TenSafe into it; this test runs in an "
-        "environment installed the same way (.ci/run and scripts/test.sh use the same constraints)"
-    ),
     r"^bash scripts/test\.sh$": "runs the static checks and this test suite, this file included",
+}
+#: Leading ``&&`` steps of a command that are not run here (the rest of the command is).
+SKIPPED_STEPS: dict[str, str] = {
+    r"^python3 -m venv \.venv$": "creates a new virtual environment (this test runs in one installed alike)",
+    r"^\. \.venv/bin/activate$": "activates that environment",
+    r"^pip install ": (
+        "installs TenSafe and the bundled model; this environment was installed with the same "
+        "constraints (.ci/run and scripts/test.sh)"
+    ),
 }
 
 _HEREDOC = re.compile(r"<<-?\s*'?\"?(\w+)'?\"?")
@@ -49,6 +55,25 @@ class Command:
             if re.search(pattern, self.text):
                 return reason
         return None
+
+    @property
+    def skipped_steps(self) -> list[str]:
+        """The leading ``&&`` steps that install TenSafe (not run here)."""
+        steps = self.text.split(" && ")
+        out = []
+        for step in steps:
+            if not any(re.search(pattern, step) for pattern in SKIPPED_STEPS):
+                break
+            out.append(step)
+        return out
+
+    @property
+    def to_run(self) -> str | None:
+        """What this test runs of the command: all of it but its installing steps (None: nothing)."""
+        if self.skip_reason is not None:
+            return None
+        rest = self.text.split(" && ")[len(self.skipped_steps) :]
+        return " && ".join(rest) or None
 
 
 def shell_blocks(text: str) -> list[str]:
@@ -105,8 +130,9 @@ def _run_in_order(commands: list[Command], cwd: Path) -> list[str]:
     env = _user_env(cwd)
     outputs = []
     for command in commands:
+        assert command.to_run is not None, command.text
         done = subprocess.run(
-            ["bash", "-euo", "pipefail", "-c", command.text],
+            ["bash", "-euo", "pipefail", "-c", command.to_run],
             cwd=cwd,
             env=env,
             capture_output=True,
@@ -131,12 +157,15 @@ def test_the_parser_keeps_continuations_and_here_documents_whole() -> None:
 
 def test_every_readme_command_is_run_or_skipped_for_a_reason() -> None:
     commands = readme_commands()
-    skipped = [c for c in commands if c.skip_reason is not None]
-    # Exactly the two set-up commands; a skip pattern that matches nothing is stale.
-    assert [c.text.split()[0] for c in skipped] == ["python3", "bash"]
+    # Exactly the two set-up commands: install then run the demo, and the test suite.
+    setup = [c for c in commands if c.block == 0]
+    assert len(setup) == 2
+    assert [s.split()[0] for s in setup[0].skipped_steps] == ["python3", ".", "pip", "pip"]
+    assert setup[0].to_run == "tensafe demo"
+    assert setup[1].skip_reason is not None and setup[1].to_run is None
     for command in commands:
-        if command.skip_reason is None:
-            program = command.text.split()[0]
+        if command.to_run is not None:
+            program = command.to_run.split()[0]
             assert program in ("tensafe", "cat"), f"README command not covered: {command.text[:80]}"
     tour = [c.text for c in commands if c.block == 1]
     assert any(t.startswith("tensafe train config.yaml") for t in tour)
@@ -147,9 +176,9 @@ def test_every_tensafe_command_of_the_readme_exists() -> None:
     """Each ``tensafe GROUP [SUBCOMMAND]`` of the README parses (``--help`` exits 0)."""
     parser = build_parser()
     for command in readme_commands():
-        if not command.text.startswith("tensafe "):
+        if command.to_run is None or not command.to_run.startswith("tensafe "):
             continue
-        words = [w for w in command.text.split() if not w.startswith("-")][1:3]  # GROUP [SUB|ARG]
+        words = [w for w in command.to_run.split() if not w.startswith("-")][1:3]  # GROUP [SUB|ARG]
         with pytest.raises(SystemExit) as exited:
             parser.parse_args([*words, "--help"])
         assert exited.value.code == 0, command.text
@@ -162,7 +191,7 @@ def test_every_tensafe_command_of_the_readme_exists() -> None:
 @pytest.mark.realmodel
 def test_the_readme_quick_tour_runs_as_written(tmp_path: Path) -> None:
     tour = [c for c in readme_commands() if c.block == 1]
-    assert all(c.skip_reason is None for c in tour)
+    assert all(c.to_run == c.text for c in tour)
     outputs = _run_in_order(tour, tmp_path)
     assert "ε = 2.1014 at δ = 1e-05 after 1000 steps" in outputs[0]
     assert (tmp_path / "data" / "train.jsonl").is_file() and (tmp_path / "data" / "canaries.json").is_file()
@@ -177,8 +206,8 @@ def test_the_readme_quick_tour_runs_as_written(tmp_path: Path) -> None:
 @pytest.mark.realmodel
 def test_the_readme_first_block_runs_as_written(tmp_path: Path) -> None:
     setup = [c for c in readme_commands() if c.block == 0]
-    to_run = [c for c in setup if c.skip_reason is None]
-    assert [c.text for c in to_run] == ["tensafe demo"]
+    to_run = [c for c in setup if c.to_run is not None]
+    assert [c.to_run for c in to_run] == ["tensafe demo"]
     (output,) = _run_in_order(to_run, tmp_path)
     assert "Held-out loss: before" in output and "Verify: tensafe privacy certificate" in output
     assert (tmp_path / "runs" / "demo" / "run" / "dp_certificate.json").is_file()

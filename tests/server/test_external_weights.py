@@ -134,6 +134,15 @@ def test_uploaded_adapter_samples_and_trains_as_peft_computes_it(
         privacy = rest.get_privacy(run_id).result()
         assert privacy.dp_enabled is False
 
+    # The uploaded run holds an adapter, not a training state: requests addressed to it are
+    # refused when they are submitted, not queued to fail in the worker.
+    refused = httpx.post(
+        f"{live_server.url}/api/v1/optim_step",
+        headers={"X-API-Key": key},
+        json={"model_id": run_id, "seq_id": 1, "adam_params": {"learning_rate": 1e-4}},
+    )
+    assert refused.status_code == 400 and "uploaded adapter" in refused.json()["detail"], refused.text
+
     with ts.ServiceClient(base_url=live_server.url, api_key=key) as service:
         sampler = service.create_sampling_client(model_path=path).result(timeout=120)
         lps = sampler.compute_logprobs(types.ModelInput.from_ints(PROMPT)).result(timeout=120)

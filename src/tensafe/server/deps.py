@@ -58,6 +58,7 @@ __all__ = [
     "own_sampler",
     "own_session",
     "own_session_row",
+    "require_trainable",
     "require_usable",
     "route_checkpoint_path",
     "services_of",
@@ -188,6 +189,22 @@ def require_usable(row: TrainingModel) -> TrainingModel:
     """``row``, unless its creation failed (then a 400 that says why: it takes no requests)."""
     if row.state == ModelState.FAILED:
         raise BadRequestError(f"model {row.id!r} could not be created: {row.error}")
+    return row
+
+
+def require_trainable(row: TrainingModel) -> TrainingModel:
+    """``row``, if it can take training requests: usable, and not the run of an uploaded adapter.
+
+    Raises:
+        BadRequestError: Its creation failed, or it only holds an uploaded adapter (which is
+            loaded into a new run with ``load_weights``, not trained in place).
+    """
+    require_usable(row)
+    if row.state == ModelState.UPLOADED:
+        raise BadRequestError(
+            f"model {row.id!r} holds an uploaded adapter and takes no requests; start a run from it "
+            "with load_weights (create_training_client_from_state) or sample from it"
+        )
     return row
 
 

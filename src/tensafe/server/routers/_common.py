@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 from tensafe import protocol as p
 from tensafe.db import utcnow
 from tensafe.protocol.wire import WireFormatError, message_bytes
-from tensafe.server.deps import audit, own_model, own_session_row, require_usable
+from tensafe.server.deps import audit, own_model, own_session_row, require_trainable
 from tensafe.server.errors import BadRequestError
 from tensafe.server.jobs import StagedPayload, Worker, stage_payload, submit_future
 from tensafe.server.models import FutureRow, TrainingModel
@@ -171,7 +171,7 @@ def submit_model_request(
     if seq_id < 1:
         raise BadRequestError("seq_id must be at least 1 (0 is the model's creation)")
     with services.reads() as session:
-        require_usable(own_model(session, who, model_id))
+        require_trainable(own_model(session, who, model_id))
     audited = {"seq_id": seq_id, **details}
     # The audited resource is the model.
     request = Submission(request_type, model_id, model_id, seq_id, payload, audited, data)

@@ -16,19 +16,31 @@ for each result before the next request, and Tinker's recommended pattern of sub
 the next forward_backward + optim_step before waiting for the previous pair (same requests,
 same order, same results). The last line is JSON.
 
-Usage: ``python bench/api_overhead.py [--steps 20] [--batch 8] [--no-auto-checkpoint] [--model NAME]``.
+Where the server's time goes: the server process times its stages (the runtime calls, the
+state serialization and its encrypted write, the claim, the ledger charge, the completing
+transaction, the wait for a pending commit) over every API run, and the JSON holds their
+medians (``server_stage_median_ms``) next to the in-process medians of the same runtime
+calls (``inprocess_stage_median_ms``).
+
+Usage: ``python bench/api_overhead.py [--steps 20] [--batch 8] [--no-auto-checkpoint] [--model NAME]
+[--postgres | --database-url URL]`` (default: a new SQLite file; ``--postgres`` starts a
+private, durable PostgreSQL server with :func:`tensafe.db.testing.start_postgres`).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
+import os
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +91,57 @@ def _port() -> int:
         return port
 
 
+class _Timers:
+    """Durations of named stages (seconds), recorded by wrapping the functions that run them."""
+
+    def __init__(self) -> None:
+        self.samples: dict[str, list[float]] = {}
+
+    def wrap(self, owner: Any, attr: str, name: str) -> None:
+        original = getattr(owner, attr)
+        samples = self.samples.setdefault(name, [])
+
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                samples.append(time.perf_counter() - t0)
+
+        setattr(owner, attr, timed)
+
+    def medians_ms(self) -> dict[str, dict[str, float]]:
+        return {
+            name: {"median_ms": round(1000 * float(np.median(v)), 1), "count": len(v)}
+            for name, v in sorted(self.samples.items())
+            if v
+        }
+
+
+def _instrument_server(timers: _Timers) -> None:
+    from tensafe.server.jobs import Worker
+    from tensafe.server.ops import ComputeOps
+    from tensafe.storage import EncryptedArtifactStore
+    from tensafe.training.runtime import LoraTrainingSession
+
+    for owner, attr, name in (
+        (LoraTrainingSession, "stage_forward_backward", "runtime.forward_backward"),
+        (LoraTrainingSession, "optim_step", "runtime.optim_step"),
+        (LoraTrainingSession, "state_bytes", "state.serialize"),
+        (EncryptedArtifactStore, "put_bytes", "store.put_bytes (encrypt+write+fsync)"),
+        (ComputeOps, "_training_session", "ops.session_lookup (2 reads)"),
+        (ComputeOps, "_charge", "ops.ledger_charge (1 commit)"),
+        (ComputeOps, "forward_backward", "ops.forward_backward (handler)"),
+        (ComputeOps, "optim_step", "ops.optim_step (handler)"),
+        (Worker, "_claim", "worker.claim (1 commit)"),
+        (Worker, "_context", "worker.open_payload"),
+        (Worker, "_await_turn", "worker.wait_for_pending_commit"),
+        (Worker, "_commit_result", "worker.complete (seal+digest+1 commit+audit)"),
+        (Worker, "_execute", "worker.execute (all of a request)"),
+    ):
+        timers.wrap(owner, attr, name)
+
+
 def _serve(config_path: str) -> int:
     """Run the server of one benchmark (a child process: the SDK client stays in the parent)."""
     import uvicorn
@@ -90,6 +153,8 @@ def _serve(config_path: str) -> int:
     from tensafe.storage import EncryptedArtifactStore, LocalFilesystemBackend
 
     config = json.loads(Path(config_path).read_text())
+    timers = _Timers()
+    _instrument_server(timers)
     tmp = Path(config["tmp"])
     engine = create_engine_from_url(config["url"])
     keys = KeyManager(engine, LocalKekProvider.open(tmp / "kek.json", passphrase=b"bench passphrase 1234"))
@@ -103,7 +168,16 @@ def _serve(config_path: str) -> int:
         auto_checkpoint=config["auto_checkpoint"],
     )
     app = create_app(settings, store=store, key_manager=keys)
-    uvicorn.run(app, host="127.0.0.1", port=config["port"], log_level="warning")
+
+    class Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:  # uvicorn re-raises SIGTERM after shutdown
+            yield
+
+    server = Server(uvicorn.Config(app, host="127.0.0.1", port=config["port"], log_level="warning"))
+    signal.signal(signal.SIGTERM, lambda *_: setattr(server, "should_exit", True))
+    server.run()
+    Path(config["timers"]).write_text(json.dumps(timers.medians_ms()))
     return 0
 
 
@@ -118,6 +192,9 @@ def main(argv: list[str] | None = None) -> int:
         metavar="NAME",
         help="a registered model (e.g. HuggingFaceTB/SmolLM2-135M-Instruct) instead of the tiny Llama",
     )
+    database = parser.add_mutually_exclusive_group()
+    database.add_argument("--postgres", action="store_true", help="a private, durable PostgreSQL server")
+    database.add_argument("--database-url", metavar="URL", help="an empty database (default: SQLite)")
     parser.add_argument("--serve", metavar="CONFIG", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve:
@@ -164,6 +241,8 @@ def main(argv: list[str] | None = None) -> int:
                 for i in idx
             ]
 
+        local_timers = _Timers()
+
         def run_local() -> float:
             session = LoraTrainingSession.create(
                 base_model=str(model_dir), rank=8, dp=operator.policy(), seed=0, train_unembed=False
@@ -171,10 +250,16 @@ def main(argv: list[str] | None = None) -> int:
             settle_heap()  # as the server does after loading a model
             assert isinstance(session.policy, DpPolicy)
             session.forward(local_batch(batches[0]), "cross_entropy")  # warm-up
+            fb_times = local_timers.samples.setdefault("runtime.forward_backward", [])
+            step_times = local_timers.samples.setdefault("runtime.optim_step", [])
             t0 = time.perf_counter()
             for idx in batches:
+                t1 = time.perf_counter()
                 session.forward_backward(local_batch(idx), "cross_entropy")
+                t2 = time.perf_counter()
                 session.optim_step(AdamParams(learning_rate=0.05))
+                fb_times.append(t2 - t1)
+                step_times.append(time.perf_counter() - t2)
             elapsed = time.perf_counter() - t0
             session.close()
             return elapsed
@@ -182,7 +267,13 @@ def main(argv: list[str] | None = None) -> int:
         local_runs = [run_local()]
 
         # -- through the API: the server in its own process, as deployed -------------------
-        url = f"sqlite:///{tmp / 'bench.db'}"
+        stop_postgres = None
+        if args.postgres:
+            from tensafe.db.testing import start_postgres
+
+            url, stop_postgres = start_postgres(durable=True, database="tensafe_bench")
+        else:
+            url = args.database_url or f"sqlite:///{tmp / 'bench.db'}"
         upgrade(url)
         engine = create_engine_from_url(url)
         LocalKekProvider.create(
@@ -203,6 +294,7 @@ def main(argv: list[str] | None = None) -> int:
                     "port": port,
                     "auto_checkpoint": not args.no_auto_checkpoint,
                     "privacy": dataclasses.asdict(operator),
+                    "timers": str(tmp / "timers.json"),
                 }
             )
         )
@@ -264,8 +356,12 @@ def main(argv: list[str] | None = None) -> int:
             service.close("success").result()
             server.terminate()
             server.wait(60)
+        timers_file = tmp / "timers.json"
+        server_stages = json.loads(timers_file.read_text()) if timers_file.exists() else {}
 
         local_runs.append(run_local())
+        if stop_postgres is not None:
+            stop_postgres()
     local_s = min(local_runs)
     local_sps, api_sps, piped_sps = args.steps / local_s, args.steps / api_s, args.steps / piped_s
     figures = {
@@ -281,6 +377,10 @@ def main(argv: list[str] | None = None) -> int:
         "api_pipelined_steps_per_s": round(piped_sps, 3),
         "ratio_pipelined_over_inprocess": round(piped_sps / local_sps, 3),
         "added_ms_per_pair_pipelined": round(1000 * (piped_s - local_s) / args.steps, 1),
+        "database": "postgresql" if url.startswith("postgresql") else url.split(":", 1)[0],
+        "server_stage_median_ms": server_stages,
+        "inprocess_stage_median_ms": local_timers.medians_ms(),
+        "load_average": [round(x, 2) for x in os.getloadavg()],
     }
     print(f"in-process: {local_sps:.2f} steps/s; API (official SDK): {api_sps:.2f} steps/s")
     print(

@@ -9,6 +9,16 @@ time in ``seq_id`` order; the result is written back (JSON in the row, or bytes 
 encrypted artifact ``<future_id>.result``) in the same transaction as the audit record
 of the outcome.
 
+Durable completion overlapped with the next request: a handler whose result needs a
+durable write first (``JobResult.durable``: the auto-checkpoint after a step) returns it
+unwritten; the worker hands the write and the completing transaction to its background
+committer (:mod:`tensafe.server.durability`) and goes on with the model's next queued
+``forward``/``forward_backward`` (``Operation.overlaps_state_write``) while the write runs.
+Completions are committed strictly in execution order: every other request of the model,
+and any completion or failure while a commit of the model is pending, waits for it. The
+future of a step therefore completes only once its state is durable, exactly as when the
+write ran inline.
+
 Crash recovery: when a worker takes over a model whose lease expired (the previous
 worker died, or the server was restarted), futures left ``running`` are re-queued if
 their operation is idempotent and failed with a clear ``server`` error otherwise; queued
@@ -33,6 +43,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from tensafe.db import utcnow
+from tensafe.server.durability import OrderedCommitter
 from tensafe.server.errors import BadRequestError, Category, JobFailedError, NotFoundError, ServerError
 from tensafe.server.events import register_operation
 from tensafe.server.models import FutureRow, TrainingModel
@@ -93,6 +104,10 @@ class JobResult:
             (the transaction failed, or another worker took the future over): it undoes what
             the handler did in memory (e.g. a staged ``forward_backward``), so that a request
             that did not complete leaves no trace.
+        durable: A write that must be durable before the result is committed (e.g. the
+            encrypted auto-checkpoint of a step). The worker runs it in its background
+            committer, then commits the result; when it raises, the future fails with a
+            ``server`` error and ``on_abort`` runs. It must not touch the live session.
     """
 
     json: Mapping[str, Any] | None = None
@@ -102,6 +117,7 @@ class JobResult:
     details: Mapping[str, Any] = field(default_factory=dict)
     after_commit: Callable[[], None] | None = None
     on_abort: Callable[[], None] | None = None
+    durable: Callable[[], None] | None = None
 
 
 @dataclass(frozen=True)
@@ -113,12 +129,16 @@ class Operation:
         handler: Executes the job outside any database transaction.
         idempotent: Whether re-running after a crash is safe (else the future is failed).
         on_failure: Database changes to make when the job fails (same transaction).
+        overlaps_state_write: The job may execute while the model's previous state change
+            is still being written (it neither reads nor changes what that commit records:
+            ``forward``, ``forward_backward``); its own completion is committed after it.
     """
 
     name: str
     handler: Callable[[JobContext], JobResult]
     idempotent: bool
     on_failure: Callable[[Session, JobContext, str], None] | None = None
+    overlaps_state_write: bool = False
 
 
 class OperationRegistry:
@@ -285,6 +305,16 @@ def submit_future(
     return row, True
 
 
+def _next_queued(model_id: str) -> Any:
+    """The query of a model's next queued future (``seq_id`` order)."""
+    return (
+        select(FutureRow)
+        .where(FutureRow.model_id == model_id, FutureRow.state == FutureState.QUEUED)
+        .order_by(FutureRow.seq_id, FutureRow.created_at)
+        .limit(1)
+    )
+
+
 def _existing(session: Session, model_id: str, seq_id: int) -> FutureRow | None:
     return session.execute(
         select(FutureRow).where(FutureRow.model_id == model_id, FutureRow.seq_id == seq_id)
@@ -363,6 +393,10 @@ class Worker:
         self._held: dict[str, _dt.datetime] = {}
         self._fresh: set[str] = set()
         self._thread: threading.Thread | None = None
+        # Durable writes and the completions queued behind them, in execution order.
+        self._committer = OrderedCommitter(f"tensafe-commit-{self.worker_id}")
+        # Per model, the next future, claimed by the transaction that completed the previous one.
+        self._claimed: dict[str, FutureRow] = {}
 
     def __repr__(self) -> str:
         return f"Worker(id={self.worker_id!r})"
@@ -379,12 +413,17 @@ class Worker:
         self._thread.start()
 
     def stop(self, timeout: float = 30.0) -> None:
-        """Stop the thread after its current job and release the leases it holds."""
+        """Stop the thread after its current job, commit what is pending, release the leases."""
         self._stop.set()
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
+        self._committer.close(timeout)
+        try:
+            self._unclaim()
+        except Exception:  # pragma: no cover - best effort at shutdown; recovery handles them
+            _log.exception("could not put back the futures %s claimed ahead", self.worker_id)
         self._held.clear()
         try:
             with self.services.sessions.begin() as session:
@@ -415,7 +454,7 @@ class Worker:
     # -- one pass -------------------------------------------------------------------------
 
     def run_pending(self) -> int:
-        """Execute every future that is runnable now; return how many ran."""
+        """Execute every future that is runnable now and commit its outcome; return how many ran."""
         ran = 0
         for model_id in self._models_with_work():
             if self._stop.is_set():
@@ -424,6 +463,9 @@ class Worker:
                 ran += self._run_unordered()
             elif self._acquire(model_id):
                 ran += self._run_model(model_id)
+        # Commits still being written were overlapped with this pass's requests; the pass
+        # ends when they are done, so a future this pass ran is complete or failed.
+        self._committer.wait()
         return ran
 
     def _models_with_work(self) -> list[str | None]:
@@ -473,21 +515,47 @@ class Worker:
             self._fresh.discard(model_id)
         ran = 0
         while not self._stop.is_set():
-            with self.services.reads() as session:
-                row = session.execute(
-                    select(FutureRow)
-                    .where(FutureRow.model_id == model_id, FutureRow.state == FutureState.QUEUED)
-                    .order_by(FutureRow.seq_id, FutureRow.created_at)
-                    .limit(1)
-                ).scalar_one_or_none()
-            if row is None or not self._claim(row.id):
-                return ran
+            # The previous request's completing transaction may have claimed this one.
+            row = self._claimed.pop(model_id, None)
+            if row is None:
+                with self.services.reads() as session:
+                    row = session.execute(_next_queued(model_id)).scalar_one_or_none()
+                if row is None or not self._claim(row.id):
+                    return ran
             with self._keep_lease(model_id):
                 self._execute(row)
             ran += 1
             if not self._acquire(model_id):  # renew; another worker took over
+                self._unclaim(model_id)
                 return ran
+        self._unclaim(model_id)
         return ran
+
+    def _unclaim(self, model_id: str | None = None) -> None:
+        """Put back futures claimed ahead (``_claimed``) that this worker will not run now.
+
+        They never started, so they go back to ``queued`` (not to recovery, which would fail
+        a non-idempotent one as interrupted).
+        """
+        ids = list(self._claimed) if model_id is None else [model_id]
+        rows = [r for r in (self._claimed.pop(i, None) for i in ids) if r is not None]
+        if not rows:
+            return
+        with self.services.sessions.begin() as session:
+            session.execute(
+                update(FutureRow)
+                .where(
+                    FutureRow.id.in_([r.id for r in rows]),
+                    FutureRow.state == FutureState.RUNNING,
+                    FutureRow.worker_id == self.worker_id,
+                )
+                .values(
+                    state=transition(FutureState.RUNNING, FutureState.QUEUED),
+                    worker_id=None,
+                    attempts=FutureRow.attempts - 1,
+                    updated_at=utcnow(),
+                )
+            )
 
     @contextlib.contextmanager
     def _keep_lease(self, model_id: str) -> Iterator[None]:
@@ -573,20 +641,22 @@ class Worker:
             self._signal(row.id)
 
     def _claim(self, future_id: str) -> bool:
-        now = utcnow()
         with self.services.sessions.begin() as session:
-            result = session.execute(
-                update(FutureRow)
-                .where(FutureRow.id == future_id, FutureRow.state == FutureState.QUEUED)
-                .values(
-                    state=transition(FutureState.QUEUED, FutureState.RUNNING),
-                    worker_id=self.worker_id,
-                    started_at=now,
-                    updated_at=now,
-                    attempts=FutureRow.attempts + 1,
-                )
+            return self._claim_in(session, future_id, utcnow())
+
+    def _claim_in(self, session: Session, future_id: str, now: _dt.datetime) -> bool:
+        result = session.execute(
+            update(FutureRow)
+            .where(FutureRow.id == future_id, FutureRow.state == FutureState.QUEUED)
+            .values(
+                state=transition(FutureState.QUEUED, FutureState.RUNNING),
+                worker_id=self.worker_id,
+                started_at=now,
+                updated_at=now,
+                attempts=FutureRow.attempts + 1,
             )
-            return bool(result.rowcount)  # type: ignore[attr-defined]
+        )
+        return bool(result.rowcount)  # type: ignore[attr-defined]
 
     def _context(self, row: FutureRow) -> JobContext:
         """The future's context with its sensitive payload decrypted."""
@@ -595,8 +665,18 @@ class Worker:
             data = open_record(self.services, row.tenant_id, row.payload_ref, row.payload_blob)
         return dataclasses.replace(self._bare_context(row), payload_bytes=data)
 
+    def _await_turn(self, row: FutureRow, op: Operation | None) -> None:
+        """Wait for the model's pending commits unless ``op`` may overlap them (module docstring)."""
+        key = row.model_id
+        if not self._committer.pending(key):
+            return
+        if op is not None and op.overlaps_state_write and self._committer.overlappable(key):
+            return
+        self._committer.wait(key)
+
     def _execute(self, row: FutureRow) -> None:
         op = self.registry.get(row.request_type)
+        self._await_turn(row, op)
         ctx: JobContext | None = None
         try:
             if op is None:
@@ -624,8 +704,51 @@ class Worker:
         self._complete(row, result)
 
     def _complete(self, row: FutureRow, result: JobResult) -> None:
+        """Commit ``result``: now, or after the write and the model's pending commits."""
+        if result.durable is None and not self._committer.pending(row.model_id):
+            self._complete_now(row, result, claim_next=True)
+            return
+        self._committer.submit(
+            row.model_id, lambda: self._complete_deferred(row, result), state_write=result.durable is not None
+        )
+
+    def _complete_deferred(self, row: FutureRow, result: JobResult) -> None:
+        """In the committer: write what must be durable, then commit (or fail) the future."""
+        op = self.registry.get(row.request_type)
+        if self._committer.poisoned(row.model_id):
+            self._abort(row, result)
+            self._fail_now(
+                row,
+                f"this {row.request_type} request ran after a request of the same model whose result "
+                "could not be saved, so it was not completed: submit it again",
+                "server",
+                None,
+                op,
+            )
+            return
         try:
-            committed = self._commit_result(row, result)
+            if result.durable is not None:
+                result.durable()
+        except Exception as exc:
+            _log.exception("future %s (%s): the durable write failed", row.id, row.request_type)
+            self._committer.poison(row.model_id)
+            self._abort(row, result)
+            self._fail_now(
+                row,
+                f"the server could not save the state after this {row.request_type} "
+                f"({type(exc).__name__}); it was not completed and the run is as before it: "
+                "submit it again (for an optim_step, with its forward_backward requests)",
+                "server",
+                None,
+                op,
+            )
+            return
+        self._complete_now(row, result)  # an error poisons the model (OrderedCommitter)
+
+    def _complete_now(self, row: FutureRow, result: JobResult, *, claim_next: bool = False) -> None:
+        """Commit the result (``claim_next``: in the worker's thread, claim the model's next future too)."""
+        try:
+            committed = self._commit_result(row, result, claim_next=claim_next)
         except BaseException:
             self._abort(row, result)
             raise
@@ -648,8 +771,13 @@ class Worker:
             except Exception:
                 _log.exception("abort action of future %s failed", row.id)
 
-    def _commit_result(self, row: FutureRow, result: JobResult) -> bool:
-        """Store the result and complete the future in one transaction; False if taken over."""
+    def _commit_result(self, row: FutureRow, result: JobResult, *, claim_next: bool = False) -> bool:
+        """Store the result and complete the future in one transaction; False if taken over.
+
+        With ``claim_next`` (only from the worker's own thread), the same transaction claims
+        the model's next queued future while this worker's lease has more than half to run,
+        saving the claim's own commit; :meth:`_run_model` runs it next.
+        """
         result_ref = None
         result_blob = None
         details: dict[str, Any] = {"request_id": row.id, "request_digest": row.request_sha256}
@@ -708,9 +836,29 @@ class Worker:
                 resource=row.model_id or row.id,
                 details=details,
             )
+            if claim_next and row.model_id is not None and self._lease_fresh(row.model_id):
+                nxt = session.execute(_next_queued(row.model_id)).scalar_one_or_none()
+                if nxt is not None and self._claim_in(session, nxt.id, now):
+                    session.expunge(nxt)
+                    self._claimed[row.model_id] = nxt
         return True
 
+    def _lease_fresh(self, model_id: str) -> bool:
+        held = self._held.get(model_id)
+        return held is not None and held - utcnow() > self._lease / 2
+
     def _fail(
+        self, row: FutureRow, message: str, category: Category, ctx: JobContext | None, op: Operation | None
+    ) -> None:
+        """Fail the future: now, or after the model's pending commits (completion order)."""
+        if not self._committer.pending(row.model_id):
+            self._fail_now(row, message, category, ctx, op)
+            return
+        self._committer.submit(
+            row.model_id, lambda: self._fail_now(row, message, category, ctx, op), state_write=False
+        )
+
+    def _fail_now(
         self, row: FutureRow, message: str, category: Category, ctx: JobContext | None, op: Operation | None
     ) -> None:
         with self.services.sessions.begin() as session:

@@ -29,7 +29,13 @@ server-sampled batch (its loss, its size) are not returned to the client.
 ``optim_step`` the session's full state (adapter and optimizer) is written, encrypted
 under the tenant's DEK, as a new auto-checkpoint artifact; the ``training_models`` row
 points at it (``state_ref``, ``step``, ``state_seq_id``) in the same transaction that
-completes the future. A worker that executes a request of a model it has not loaded, or
+completes the future. The state is serialized in the worker when the request ends (a
+consistent snapshot); its encryption, write and fsync and the completing transaction run
+in the worker's background committer (``JobResult.durable``, :mod:`tensafe.server.durability`),
+overlapped with the model's next queued ``forward``/``forward_backward``. The step's future
+completes only after that commit; if the write fails, the future fails (``server``), the
+loaded session is marked stale and the next request reloads the last durable state.
+A worker that executes a request of a model it has not loaded, or
 whose loaded copy is stale (another worker ran requests of the model since), reloads
 that auto-checkpoint first. Gradients accumulated by ``forward_backward`` since the last
 step are not persisted: when they are lost in a crash, the next ``optim_step`` fails with
@@ -114,6 +120,9 @@ class _Loaded:
     ``lost``: forward_backward requests whose gradients a reload lost (reported by the next
     step). ``unstepped``: forward_backward requests run here since the last step (their
     gradients exist only in this session's memory; evicting it would lose them).
+    ``committing``: future id -> the step the database records until that request's state
+    change is committed (its write runs in the background). ``stale``: a state change of
+    this session was never committed; the next request reloads the durable state.
     """
 
     session: Any
@@ -121,6 +130,8 @@ class _Loaded:
     last_seq: int
     lost: list[int] = field(default_factory=list)
     unstepped: list[int] = field(default_factory=list)
+    committing: dict[str, int] = field(default_factory=dict)
+    stale: bool = False
 
 
 def _has_unstepped(value: Any) -> bool:
@@ -218,7 +229,12 @@ class ComputeOps:
         ):
             registry.register(
                 Operation(
-                    name=name, handler=self._guard(handler), idempotent=idempotent, on_failure=on_failure
+                    name=name,
+                    handler=self._guard(handler),
+                    idempotent=idempotent,
+                    on_failure=on_failure,
+                    # They run on the session while its last step is being written.
+                    overlaps_state_write=name in ("forward", "forward_backward"),
                 )
             )
         return registry
@@ -283,7 +299,14 @@ class ComputeOps:
         loaded: _Loaded | None = self._training.get(ctx.model_id)
         # Stale when another worker completed requests of this model since (its seq_ids are
         # higher than any we ran) or the step moved; a request we ran that then failed is not.
-        if loaded is not None and loaded.step == (row.step or 0) and loaded.last_seq >= last_seq:
+        # A step of ours whose write is still being committed is not a move either.
+        recorded = row.step or 0
+        if (
+            loaded is not None
+            and not loaded.stale
+            and (loaded.step == recorded or recorded in loaded.committing.values())
+            and loaded.last_seq >= last_seq
+        ):
             return loaded
         if row.state_ref is None:
             raise JobFailedError(
@@ -384,15 +407,11 @@ class ComputeOps:
             data, restore_optimizer=restore_optimizer, base_model=directory
         )
 
-    def _save_state(self, ctx: JobContext, session: Any) -> str | None:
-        """Write the auto-checkpoint (encrypted); return its artifact id."""
+    def _snapshot_state(self, session: Any) -> tuple[str | None, bytes | None]:
+        """The auto-checkpoint's artifact id and serialized state (written by the committer)."""
         if not self.auto_checkpoint:
-            return None
-        ref = "state-" + secrets.token_hex(12)
-        ctx.services.store.put_bytes(
-            ctx.tenant, ref, session.state_bytes(include_optimizer=True), kind="training-state"
-        )
-        return ref
+            return None, None
+        return "state-" + secrets.token_hex(12), session.state_bytes(include_optimizer=True)
 
     def _finish(self, ctx: JobContext, loaded: _Loaded) -> None:
         """Record that ``loaded`` executed ``ctx`` successfully (call only on success)."""
@@ -410,11 +429,16 @@ class ComputeOps:
         *,
         json_result: Mapping[str, Any],
         old_ref: str | None,
+        recorded_step: int | None,
         ready: bool = False,
         details: Mapping[str, Any] | None = None,
     ) -> JobResult:
-        """A result that records the session's new auto-checkpoint with the future."""
-        ref = self._save_state(ctx, session)
+        """A result that records the session's new auto-checkpoint with the future.
+
+        The state is serialized now; its encrypted write is the result's ``durable`` part,
+        run by the worker's committer before the completing transaction.
+        """
+        ref, data = self._snapshot_state(session)
         step = int(session.step)
         spent = json.dumps(_privacy_record(session), sort_keys=True)
         model_id, seq_id, tenant, store = ctx.model_id, ctx.seq_id, ctx.tenant, ctx.services.store
@@ -429,12 +453,35 @@ class ComputeOps:
             if ready:
                 row.state = transition(row.state, ModelState.READY)
 
+        loaded = self._training.get(str(model_id)) if model_id is not None else None
+        if loaded is not None and loaded.session is not session:
+            loaded = None
+        if loaded is not None:
+            loaded.committing[ctx.future_id] = int(recorded_step or 0)
+        future_id = ctx.future_id
+
+        def write() -> None:
+            if ref is not None and data is not None:
+                store.put_bytes(tenant, ref, data, kind="training-state")
+
         def cleanup() -> None:
+            if loaded is not None:
+                loaded.committing.pop(future_id, None)
             if ref is not None and old_ref is not None and old_ref != ref:
                 store.delete(tenant, old_ref)
 
+        def abort() -> None:
+            if loaded is not None:  # the session moved past what the database records
+                loaded.stale = True
+                loaded.committing.pop(future_id, None)
+
         return JobResult(
-            json=json_result, apply=apply, after_commit=cleanup, details={"step": step, **(details or {})}
+            json=json_result,
+            apply=apply,
+            after_commit=cleanup,
+            on_abort=abort,
+            durable=None if ref is None else write,
+            details={"step": step, **(details or {})},
         )
 
     # ------------------------------------------------------------------ creation
@@ -483,6 +530,7 @@ class ComputeOps:
             session,
             json_result={"model_id": ctx.model_id, "type": "create_model"},
             old_ref=row.state_ref,
+            recorded_step=row.step,
             ready=True,
             details={
                 "base_model": base_model,
@@ -531,6 +579,7 @@ class ComputeOps:
             session,
             json_result={"model_id": ctx.model_id, "path": ctx.payload["path"], "type": "load_weights"},
             old_ref=row.state_ref,
+            recorded_step=row.step,
             ready=True,
             details={"source_checkpoint": source.id, "optimizer": optimizer},
         )
@@ -608,6 +657,7 @@ class ComputeOps:
             loaded.session,
             json_result={"metrics": {k: float(v) for k, v in metrics.items()}, "type": "optim_step"},
             old_ref=row.state_ref,
+            recorded_step=row.step,
             details={
                 "epsilon_spent": repr(spent.get("epsilon")),
                 "dp_enabled": bool(spent.get("dp_enabled")),
@@ -730,6 +780,7 @@ class ComputeOps:
             loaded.session,
             json_result={"type": "register_dataset", "dataset_size": len(data)},
             old_ref=row.state_ref,
+            recorded_step=row.step,
             details={"dataset_size": len(data), "dataset_digest": dataset_key},
         )
         model_id, state_apply = str(ctx.model_id), result.apply
@@ -795,6 +846,7 @@ class ComputeOps:
             session,
             json_result={"type": "train_step", "metrics": metrics},
             old_ref=row.state_ref,
+            recorded_step=row.step,
             details={
                 "loss_fn": loss_fn,
                 "sampling": "poisson (engine)",

@@ -24,6 +24,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
+from sqlalchemy import select
 
 from server.conftest import TINY_MODEL, LiveServer, ServerEnv
 from tensafe import client as ts
@@ -34,7 +35,8 @@ from tensafe.protocol import LoraConfig
 from tensafe.protocol import external_weights as xw
 from tensafe.server import external_weights as xws
 from tensafe.server.errors import BadRequestError
-from tensafe.server.models import ServerSession, TrainingCheckpoint, TrainingModel
+from tensafe.server.models import DownloadToken, ServerSession, TrainingCheckpoint, TrainingModel
+from tensafe.server.retention import sweep_abandoned_uploads
 from tensafe.server.tenants import Principal
 
 sqlite_only = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
@@ -316,6 +318,31 @@ def test_upload_urls_are_bound_to_tenant_single_use_and_expiring(
         assert "signature" in put(forged, alice, files[CONFIG]).json()["detail"]
         # Nothing of alice's is visible to mallory.
         assert other.list_user_checkpoints().result().checkpoints == []
+
+        # Abandoned uploads: the retention sweep deletes those whose URLs have expired (record,
+        # files received so far, grants), of every tenant, and nothing else.
+        assert put(second.urls[CONFIG], alice, files[CONFIG]).status_code == 200
+        third = other.external_weights_upload_start(request).result()
+        store = services.store
+
+        def pending(tenant: str, upload_id: str) -> list[str]:
+            return sorted(n for n in store.list(tenant) if n.startswith(upload_id + "."))
+
+        def grants(upload_id: str) -> int:
+            with services.reads() as session:
+                return len(
+                    session.execute(
+                        select(DownloadToken).where(DownloadToken.checkpoint_id == upload_id)
+                    ).all()
+                )
+
+        assert pending("alice", second.upload_id) and grants(second.upload_id) == 2
+        assert sweep_abandoned_uploads(services) == {}  # nothing has expired yet
+        later = utcnow() + _dt.timedelta(seconds=xws.UPLOAD_SECONDS + 60)
+        assert sweep_abandoned_uploads(services, now=later) == {"alice": 1, "mallory": 1}
+        assert pending("alice", second.upload_id) == [] and grants(second.upload_id) == 0
+        assert pending("mallory", third.upload_id) == [] and grants(third.upload_id) == 0
+        assert [c.tinker_path for c in rest.list_user_checkpoints().result().checkpoints] == [path]
 
 
 # --------------------------------------------------------------------------- search

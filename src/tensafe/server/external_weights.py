@@ -99,12 +99,14 @@ __all__ = [
     "VerifiedAdapter",
     "check_loadable",
     "check_sampleable",
+    "discard_upload",
     "finish_upload",
     "linear_module_shapes",
     "receive_file",
     "search_checkpoints",
     "start_upload",
     "training_session_from_upload",
+    "upload_is_over",
     "verify_adapter",
 ]
 
@@ -207,22 +209,16 @@ def _refuse(
 # --------------------------------------------------------------------------- start
 
 
-def _sweep_expired_uploads(services: Services, tenant: str, now: _dt.datetime) -> None:
-    """Delete the tenant's abandoned uploads whose time is over (files, meta and grants)."""
-    store = services.store
-    names = [n for n in store.list(tenant) if n.startswith("xw-")]
-    for meta_name in (n for n in names if n.endswith(".meta")):
-        upload_id = meta_name[: -len(".meta")]
-        try:
-            meta = json.loads(store.get_bytes(tenant, meta_name))
-            expired = int(meta["expires"]) <= int(now.timestamp())
-        except Exception:  # an unreadable record is abandoned too
-            expired = True
-        if expired:
-            _discard_upload(services, tenant, upload_id, names=names)
+def upload_is_over(services: Services, tenant: str, upload_id: str, now: _dt.datetime) -> bool:
+    """Whether the pending upload's URLs have expired (an unreadable record counts as over)."""
+    try:
+        meta = json.loads(services.store.get_bytes(tenant, upload_id + ".meta"))
+        return int(meta["expires"]) <= int(now.timestamp())
+    except Exception:  # an unreadable record is abandoned too
+        return True
 
 
-def _discard_upload(
+def discard_upload(
     services: Services, tenant: str, upload_id: str, *, names: list[str] | None = None
 ) -> None:
     """Delete a pending upload: its grants, then its encrypted files and record."""
@@ -262,7 +258,6 @@ def start_upload(
         )
     now = utcnow()
     services.store.ensure_key(who.tenant)
-    _sweep_expired_uploads(services, who.tenant, now)
     upload_id = "xw-" + secrets.token_hex(16)
     expires_at = now.replace(microsecond=0) + _dt.timedelta(seconds=UPLOAD_SECONDS)
     expires = int(expires_at.timestamp())
@@ -679,7 +674,7 @@ def finish_upload(
     meta = _pending(services, who, upload_id)
     now = utcnow()
     if int(meta["expires"]) <= int(now.timestamp()):
-        _discard_upload(services, who.tenant, upload_id)
+        discard_upload(services, who.tenant, upload_id)
         raise _refuse(services, who, upload_id, "the upload has expired; start a new upload", stage="finish")
     with services.sessions() as session:
         grants = {
@@ -716,7 +711,7 @@ def finish_upload(
             train_unembed=lora.train_unembed,
         )
     except BadRequestError as exc:
-        _discard_upload(services, who.tenant, upload_id)
+        discard_upload(services, who.tenant, upload_id)
         raise _refuse(services, who, upload_id, str(exc), stage="finish") from None
 
     digest = hashlib.sha256(raw[_WEIGHTS]).hexdigest()

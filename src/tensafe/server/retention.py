@@ -47,6 +47,7 @@ from tensafe.db import Tenant, utcnow
 from tensafe.protocol import CheckpointKind, TinkerPath
 from tensafe.server.checkpoints import delete_checkpoint_artifacts
 from tensafe.server.errors import ResultExpiredError
+from tensafe.server.external_weights import discard_upload, upload_is_over
 from tensafe.server.models import DownloadToken, FutureRow, TrainingCheckpoint
 from tensafe.server.services import Services
 from tensafe.server.stability import StabilityRecord
@@ -62,6 +63,7 @@ __all__ = [
     "ResultExpiredError",
     "Sweeper",
     "run_retention_sweeps",
+    "sweep_abandoned_uploads",
     "sweep_expired_checkpoints",
     "sweep_expired_results",
     "sweep_expired_stability_records",
@@ -345,8 +347,8 @@ def sweep_orphan_artifacts(
 
 
 def run_retention_sweeps(services: Services) -> None:
-    """Run :func:`sweep_expired_results`, :func:`sweep_orphan_artifacts` and
-    :func:`sweep_expired_stability_records`; never raises."""
+    """Run :func:`sweep_expired_results`, :func:`sweep_orphan_artifacts`,
+    :func:`sweep_abandoned_uploads` and :func:`sweep_expired_stability_records`; never raises."""
     try:
         expired = sweep_expired_results(services)
         if expired:
@@ -357,6 +359,12 @@ def run_retention_sweeps(services: Services) -> None:
         sweep_orphan_artifacts(services)
     except Exception:
         _log.exception("the orphaned-artifact sweep failed; retrying later")
+    try:
+        uploads = sweep_abandoned_uploads(services)
+        if uploads:
+            _log.info("deleted %d abandoned upload(s)", sum(uploads.values()))
+    except Exception:
+        _log.exception("the abandoned-upload sweep failed; retrying later")
     try:
         records = sweep_expired_stability_records(services.sessions)
         if records:
@@ -385,6 +393,32 @@ def sweep_expired_stability_records(
             delete(StabilityRecord).where(StabilityRecord.id.in_(ids), StabilityRecord.expires_at <= now)
         )
         return int(result.rowcount or 0)
+
+
+def sweep_abandoned_uploads(services: Services, *, now: _dt.datetime | None = None) -> dict[str, int]:
+    """Delete the pending external-weights uploads whose URLs have expired, of every tenant.
+
+    An upload (:mod:`tensafe.server.external_weights`) that was never finished leaves its
+    encrypted record ``xw-*.meta``, the files received so far and its URL grants; once its
+    URLs have expired nobody can finish it. Returns the uploads deleted per tenant.
+    """
+    moment = now or utcnow()
+    store = services.store
+    with services.reads() as session:
+        tenants = list(session.execute(select(Tenant.id).order_by(Tenant.id)).scalars())
+    counts: dict[str, int] = {}
+    for tenant in tenants:
+        names = [n for n in store.list(tenant) if n.startswith("xw-")]
+        over = [
+            n[: -len(".meta")]
+            for n in names
+            if n.endswith(".meta") and upload_is_over(services, tenant, n[: -len(".meta")], moment)
+        ]
+        for upload_id in over:
+            discard_upload(services, tenant, upload_id, names=names)
+        if over:
+            counts[tenant] = len(over)
+    return counts
 
 
 # --------------------------------------------------------------------------- the worker's task

@@ -37,7 +37,7 @@ import datetime as _dt
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, cast
 
 from sqlalchemy import CursorResult, delete, or_, select, update
@@ -346,31 +346,28 @@ def sweep_orphan_artifacts(
     return counts
 
 
+def _count(found: int | dict[str, int]) -> int:
+    return found if isinstance(found, int) else sum(found.values())
+
+
 def run_retention_sweeps(services: Services) -> None:
     """Run :func:`sweep_expired_results`, :func:`sweep_orphan_artifacts`,
-    :func:`sweep_abandoned_uploads` and :func:`sweep_expired_stability_records`; never raises."""
-    try:
-        expired = sweep_expired_results(services)
-        if expired:
-            _log.info("deleted %d expired future result(s)", sum(expired.values()))
-    except Exception:
-        _log.exception("the result retention sweep failed; retrying later")
-    try:
-        sweep_orphan_artifacts(services)
-    except Exception:
-        _log.exception("the orphaned-artifact sweep failed; retrying later")
-    try:
-        uploads = sweep_abandoned_uploads(services)
-        if uploads:
-            _log.info("deleted %d abandoned upload(s)", sum(uploads.values()))
-    except Exception:
-        _log.exception("the abandoned-upload sweep failed; retrying later")
-    try:
-        records = sweep_expired_stability_records(services.sessions)
-        if records:
-            _log.info("deleted %d expired stability record(s)", records)
-    except Exception:
-        _log.exception("the stability-record sweep failed; retrying later")
+    :func:`sweep_abandoned_uploads` and :func:`sweep_expired_stability_records`; never raises
+    (a failed sweep is logged and tried again at the next round)."""
+    sweeps: tuple[tuple[str, Callable[[], int | dict[str, int]]], ...] = (
+        ("expired future result(s)", lambda: sweep_expired_results(services)),
+        ("orphaned request artifact(s)", lambda: sweep_orphan_artifacts(services)),
+        ("abandoned upload(s)", lambda: sweep_abandoned_uploads(services)),
+        ("expired stability record(s)", lambda: sweep_expired_stability_records(services.sessions)),
+    )
+    for what, sweep in sweeps:
+        try:
+            found = _count(sweep())
+        except Exception:
+            _log.exception("the sweep of %s failed; retrying later", what)
+            continue
+        if found:
+            _log.info("deleted %d %s", found, what)
 
 
 def sweep_expired_stability_records(

@@ -262,3 +262,69 @@ def test_pipelined_requests_complete_in_request_order(start_server: Any, server_
         assert _model(server_env, run.model_id).step == 3
     finally:
         service.close("success").result()
+
+
+def test_a_step_committed_while_the_next_request_reads_the_row_is_not_a_stale_session(
+    start_server: Any, server_env: ServerEnv, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The race of the overlap: the step commits between the next request's row read and its check.
+
+    The row read just before the commit still shows the previous step, whose state artifact
+    the commit deletes: taking the session for stale would reload a deleted state.
+    """
+    server: LiveServer = start_server(privacy=LOOSE)
+    worker: Worker = server.app.state.worker
+    store = server_env.store
+    put_original = store.put_bytes
+    seqs_original = ComputeOps._finished_seqs
+    armed, reached = threading.Event(), threading.Event()
+
+    def put_bytes(tenant: str, ref: str, data: bytes, *, kind: str, **kw: Any) -> Any:
+        if kind == "training-state" and armed.is_set():
+            assert reached.wait(60), "the next forward_backward did not run during the write"
+        return put_original(tenant, ref, data, kind=kind, **kw)
+
+    def finished_seqs(ops: ComputeOps, ctx: Any) -> tuple[int, list[int]]:
+        out = seqs_original(ops, ctx)
+        if armed.is_set() and ctx.request_type == "forward_backward":
+            reached.set()
+            worker._committer.wait(ctx.model_id)  # the step commits here, after the row read
+        return out
+
+    from tensafe.training.runtime import LoraTrainingSession
+
+    step_original = LoraTrainingSession.optim_step
+
+    def optim_step(session: Any, *args: Any, **kw: Any) -> Any:
+        if armed.is_set():  # the next request is queued before the step ends (as when pipelined)
+            for _ in range(1200):
+                with server_env.sessions() as s:
+                    queued = s.execute(
+                        select(FutureRow.id).where(
+                            FutureRow.request_type == "forward_backward", FutureRow.state == "queued"
+                        )
+                    ).first()
+                if queued is not None:
+                    break
+                time.sleep(0.05)
+        return step_original(session, *args, **kw)
+
+    monkeypatch.setattr(store, "put_bytes", put_bytes)
+    monkeypatch.setattr(ComputeOps, "_finished_seqs", finished_seqs)
+    monkeypatch.setattr(LoraTrainingSession, "optim_step", optim_step)
+    service = tinker.ServiceClient(base_url=server.url, api_key=server_env.tenant_key("acme"))
+    try:
+        run = service.create_lora_training_client(base_model=TINY_MODEL, rank=2).result()
+        run.forward_backward([_datum(TOKENS[0])], "cross_entropy").result()
+        armed.set()
+        step = run.optim_step(ADAM)
+        nxt = run.forward_backward([_datum(TOKENS[1])], "cross_entropy")
+        step.result()
+        nxt.result()
+        armed.clear()
+        assert reached.is_set()
+        metrics = run.optim_step(ADAM).result().metrics
+        assert metrics is not None and metrics["examples:sum"] == 1.0  # nxt's gradients were kept
+        assert _model(server_env, run.model_id).step == 2
+    finally:
+        service.close("success").result()

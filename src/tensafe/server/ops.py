@@ -121,7 +121,8 @@ class _Loaded:
     step). ``unstepped``: forward_backward requests run here since the last step (their
     gradients exist only in this session's memory; evicting it would lose them).
     ``committing``: future id -> the step the database records until that request's state
-    change is committed (its write runs in the background). ``stale``: a state change of
+    change is committed (its write runs in the background); cleared once a read of the
+    row shows the session's step. ``stale``: a state change of
     this session was never committed; the next request reloads the durable state.
     """
 
@@ -301,6 +302,8 @@ class ComputeOps:
         # higher than any we ran) or the step moved; a request we ran that then failed is not.
         # A step of ours whose write is still being committed is not a move either.
         recorded = row.step or 0
+        if loaded is not None and loaded.step == recorded:
+            loaded.committing.clear()  # the database has caught up with every step we took
         if (
             loaded is not None
             and not loaded.stale
@@ -465,8 +468,8 @@ class ComputeOps:
                 store.put_bytes(tenant, ref, data, kind="training-state")
 
         def cleanup() -> None:
-            if loaded is not None:
-                loaded.committing.pop(future_id, None)
+            # ``committing`` keeps the entry until the worker reads the row after this commit
+            # (a row read just before it still shows the previous step; _training_session).
             if ref is not None and old_ref is not None and old_ref != ref:
                 store.delete(tenant, old_ref)
 

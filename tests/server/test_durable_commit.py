@@ -87,6 +87,34 @@ def _completed(env: ServerEnv, request_id: str) -> list[str]:
     return [action for action, details in rows if request_id in str(details) and action.endswith(".complete")]
 
 
+def _hold_steps_until_queued(monkeypatch: pytest.MonkeyPatch, env: ServerEnv, armed: Any) -> None:
+    """While ``armed()``, an ``optim_step`` starts only once a ``forward_backward`` is queued.
+
+    A step's state is written in the background only when the model's next request is
+    already queued (else the worker writes it itself: nothing to overlap with); this makes
+    the pipelined case deterministic.
+    """
+    from tensafe.training.runtime import LoraTrainingSession
+
+    step_original = LoraTrainingSession.optim_step
+
+    def optim_step(session: Any, *args: Any, **kw: Any) -> Any:
+        if armed():
+            for _ in range(1200):
+                with env.sessions() as s:
+                    queued = s.execute(
+                        select(FutureRow.id).where(
+                            FutureRow.request_type == "forward_backward", FutureRow.state == "queued"
+                        )
+                    ).first()
+                if queued is not None:
+                    break
+                time.sleep(0.05)
+        return step_original(session, *args, **kw)
+
+    monkeypatch.setattr(LoraTrainingSession, "optim_step", optim_step)
+
+
 class _FailingStateWrites:
     """Training-state writes fail while ``armed``, once the next ``forward_backward`` runs.
 
@@ -95,7 +123,7 @@ class _FailingStateWrites:
     exercises the overlap deterministically.
     """
 
-    def __init__(self, store: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    def __init__(self, store: Any, monkeypatch: pytest.MonkeyPatch, env: ServerEnv) -> None:
         from tensafe.training.runtime import LoraTrainingSession
 
         self.armed = False
@@ -122,12 +150,13 @@ class _FailingStateWrites:
 
         monkeypatch.setattr(store, "put_bytes", put_bytes)
         monkeypatch.setattr(LoraTrainingSession, "stage_forward_backward", stage)
+        _hold_steps_until_queued(monkeypatch, env, lambda: self.armed and self.staged == 1)
 
 
 def test_a_step_whose_state_write_fails_is_not_done_and_nothing_of_it_is_served(
     start_server: Any, server_env: ServerEnv, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    fault = _FailingStateWrites(server_env.store, monkeypatch)
+    fault = _FailingStateWrites(server_env.store, monkeypatch, server_env)
     server: LiveServer = start_server(privacy=LOOSE)
     service = tinker.ServiceClient(base_url=server.url, api_key=server_env.tenant_key("acme"))
     try:
@@ -216,10 +245,15 @@ def test_a_worker_dying_before_the_commit_leaves_the_step_undone_and_recoverable
         heir.run_pending()
         with pytest.raises(tinker.RequestFailedError, match="server stopped"):
             step.result()
-        # The dead worker's committer wakes up late: its write cannot complete the step.
+        # The dead worker wakes up late: its write cannot complete the step.
         release.set()
         hold["on"] = False
-        dead._committer.wait()
+        for _ in range(1200):  # until the dead worker's late commit was refused (its copy is stale)
+            loaded = server.app.state.compute._training.get(run.model_id)
+            if loaded is None or loaded.stale:
+                break
+            time.sleep(0.05)
+        assert loaded is None or loaded.stale
         row = next(f for f in _futures(server_env, run.model_id) if f.id == pending.id)
         assert row.state == "failed" and row.error_category == "server"
         assert _completed(server_env, pending.id) == []
@@ -291,27 +325,9 @@ def test_a_step_committed_while_the_next_request_reads_the_row_is_not_a_stale_se
             worker._committer.wait(ctx.model_id)  # the step commits here, after the row read
         return out
 
-    from tensafe.training.runtime import LoraTrainingSession
-
-    step_original = LoraTrainingSession.optim_step
-
-    def optim_step(session: Any, *args: Any, **kw: Any) -> Any:
-        if armed.is_set():  # the next request is queued before the step ends (as when pipelined)
-            for _ in range(1200):
-                with server_env.sessions() as s:
-                    queued = s.execute(
-                        select(FutureRow.id).where(
-                            FutureRow.request_type == "forward_backward", FutureRow.state == "queued"
-                        )
-                    ).first()
-                if queued is not None:
-                    break
-                time.sleep(0.05)
-        return step_original(session, *args, **kw)
-
     monkeypatch.setattr(store, "put_bytes", put_bytes)
     monkeypatch.setattr(ComputeOps, "_finished_seqs", finished_seqs)
-    monkeypatch.setattr(LoraTrainingSession, "optim_step", optim_step)
+    _hold_steps_until_queued(monkeypatch, server_env, armed.is_set)
     service = tinker.ServiceClient(base_url=server.url, api_key=server_env.tenant_key("acme"))
     try:
         run = service.create_lora_training_client(base_model=TINY_MODEL, rank=2).result()

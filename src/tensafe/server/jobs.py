@@ -705,17 +705,32 @@ class Worker:
 
     def _complete(self, row: FutureRow, result: JobResult) -> None:
         """Commit ``result``: now, or after the write and the model's pending commits."""
-        if result.durable is None and not self._committer.pending(row.model_id):
-            self._complete_now(row, result, claim_next=True)
-            return
+        if not self._committer.pending(row.model_id):
+            if result.durable is None:
+                self._complete_now(row, result, claim_next=True)
+                return
+            if not self._queued(row.model_id):  # nothing to overlap with: no hand-over either
+                self._complete_deferred(row, result, inline=True)
+                return
         self._committer.submit(
             row.model_id, lambda: self._complete_deferred(row, result), state_write=result.durable is not None
         )
 
-    def _complete_deferred(self, row: FutureRow, result: JobResult) -> None:
-        """In the committer: write what must be durable, then commit (or fail) the future."""
+    def _queued(self, model_id: str | None) -> bool:
+        """Whether the model has a queued future (one read)."""
+        if model_id is None:
+            return False
+        with self.services.reads() as session:
+            return session.execute(_next_queued(model_id)).first() is not None
+
+    def _complete_deferred(self, row: FutureRow, result: JobResult, *, inline: bool = False) -> None:
+        """Write what must be durable, then commit (or fail) the future.
+
+        In the committer, or ``inline`` in the worker's thread when no commit of the model is
+        pending and nothing is queued behind it (then nothing needs poisoning).
+        """
         op = self.registry.get(row.request_type)
-        if self._committer.poisoned(row.model_id):
+        if not inline and self._committer.poisoned(row.model_id):
             self._abort(row, result)
             self._fail_now(
                 row,
@@ -731,7 +746,8 @@ class Worker:
                 result.durable()
         except Exception as exc:
             _log.exception("future %s (%s): the durable write failed", row.id, row.request_type)
-            self._committer.poison(row.model_id)
+            if not inline:
+                self._committer.poison(row.model_id)
             self._abort(row, result)
             self._fail_now(
                 row,
@@ -743,7 +759,8 @@ class Worker:
                 op,
             )
             return
-        self._complete_now(row, result)  # an error poisons the model (OrderedCommitter)
+        # In the committer an error poisons the model (OrderedCommitter).
+        self._complete_now(row, result, claim_next=inline)
 
     def _complete_now(self, row: FutureRow, result: JobResult, *, claim_next: bool = False) -> None:
         """Commit the result (``claim_next``: in the worker's thread, claim the model's next future too)."""

@@ -260,11 +260,16 @@ def test_one_full_verification_per_tenant_per_interval(
 def test_the_interval_expires(env: Env, counted: Callable[..., dict[str, Any]]) -> None:
     stats = counted()
     key = env.tenant("acme")
-    server = env.serve(audit_verify_interval_seconds=0.3)
-    _get(server, key, "audit/verify")
+    server = env.serve(audit_verify_interval_seconds=60)
+    _get(server, key, "audit/verify")  # creates the application's verification cache
+    now = [time.monotonic()]  # from here on a controlled clock, not sleep (load-proof)
+    server.app.state.audit_verifications._clock = lambda: now[0]
     _get(server, key, "audit/verify")
     assert stats["calls"] == {"acme": 1}
-    time.sleep(0.4)
+    now[0] += 30.0
+    assert _get(server, key, "audit/verify").json()["cached"] is True
+    assert stats["calls"] == {"acme": 1}
+    now[0] += 31.0
     assert _get(server, key, "audit/verify").json()["cached"] is False
     assert stats["calls"] == {"acme": 2}
 

@@ -354,6 +354,20 @@ def open_record(services: Services, tenant: str, ref: str, blob: bytes | None) -
 # --------------------------------------------------------------------------- worker
 
 
+
+def _audit_outcome(
+    services: Services, session: Session, row: FutureRow, outcome: str, details: Mapping[str, Any]
+) -> None:
+    """Append ``api.<request_type>.<outcome>`` for the future ``row`` (its actor, its model)."""
+    services.audit(
+        session,
+        tenant=row.tenant_id,
+        actor=row.actor,
+        action=f"api.{row.request_type}.{outcome}",
+        resource=row.model_id or row.id,
+        details=dict(details),
+    )
+
 class Worker:
     """Executes queued futures: per model strictly in ``seq_id`` order, one at a time.
 
@@ -845,14 +859,7 @@ class Worker:
                 return False
             if result.apply is not None:
                 result.apply(session)
-            self.services.audit(
-                session,
-                tenant=row.tenant_id,
-                actor=row.actor,
-                action=f"api.{row.request_type}.complete",
-                resource=row.model_id or row.id,
-                details=details,
-            )
+            _audit_outcome(self.services, session, row, "complete", details)
             if claim_next and row.model_id is not None and self._lease_fresh(row.model_id):
                 nxt = session.execute(_next_queued(row.model_id)).scalar_one_or_none()
                 if nxt is not None and self._claim_in(session, nxt.id, now):
@@ -908,13 +915,12 @@ class Worker:
             op = self.registry.get(row.request_type)
         if op is not None and op.on_failure is not None:
             op.on_failure(session, ctx or self._bare_context(row), message)
-        self.services.audit(
+        _audit_outcome(
+            self.services,
             session,
-            tenant=row.tenant_id,
-            actor=row.actor,
-            action=f"api.{row.request_type}.failed",
-            resource=row.model_id or row.id,
-            details={"request_id": row.id, "request_digest": row.request_sha256, "category": category},
+            row,
+            "failed",
+            {"request_id": row.id, "request_digest": row.request_sha256, "category": category},
         )
         return payload_ref
 

@@ -28,8 +28,21 @@ from tensafe.crypto.kdf import Argon2idParams
 from tensafe.db import create_engine_from_url, make_session_factory
 from tensafe.keys import KeyManager, LocalKekProvider
 from tensafe.server import CatalogEntry, ModelCatalog, ServerSettings, create_app
+from tensafe.server.privacy import OperatorPrivacy
 from tensafe.server.tenants import create_api_key, create_tenant
 from tensafe.storage import EncryptedArtifactStore, LocalFilesystemBackend
+
+#: A loose operator privacy floor for tests (non-private runs allowed where the tenant allows them
+#: too; a step on the tiny model moves the weights).
+LOOSE = OperatorPrivacy(
+    target_epsilon=50.0,
+    delta=1e-3,
+    clip_norm=10.0,
+    dataset_size=64,
+    expected_batch_size=8,
+    max_steps=40,
+    allow_non_private=True,
+)
 
 TINY_MODEL = "tensafe-test/tiny-llama"
 _TRAINING_CONFTEST = pathlib.Path(__file__).parent.parent / "training" / "conftest.py"

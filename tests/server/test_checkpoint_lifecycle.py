@@ -29,22 +29,12 @@ import numpy as np
 import pytest
 from sqlalchemy import select, update
 
-from server.conftest import TINY_MODEL, LiveServer, ServerEnv
-from tensafe.server.privacy import OperatorPrivacy, set_tenant_policy
+from server.conftest import LOOSE, TINY_MODEL, LiveServer, ServerEnv
+from tensafe.server.privacy import set_tenant_policy
 
 tinker = pytest.importorskip("tinker", reason="the official tinker SDK is a test dependency (tinker==0.38.0)")
 pyrage = pytest.importorskip("pyrage", reason="pyrage==1.4.0 is a server dependency")
 
-#: A loose operator floor so that a step on the tiny model moves the weights.
-LOOSE = OperatorPrivacy(
-    target_epsilon=50.0,
-    delta=1e-3,
-    clip_norm=10.0,
-    dataset_size=64,
-    expected_batch_size=8,
-    max_steps=40,
-    allow_non_private=True,
-)
 TOKENS = [1, 17, 23, 42, 99, 7]
 PROBE = [1, 300, 301, 302, 303, 304]
 ADAPTER = {"adapter_config.json", "adapter_model.safetensors"}

@@ -25,24 +25,13 @@ import numpy as np
 import pytest
 from sqlalchemy import select
 
-from server.conftest import TINY_MODEL, LiveServer, ServerEnv
+from server.conftest import LOOSE, TINY_MODEL, LiveServer, ServerEnv
 from tensafe import client as ts
 from tensafe.client import types
 from tensafe.client._custom_loss import backward_data, compute_custom_loss, forward_data, merge_metrics
-from tensafe.server.privacy import OperatorPrivacy
 
 tinker = pytest.importorskip("tinker", reason="the official tinker SDK is a test dependency (tinker==0.38.0)")
 
-#: A loose operator floor so that runs are DP runs (publishable) and a step moves the weights.
-LOOSE = OperatorPrivacy(
-    target_epsilon=50.0,
-    delta=1e-3,
-    clip_norm=10.0,
-    dataset_size=64,
-    expected_batch_size=8,
-    max_steps=40,
-    allow_non_private=True,
-)
 TOKENS = [1, 17, 23, 42, 99, 7]
 PROBE = [1, 300, 301, 302, 303, 304]
 ADAPTER = {"adapter_config.json", "adapter_model.safetensors"}

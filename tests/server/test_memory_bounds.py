@@ -35,22 +35,12 @@ import numpy as np
 import pytest
 from sqlalchemy import select, update
 
-from server.conftest import TINY_MODEL, LiveServer, ServerEnv
+from server.conftest import LOOSE, TINY_MODEL, LiveServer, ServerEnv
 from tensafe.server import JobContext, JobFailedError, ServerConfigurationError, ServerSettings
-from tensafe.server.privacy import OperatorPrivacy, set_tenant_policy
+from tensafe.server.privacy import set_tenant_policy
 
 tinker = pytest.importorskip("tinker", reason="the official tinker SDK is a test dependency (tinker==0.38.0)")
 
-#: A loose operator floor (non-private runs allowed where the tenant allows them too).
-LOOSE = OperatorPrivacy(
-    target_epsilon=50.0,
-    delta=1e-3,
-    clip_norm=10.0,
-    dataset_size=64,
-    expected_batch_size=8,
-    max_steps=40,
-    allow_non_private=True,
-)
 PROMPT = [1, 17, 23, 42]
 GREEDY = tinker.types.SamplingParams(max_tokens=3, temperature=0.0, stop=[])
 ADAM = tinker.types.AdamParams(learning_rate=5e-2)

@@ -1,0 +1,53 @@
+"""The serving domain's exception tree.
+
+Every error a serving component raises derives from :class:`ServingError`; the OpenAI-compatible
+API maps each class to one HTTP status and one OpenAI error ``type`` (see ``docs/serving.md``).
+"""
+
+from __future__ import annotations
+
+from tensafe.errors import TenSafeError
+
+__all__ = [
+    "AdapterRefusedError",
+    "EngineUnavailableError",
+    "InvalidGenerationRequestError",
+    "ModelNotFoundError",
+    "ServingError",
+    "ServingOverloadedError",
+]
+
+
+class ServingError(TenSafeError):
+    """Base class of the serving domain's errors."""
+
+
+class InvalidGenerationRequestError(ServingError):
+    """The request is malformed or asks for something the engine cannot do (HTTP 400).
+
+    ``param`` names the offending request field, when there is one.
+    """
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        """Record ``message`` and the offending ``param``."""
+        super().__init__(message)
+        self.param = param
+
+
+class ModelNotFoundError(ServingError):
+    """No model or adapter of that name is visible to the caller (HTTP 404).
+
+    Another tenant's adapter is reported exactly as an unknown one.
+    """
+
+
+class AdapterRefusedError(ServingError):
+    """An adapter source (package, checkpoint) failed verification, policy or decryption."""
+
+
+class ServingOverloadedError(ServingError):
+    """Too many requests are queued or running; retry later (HTTP 429)."""
+
+
+class EngineUnavailableError(ServingError):
+    """The inference engine is not installed, failed to start or died (HTTP 503 / CLI exit 1)."""

@@ -33,6 +33,7 @@ from sqlalchemy.orm import Mapped, mapped_column
 
 import tensafe.db.models  # noqa: F401  (registers the tenants table the foreign keys refer to)
 from tensafe.db import Base, UTCDateTime
+from tensafe.db.api_keys import ApiKey  # the table lives below the server: tensafe serve checks keys too
 
 __all__ = [
     "FUTURE_STATES",
@@ -51,23 +52,6 @@ __all__ = [
 
 #: ``queued`` -> ``running`` -> ``complete`` | ``failed``.
 FUTURE_STATES = ("queued", "running", "complete", "failed")
-
-
-class ApiKey(Base):
-    """An API key of a tenant, stored only as a hash (see ``docs/server.md``)."""
-
-    __tablename__ = "api_keys"
-
-    id: Mapped[str] = mapped_column(String(32), primary_key=True)
-    tenant_id: Mapped[str] = mapped_column(String(64), ForeignKey("tenants.id"))
-    key_hash: Mapped[str] = mapped_column(String(64), unique=True)
-    name: Mapped[str] = mapped_column(String(200))
-    created_at: Mapped[_dt.datetime] = mapped_column(UTCDateTime())
-    expires_at: Mapped[_dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
-    revoked_at: Mapped[_dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
-
-    def __repr__(self) -> str:
-        return f"ApiKey(id={self.id!r}, tenant_id={self.tenant_id!r})"
 
 
 class ServerSession(Base):

@@ -4,13 +4,13 @@ API keys look like Tinker's: ``tml-`` followed by ``secrets.token_urlsafe(32)`` 
 random bits). Only ``SHA-256("tensafe-api-key-v1" || 0x00 || key)`` is stored. Because
 every key carries 256 bits of entropy, a leaked hash cannot be inverted by guessing, so
 no pepper or slow hash is needed (a slow password hash would cost ~0.5 s per request).
-The plaintext key is shown once, at creation, and never logged.
+The plaintext key is shown once, at creation, and never logged. The table, the hash and
+the lookup live in :mod:`tensafe.db.api_keys` (``tensafe serve`` uses the same lookup).
 """
 
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import re
 import secrets
 from dataclasses import dataclass
@@ -19,9 +19,9 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from tensafe.db import Tenant, ensure_tenant, utcnow
+from tensafe.db.api_keys import ApiKey, ApiKeyRejectedError, hash_api_key, lookup_api_key
 from tensafe.protocol import API_KEY_PREFIX
 from tensafe.server.errors import AuthenticationError, TenantAdminError
-from tensafe.server.models import ApiKey
 
 __all__ = [
     "ApiKeyInfo",
@@ -35,8 +35,6 @@ __all__ = [
     "revoke_api_key",
 ]
 
-_DOMAIN = b"tensafe-api-key-v1\x00"
-_KEY_RE = re.compile(r"tml-[A-Za-z0-9_-]{43}")
 _NAME_RE = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}")
 MAX_EXPIRY_DAYS = 3650
 
@@ -64,11 +62,6 @@ class ApiKeyInfo:
     created_at: _dt.datetime
     expires_at: _dt.datetime | None
     revoked_at: _dt.datetime | None
-
-
-def hash_api_key(key: str) -> str:
-    """Return the stored hash of an API key (hex SHA-256 with a domain label)."""
-    return hashlib.sha256(_DOMAIN + key.encode("utf-8")).hexdigest()
 
 
 def create_tenant(session: Session, name: str) -> Tenant:
@@ -200,17 +193,8 @@ def authenticate(session: Session, key: str | None, *, now: _dt.datetime | None 
     """
     if not key:
         raise AuthenticationError("missing API key: send it in the X-API-Key header")
-    if not _KEY_RE.fullmatch(key):
-        raise AuthenticationError("invalid API key")
-    row = session.execute(select(ApiKey).where(ApiKey.key_hash == hash_api_key(key))).scalar_one_or_none()
-    if row is None:
-        raise AuthenticationError("invalid API key")
-    now = now or utcnow()
-    if row.revoked_at is not None:
-        raise AuthenticationError("this API key was revoked")
-    if row.expires_at is not None and row.expires_at <= now:
-        raise AuthenticationError("this API key has expired; ask the operator for a new one")
-    tenant = session.get(Tenant, row.tenant_id)
-    if tenant is None or tenant.deleted_at is not None:
-        raise AuthenticationError("invalid API key")
-    return Principal(tenant=row.tenant_id, key_id=row.id)
+    try:
+        owner = lookup_api_key(session, key, now=now)
+    except ApiKeyRejectedError as exc:
+        raise AuthenticationError(str(exc)) from None
+    return Principal(tenant=owner.tenant, key_id=owner.key_id)

@@ -45,6 +45,7 @@ __all__ = [
     "DEFAULT_CLIENT_BASE_URL",
     "DEFAULT_DATABASE_URL",
     "DEFAULT_DATA_DIR",
+    "DEFAULT_SERVE_MAX_RESIDENT_ADAPTERS",
     "ENVIRONMENTS",
     "Config",
     "EnvironmentVariableError",
@@ -64,6 +65,7 @@ __all__ = [
     "model_cache_dir",
     "pg_bin",
     "pqc_required",
+    "serve_max_resident_adapters",
     "set_offline_defaults",
     "tssp_state_path",
 ]
@@ -74,6 +76,8 @@ DEFAULT_DATABASE_URL = "sqlite:///./tensafe.db"
 DEFAULT_DATA_DIR = ".tensafe"
 #: ``TS_AUDIT_CHECKPOINT_EVERY`` when unset: records between signed audit checkpoints.
 DEFAULT_AUDIT_CHECKPOINT_EVERY = 1000
+#: ``TS_SERVE_MAX_RESIDENT_ADAPTERS`` when unset: adapters loaded in the serving engines at once.
+DEFAULT_SERVE_MAX_RESIDENT_ADAPTERS = 8
 #: ``TENSAFE_BASE_URL`` when unset (the SDK).
 DEFAULT_CLIENT_BASE_URL = "http://127.0.0.1:8000"
 #: The values of ``TS_ENVIRONMENT``.
@@ -193,6 +197,24 @@ def tssp_state_path(env: Mapping[str, str] | None = None) -> Path:
 def pg_bin(env: Mapping[str, str] | None = None) -> str:
     """``TENSAFE_PG_BIN``: the PostgreSQL binaries the test fixtures use (empty when unset)."""
     return _raw("TENSAFE_PG_BIN", env)
+
+
+def serve_max_resident_adapters(env: Mapping[str, str] | None = None) -> int:
+    """``TS_SERVE_MAX_RESIDENT_ADAPTERS``: most LoRA adapters loaded for serving at once (default 8).
+
+    Raises:
+        EnvironmentVariableError: The value is set but is not an integer from 1 to 1024.
+    """
+    raw = _raw("TS_SERVE_MAX_RESIDENT_ADAPTERS", env)
+    if not raw:
+        return DEFAULT_SERVE_MAX_RESIDENT_ADAPTERS
+    value = int(raw, 10) if raw.isascii() and raw.isdigit() and len(raw) <= 6 else 0
+    if not 1 <= value <= 1024:
+        raise EnvironmentVariableError(
+            "TS_SERVE_MAX_RESIDENT_ADAPTERS must be an integer from 1 to 1024 (adapters loaded at once), "
+            f"not {raw[:40]!r}"
+        )
+    return value
 
 
 # -- the SDK (tensafe.client) -------------------------------------------------------------------

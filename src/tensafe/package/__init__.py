@@ -21,7 +21,7 @@ from __future__ import annotations
 from tensafe.package._audit import PACKAGE_EVENTS, AuditLogSink, AuditSink, PackageAuditError, PackageEvent
 from tensafe.package._format import FORMAT_VERSION
 from tensafe.package._manifest import FileEntry
-from tensafe.package._open import POLICY_PACKAGE, inspect, unpack, verify
+from tensafe.package._open import POLICY_PACKAGE, inspect, unpack, unpack_to_memory, verify
 from tensafe.package._pack import build_evidence, pack
 from tensafe.package._state import RollbackState, default_state_path
 from tensafe.package._types import PackageInfo
@@ -66,5 +66,6 @@ __all__ = [
     "inspect",
     "pack",
     "unpack",
+    "unpack_to_memory",
     "verify",
 ]

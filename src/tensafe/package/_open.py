@@ -46,7 +46,7 @@ from tensafe.package.errors import (
 )
 from tensafe.policy import Policy, PolicyError
 
-__all__ = ["POLICY_PACKAGE", "inspect", "unpack", "verify"]
+__all__ = ["POLICY_PACKAGE", "inspect", "unpack", "unpack_to_memory", "verify"]
 
 #: The Rego package a TSSP admission policy must declare.
 POLICY_PACKAGE = "tensafe.tssp"
@@ -269,35 +269,41 @@ def verify(
     return _info(header, verified=True, trusted=trusted)
 
 
-class _FileSplitter:
-    """A write-only sink that splits the payload plaintext into the manifest's files, hashing each."""
+class _Splitter:
+    """A write-only sink that splits the payload plaintext into the manifest's files, hashing each.
 
-    def __init__(self, root: Path, files: Sequence[FileEntry]) -> None:
-        self._root = root
+    Subclasses decide where a file's bytes go (:meth:`_open_file`, :meth:`_close_file`).
+    """
+
+    def __init__(self, files: Sequence[FileEntry]) -> None:
         self._files = list(files)
         self._index = -1
-        self._fh: BinaryIO | None = None
+        self._open = False
         self._left = 0
         self._digest = hashlib.sha256()
-        self._advance()
+
+    def _open_file(self, entry: FileEntry) -> None:
+        raise NotImplementedError
+
+    def _write_part(self, part: memoryview) -> None:
+        raise NotImplementedError
+
+    def _close_file(self) -> None:
+        raise NotImplementedError
 
     def _advance(self) -> None:
         while True:
-            if self._fh is not None:
-                self._fh.flush()
-                os.fsync(self._fh.fileno())
-                self._fh.close()
-                self._fh = None
+            if self._open:
+                self._close_file()
+                self._open = False
                 if not hmac.compare_digest(self._digest.hexdigest(), self._files[self._index].sha256):
                     raise PackageDecryptionError("a decrypted file does not match the manifest")
             self._index += 1
             if self._index >= len(self._files):
                 return
             entry = self._files[self._index]
-            target = self._root.joinpath(*entry.path.split("/"))
-            target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-            self._fh = os.fdopen(fd, "wb")
+            self._open_file(entry)
+            self._open = True
             self._left = entry.size
             self._digest = hashlib.sha256()
             if self._left:
@@ -307,11 +313,11 @@ class _FileSplitter:
         view = memoryview(data)
         pos = 0
         while pos < len(view):
-            if self._fh is None:
+            if not self._open:
                 raise PackageDecryptionError("the payload is longer than the manifest says")
             n = min(self._left, len(view) - pos)
             part = view[pos : pos + n]
-            self._fh.write(part)
+            self._write_part(part)
             self._digest.update(part)
             self._left -= n
             pos += n
@@ -320,13 +326,60 @@ class _FileSplitter:
         return len(view)
 
     def finish(self) -> None:
-        if self._fh is not None or self._index < len(self._files):
+        if self._open or self._index < len(self._files):
             raise PackageDecryptionError("the payload is shorter than the manifest says")
+
+
+class _FileSplitter(_Splitter):
+    """Writes each file under ``root`` (0600, never following a symlink), fsynced."""
+
+    def __init__(self, root: Path, files: Sequence[FileEntry]) -> None:
+        super().__init__(files)
+        self._root = root
+        self._fh: BinaryIO | None = None
+        self._advance()
+
+    def _open_file(self, entry: FileEntry) -> None:
+        target = self._root.joinpath(*entry.path.split("/"))
+        target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        self._fh = os.fdopen(fd, "wb")
+
+    def _write_part(self, part: memoryview) -> None:
+        assert self._fh is not None
+        self._fh.write(part)
+
+    def _close_file(self) -> None:
+        assert self._fh is not None
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+        self._fh.close()
+        self._fh = None
 
     def close(self) -> None:
         if self._fh is not None:
             self._fh.close()
             self._fh = None
+
+
+class _MemorySplitter(_Splitter):
+    """Keeps each file in memory (``files``: path -> bytes); nothing touches a disk."""
+
+    def __init__(self, files: Sequence[FileEntry]) -> None:
+        super().__init__(files)
+        self.files: dict[str, bytes] = {}
+        self._buf = bytearray()
+        self._advance()
+
+    def _open_file(self, entry: FileEntry) -> None:
+        self._buf = bytearray()
+
+    def _write_part(self, part: memoryview) -> None:
+        self._buf += part
+
+    def _close_file(self) -> None:
+        self.files[self._files[self._index].path] = bytes(self._buf)
+        self._buf = bytearray()
 
 
 def _write_file(path: Path, data: bytes) -> None:
@@ -493,3 +546,61 @@ def _unpack(
         finally:
             os.close(dir_fd)
     return _info(header, verified=True, trusted=trusted)
+
+
+def unpack_to_memory(
+    package: str | Path,
+    *,
+    recipient_key: HybridKemPrivateKey,
+    trust: Sequence[HybridVerifyingKey],
+    state: RollbackState | None,
+    policy: Policy | None = None,
+    threshold: int = 1,
+    now: datetime | None = None,
+    audit: AuditSink | None = None,
+) -> tuple[PackageInfo, dict[str, bytes]]:
+    """Verify a package, then decrypt its files into memory only (for a serving process).
+
+    The checks, their order and the audit events are those of :func:`unpack` (the decision is
+    recorded as ``tssp.unpack.accepted`` or the refusal); no byte of the plaintext is written
+    to a file. The whole payload is held in memory, so this is meant for adapters, not for
+    packages of many gigabytes.
+
+    Returns:
+        The verified package description and ``{manifest path: file bytes}``, every file
+        checked against its manifest SHA-256.
+
+    Raises:
+        PackageError: A subclass naming the first check that failed.
+    """
+    seen: list[ParsedHeader] = []
+    try:
+        with _open_package(Path(package)) as fh:
+            header = _parse(fh)
+            seen.append(header)
+            trusted = _verify_header(
+                header, trust=trust, state=state, policy=policy, threshold=threshold, now=now
+            )
+            content_key = _content_key(header, recipient_key)
+            payload_key = hkdf_sha256(content_key, salt=None, info=LABEL_PAYLOAD_KEY)
+            splitter = _MemorySplitter(header.manifest.files)
+            try:
+                fh.seek(header.payload_offset)
+                decrypt_stream(
+                    payload_key,
+                    fh,
+                    splitter,  # type: ignore[arg-type]
+                    associated_data=LABEL_PAYLOAD_AD + header.header_hash,
+                )
+                splitter.finish()
+            except DecryptionError:
+                raise PackageDecryptionError(
+                    "the payload failed to decrypt: it was modified, truncated or extended"
+                ) from None
+        _accepted(audit, "unpack", seen, trusted)
+        if state is not None:
+            state.accept(header.manifest.name, header.manifest.version, header.header_hash.hex())
+    except PackageError as exc:
+        _refused(audit, exc, "unpack", seen)
+        raise
+    return _info(header, verified=True, trusted=trusted), splitter.files

@@ -10,6 +10,7 @@ from tensafe.errors import TenSafeError
 
 __all__ = [
     "AdapterRefusedError",
+    "AdapterUnavailableError",
     "EngineUnavailableError",
     "InvalidGenerationRequestError",
     "ModelNotFoundError",
@@ -38,6 +39,14 @@ class ModelNotFoundError(ServingError):
     """No model or adapter of that name is visible to the caller (HTTP 404).
 
     Another tenant's adapter is reported exactly as an unknown one.
+    """
+
+
+class AdapterUnavailableError(ModelNotFoundError):
+    """The caller's own adapter may no longer be served: its package expired or was revoked (HTTP 404).
+
+    A source raises it only to the adapter's owner, so its message (which says why, and what
+    to do) is shown as is, unlike the one answer of :class:`ModelNotFoundError`.
     """
 
 

@@ -47,7 +47,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import Any, Literal, NoReturn, Protocol, runtime_checkable
 
 import anyio.to_thread
 
@@ -55,6 +55,7 @@ from tensafe.serving._audit import SERVING_EVENTS, AuditAppender, serving_detail
 from tensafe.serving.engine import Engine, LoraAdapter
 from tensafe.serving.errors import (
     AdapterRefusedError,
+    AdapterUnavailableError,
     InvalidGenerationRequestError,
     ModelNotFoundError,
     ServingError,
@@ -294,9 +295,13 @@ class AdapterRegistry:
         for source in self._sources:
             try:
                 ref = await anyio.to_thread.run_sync(source.resolve, caller, model)
-            except ModelNotFoundError:
-                await self._record_refusal(caller, model, reason="not_found", source=source.name)
-                raise model_not_found(model) from None
+            except AdapterUnavailableError as exc:  # the caller's own adapter: its message says why
+                await self._record_refusal(
+                    caller, model, reason="unavailable", source=source.name, why=_why(exc)
+                )
+                raise
+            except ModelNotFoundError as exc:
+                await self._refuse_not_found(caller, model, source.name, exc)
             if ref is not None:
                 return ref
         raise model_not_found(model)
@@ -407,9 +412,8 @@ class AdapterRegistry:
         source = self._source(ref.source)
         try:
             adapter = await anyio.to_thread.run_sync(source.fetch, ref)
-        except ModelNotFoundError:
-            await self._record_refusal(caller, ref.name, reason="not_found", source=ref.source)
-            raise model_not_found(ref.name) from None
+        except ModelNotFoundError as exc:
+            await self._refuse_not_found(caller, ref.name, ref.source, exc)
         except AdapterRefusedError as exc:
             await self._record_refusal(
                 caller, ref.name, reason="refused", source=ref.source, ref=ref, why=_why(exc)
@@ -472,6 +476,16 @@ class AdapterRegistry:
                 tenant=ref.tenant, actor=actor, action=event, resource=_resource(ref.name), details=details
             )
         )
+
+    async def _refuse_not_found(
+        self, caller: ServingCaller, model: str, source: str, exc: ModelNotFoundError
+    ) -> NoReturn:
+        """Record and raise a 404: the one answer, or the owner's own ``AdapterUnavailableError`` as is."""
+        if isinstance(exc, AdapterUnavailableError):
+            await self._record_refusal(caller, model, reason="unavailable", source=source, why=_why(exc))
+            raise exc
+        await self._record_refusal(caller, model, reason="not_found", source=source)
+        raise model_not_found(model) from None
 
     async def _record_refusal(
         self,

@@ -226,7 +226,8 @@ def _load_safetensors(data: bytes) -> dict[str, torch.Tensor]:
         return dict(load(data))
     except (SafetensorError, ValueError, RuntimeError) as exc:
         raise _refuse(
-            f"{_WEIGHTS} is not a valid safetensors file ({str(exc)[:200]}); save with safe_serialization=True"
+            f"{_WEIGHTS} is not a valid safetensors file ({str(exc)[:200]}); "
+            "save the adapter with safe_serialization=True"
         ) from None
 
 

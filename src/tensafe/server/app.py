@@ -7,7 +7,9 @@
 handlers (:func:`~tensafe.server.errors.install_error_handlers`) and the routers of
 :mod:`tensafe.server.routers`. The routes reach the shared objects through the
 dependencies of :mod:`tensafe.server.deps` (``app.state.services``, ``settings``,
-``worker``, ``waiters``; ``app.state.compute`` is the table of loaded sessions).
+``worker``, ``waiters``; ``app.state.compute`` is the table of loaded sessions). The
+OpenAI-compatible API is a separate application mounted at ``/oai/api/v1``
+(:mod:`tensafe.server.routers.openai`; ``app.state.openai``).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from tensafe.server.ops import ComputeOps
 from tensafe.server.retention import Sweeper
 from tensafe.server.routers import ROUTERS
 from tensafe.server.routers.futures import Waiters
+from tensafe.server.routers.openai import OPENAI_MOUNT, build_openai_mount
 from tensafe.server.services import Services
 from tensafe.server.settings import ServerSettings
 from tensafe.storage import EncryptedArtifactStore, LocalFilesystemBackend
@@ -90,6 +93,9 @@ def create_app(
         periodic=[Sweeper(services)],
     )
 
+    # The OpenAI-compatible API (engines start on first use; closed with the application).
+    openai_mount = build_openai_mount(services, settings.catalog)
+
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         waiters.bind(asyncio.get_running_loop())
@@ -102,9 +108,12 @@ def create_app(
         try:
             yield
         finally:
-            if settings.run_worker:
-                await run_in_threadpool(worker.stop)
-            engine.dispose()
+            try:
+                await openai_mount.aclose()
+            finally:
+                if settings.run_worker:
+                    await run_in_threadpool(worker.stop)
+                engine.dispose()
 
     app = FastAPI(
         title="TenSafe training API",
@@ -116,10 +125,12 @@ def create_app(
     app.state.compute = compute
     app.state.settings = settings
     app.state.waiters = waiters
+    app.state.openai = openai_mount
 
     install_error_handlers(app)
     # Outside the routes: the API key is checked before the body is read, bodies are counted.
     app.add_middleware(RequestGuard, authenticate=functools.partial(authenticate_key, services))
     for router in ROUTERS:
         app.include_router(router)
+    app.mount(OPENAI_MOUNT, openai_mount.app)
     return app

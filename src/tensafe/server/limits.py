@@ -16,7 +16,9 @@ request it does three things, in this order:
    body is read, and a client that sent ``Expect: 100-continue`` is never told to send
    it. On success the guard stores the caller in ``scope["state"]``, where
    :func:`principal_of` finds it; the ``Caller`` dependency reuses it, so each request is
-   authenticated once.
+   authenticated once. Under :data:`OPENAI_PREFIX` (the OpenAI-compatible API) the key may
+   also come as ``Authorization: Bearer <key>``, as the ``openai`` SDK sends it, and every
+   refusal has OpenAI's error shape instead of the training API's.
 3. **It counts the body as it arrives.** Each ``http.request`` message the application
    receives is counted, whether the body is chunked or has a ``Content-Length``. The
    message that takes the total above the limit is not delivered: the application's
@@ -49,12 +51,14 @@ from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tensafe import protocol as p
+from tensafe.protocol.openai import error_body as openai_error_body
 from tensafe.server.errors import AuthenticationError, BadRequestError, ServerError
 from tensafe.server.tenants import Principal
 
 __all__ = [
     "API_KEY_HEADER",
     "MAX_BODY_BYTES",
+    "OPENAI_PREFIX",
     "PUBLIC_ROUTES",
     "PayloadTooLargeError",
     "RequestGuard",
@@ -70,6 +74,11 @@ MAX_BODY_BYTES = 64 * 1024 * 1024
 
 #: The header that carries the API key.
 API_KEY_HEADER = "X-API-Key"
+
+#: Requests under this path prefix (the OpenAI-compatible API, ``/oai/api/v1``) may send the key
+#: as ``Authorization: Bearer <key>`` (what the ``openai`` SDK sends), and the guard's refusals
+#: there have OpenAI's error shape (``{"error": {"message", "type", "param", "code"}}``).
+OPENAI_PREFIX = "/oai/"
 
 #: The only routes that answer without an API key, and only for ``GET`` and ``HEAD``.
 #: ``{token}`` stands for one path segment. All other requests are authenticated before
@@ -150,10 +159,19 @@ def _declared_length(scope: Scope) -> int | None:
 def _api_key(scope: Scope) -> str | None:
     """Return the ``X-API-Key`` header, or None when it is missing.
 
+    Under :data:`OPENAI_PREFIX` the key may come as ``Authorization: Bearer <key>`` instead.
+
     Raises:
-        AuthenticationError: The header is repeated, or is not ASCII.
+        AuthenticationError: The header is repeated (or both carry different keys), or is
+            not ASCII.
     """
     values = _header_values(scope, API_KEY_HEADER.lower().encode())
+    if _route_path(scope).startswith(OPENAI_PREFIX):
+        for value in _header_values(scope, b"authorization"):
+            scheme, _, token = value.strip().partition(b" ")
+            if scheme.lower() == b"bearer" and token.strip():
+                values.append(token.strip())
+        values = list(dict.fromkeys(v.strip() for v in values))
     if not values:
         return None
     if len(values) > 1:
@@ -266,6 +284,12 @@ def _json_refusal(body: dict[str, Any], status: int) -> JSONResponse:
 
 async def _refuse(exc: ServerError, scope: Scope, receive: Receive, send: Send) -> None:
     body = p.ApiError(error=exc.error, detail=str(exc)).model_dump(exclude_none=True)
+    if _route_path(scope).startswith(OPENAI_PREFIX):
+        body = openai_error_body(
+            str(exc),
+            type="invalid_request_error" if exc.status_code < 500 else "server_error",
+            code="invalid_api_key" if exc.status_code == 401 else exc.error,
+        )
     await _json_refusal(body, exc.status_code)(scope, receive, send)
 
 
@@ -273,4 +297,6 @@ async def _refuse_internal(exc: Exception, scope: Scope, receive: Receive, send:
     body = p.ApiError(
         error="internal_error", detail=f"internal server error ({type(exc).__name__})", category="server"
     ).model_dump(exclude_none=True)
+    if _route_path(scope).startswith(OPENAI_PREFIX):
+        body = openai_error_body(str(body["detail"]), type="server_error")
     await _json_refusal(body, 500)(scope, receive, send)

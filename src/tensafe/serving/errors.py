@@ -16,6 +16,7 @@ __all__ = [
     "ModelNotFoundError",
     "ServingError",
     "ServingOverloadedError",
+    "UnauthenticatedError",
 ]
 
 
@@ -26,13 +27,15 @@ class ServingError(TenSafeError):
 class InvalidGenerationRequestError(ServingError):
     """The request is malformed or asks for something the engine cannot do (HTTP 400).
 
-    ``param`` names the offending request field, when there is one.
+    ``param`` names the offending request field, when there is one; ``code`` is OpenAI's error
+    code when it has one (``context_length_exceeded``, ``invalid_json``).
     """
 
-    def __init__(self, message: str, *, param: str | None = None) -> None:
-        """Record ``message`` and the offending ``param``."""
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
+        """Record ``message``, the offending ``param`` and the error ``code``."""
         super().__init__(message)
         self.param = param
+        self.code = code
 
 
 class ModelNotFoundError(ServingError):
@@ -52,6 +55,10 @@ class AdapterUnavailableError(ModelNotFoundError):
 
 class AdapterRefusedError(ServingError):
     """An adapter source (package, checkpoint) failed verification, policy or decryption."""
+
+
+class UnauthenticatedError(ServingError):
+    """The API key is missing, unknown, revoked or expired (HTTP 401)."""
 
 
 class ServingOverloadedError(ServingError):

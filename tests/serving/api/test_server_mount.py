@@ -1,0 +1,311 @@
+"""The OpenAI-compatible API mounted in ``tensafe server`` at ``/oai/api/v1``, driven by the ``openai`` SDK.
+
+The server is the real one (``create_app`` on a migrated database, the encrypted store, API
+keys, the request guard), served by uvicorn on loopback. Checkpoints are written the way the
+worker writes ``sampler_weights`` (a ``training_checkpoints`` row and the PEFT files encrypted
+under the tenant's DEK as ``<artifact>.0`` and ``<artifact>.1``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import pathlib
+import secrets
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+from typing import Any
+
+import httpx
+import openai
+import pytest
+from sqlalchemy import select
+
+from server.conftest import TINY_MODEL, LiveServer, ServerEnv
+from serving.api.conftest import reference_greedy
+from tensafe.audit import verify_chain
+from tensafe.audit.models import AuditRecordRow
+from tensafe.db import utcnow
+from tensafe.server import create_app
+from tensafe.server.checkpoints import record_checkpoint
+from tensafe.server.models import ServerSession, TrainingCheckpoint, TrainingModel
+from tensafe.server.routers.openai import ADAPTER_FILES, OPENAI_MOUNT
+from tensafe.serving.engine import LoraAdapter
+
+PROMPT = "Once upon a time"
+
+
+@dataclass
+class Mounted:
+    env: ServerEnv
+    server: LiveServer
+    keys: dict[str, str]
+
+    @property
+    def base_url(self) -> str:
+        return f"{self.server.url}{OPENAI_MOUNT}"
+
+    def client(self, tenant: str) -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.base_url, api_key=self.keys[tenant], max_retries=0, timeout=60)
+
+    def save_sampler_weights(self, tenant: str, run: str, name: str, adapter: LoraAdapter) -> str:
+        """Store ``adapter`` as ``tinker://<run>/sampler_weights/<name>`` of ``tenant`` (as the worker)."""
+        ref = "ckpt-" + secrets.token_hex(12)
+        for i, file in enumerate(ADAPTER_FILES):
+            self.env.store.put_bytes(tenant, f"{ref}.{i}", adapter.files[file], kind="checkpoint")
+        now = utcnow()
+        with self.env.sessions.begin() as s:
+            session_id = f"sess-{run}"
+            if s.get(ServerSession, session_id) is None:
+                s.add(
+                    ServerSession(
+                        id=session_id,
+                        tenant_id=tenant,
+                        created_at=now,
+                        last_heartbeat_at=now,
+                        user_metadata="{}",
+                        tags="[]",
+                    )
+                )
+                s.add(
+                    TrainingModel(
+                        id=run,
+                        tenant_id=tenant,
+                        session_id=session_id,
+                        model_seq_id=0,
+                        base_model=TINY_MODEL,
+                        lora_rank=4,
+                        lora_config="{}",
+                        optimizer_config="{}",
+                        user_metadata="{}",
+                        state="ready",
+                        created_at=now,
+                        last_request_time=now,
+                    )
+                )
+                s.flush()
+            record_checkpoint(
+                s,
+                tenant=tenant,
+                model_id=run,
+                kind="sampler_weights",
+                name=name,
+                artifact_id=ref,
+                size_bytes=sum(len(v) for v in adapter.files.values()),
+                user_metadata="{}",
+                ttl_seconds=None,
+            )
+        return f"tinker://{run}/sampler_weights/{name}"
+
+
+@pytest.fixture
+def mounted(server_env: ServerEnv, monkeypatch: pytest.MonkeyPatch) -> Iterator[Mounted]:
+    monkeypatch.setenv("TS_SERVE_MAX_RESIDENT_ADAPTERS", "2")
+    keys = {tenant: server_env.tenant_key(tenant) for tenant in ("acme", "globex")}
+    settings = replace(server_env.settings, run_worker=False)
+    server = LiveServer(create_app(settings, store=server_env.store, key_manager=server_env.keys)).start()
+    try:
+        yield Mounted(server_env, server, keys)
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def server_adapters(
+    tiny_model_dir: pathlib.Path, make_lora_adapter: Callable[..., LoraAdapter]
+) -> list[LoraAdapter]:
+    return [
+        make_lora_adapter(tiny_model_dir, rank=4, seed=101, base_model_id=TINY_MODEL),
+        make_lora_adapter(tiny_model_dir, rank=8, seed=202, base_model_id=TINY_MODEL),
+    ]
+
+
+def _prompt_ids(tiny_model_dir: pathlib.Path, prompt: str) -> list[int]:
+    from transformers import AutoTokenizer
+
+    return list(AutoTokenizer.from_pretrained(str(tiny_model_dir), local_files_only=True).encode(prompt))
+
+
+def test_the_openai_sdk_serves_the_callers_checkpoint_equal_to_transformers_peft(
+    mounted: Mounted, server_adapters: list[LoraAdapter], tiny_model_dir: pathlib.Path
+) -> None:
+    path = mounted.save_sampler_weights("acme", "run-acme", "step-1", server_adapters[0])
+    client = mounted.client("acme")
+    assert [m.id for m in client.models.list()] == [TINY_MODEL, path]
+    ref = reference_greedy(
+        tiny_model_dir, server_adapters[0], _prompt_ids(tiny_model_dir, PROMPT), 10, stop_at_eos=False
+    )
+    answer = client.completions.create(
+        model=path, prompt=PROMPT, max_tokens=10, temperature=0, extra_body={"ignore_eos": True}
+    )
+    assert answer.choices[0].text == ref.text and answer.model == path
+    stream = client.completions.create(
+        model=path, prompt=PROMPT, max_tokens=10, temperature=0, stream=True, extra_body={"ignore_eos": True}
+    )
+    assert "".join(c.choices[0].text for c in stream if c.choices) == ref.text
+    base = client.completions.create(
+        model=TINY_MODEL, prompt=PROMPT, max_tokens=10, temperature=0, extra_body={"ignore_eos": True}
+    )
+    assert (
+        base.choices[0].text
+        == reference_greedy(
+            tiny_model_dir, None, _prompt_ids(tiny_model_dir, PROMPT), 10, stop_at_eos=False
+        ).text
+    )
+    chat = client.chat.completions.create(
+        model=path, messages=[{"role": "user", "content": "hi"}], max_tokens=4
+    )
+    assert chat.choices[0].message.role == "assistant"
+
+
+def test_another_tenants_checkpoint_is_the_same_404_as_an_unknown_one_and_both_tenants_are_served(
+    mounted: Mounted, server_adapters: list[LoraAdapter], tiny_model_dir: pathlib.Path
+) -> None:
+    mine = mounted.save_sampler_weights("acme", "run-acme", "a", server_adapters[0])
+    theirs = mounted.save_sampler_weights("globex", "run-globex", "g", server_adapters[1])
+    acme = mounted.client("acme")
+    answers = []
+    for model in (theirs, "tinker://run-nope/sampler_weights/g", "tinker://not a path", "gpt-4o"):
+        with pytest.raises(openai.NotFoundError) as info:
+            acme.completions.create(model=model, prompt=PROMPT, max_tokens=2)
+        body: Any = info.value.body
+        answers.append((body["message"].replace(model, "M"), body["type"], body["code"], body["param"]))
+    assert len(set(answers)) == 1, answers
+    assert theirs not in [m.id for m in acme.models.list()]
+    # Both tenants' adapters served at the same time, each with its own weights.
+    ids = _prompt_ids(tiny_model_dir, PROMPT)
+    expected = [reference_greedy(tiny_model_dir, a, ids, 8, stop_at_eos=False).text for a in server_adapters]
+
+    async def both() -> list[str]:
+        clients = [
+            openai.AsyncOpenAI(base_url=mounted.base_url, api_key=mounted.keys[t], max_retries=0)
+            for t in ("acme", "globex")
+        ]
+        results = await asyncio.gather(
+            *(
+                c.completions.create(
+                    model=m, prompt=PROMPT, max_tokens=8, temperature=0, extra_body={"ignore_eos": True}
+                )
+                for c, m in ((clients[0], mine), (clients[1], theirs)) * 2
+            )
+        )
+        return [r.choices[0].text for r in results]
+
+    assert asyncio.run(both()) == expected * 2
+
+
+def test_the_key_goes_as_bearer_or_x_api_key_and_refusals_have_openais_shape(mounted: Mounted) -> None:
+    body = {"model": TINY_MODEL, "prompt": "x", "max_tokens": 1}
+    url = f"{mounted.base_url}/completions"
+    ok = httpx.post(url, json=body, headers={"X-API-Key": mounted.keys["acme"]}, timeout=60)
+    assert ok.status_code == 200, ok.text
+    for headers in ({}, {"Authorization": "Bearer tml-wrong"}, {"X-API-Key": "nope"}):
+        refused = httpx.post(url, json=body, headers=headers, timeout=60)
+        assert refused.status_code == 401
+        assert set(refused.json()["error"]) == {"message", "type", "param", "code"}
+        assert refused.json()["error"]["code"] == "invalid_api_key"
+    two = httpx.post(
+        url,
+        json=body,
+        headers={"X-API-Key": mounted.keys["acme"], "Authorization": f"Bearer {mounted.keys['globex']}"},
+    )
+    assert two.status_code == 401  # two different keys: refused, never one of them guessed
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=mounted.base_url, api_key="tml-wrong", max_retries=0).models.list()
+    bad_json = httpx.post(
+        url,
+        content=b"{",
+        headers={"Authorization": f"Bearer {mounted.keys['acme']}", "Content-Type": "application/json"},
+    )
+    assert bad_json.status_code == 400 and bad_json.json()["error"]["code"] == "invalid_json"
+    unknown = httpx.get(
+        f"{mounted.base_url}/nope", headers={"Authorization": f"Bearer {mounted.keys['acme']}"}
+    )
+    assert unknown.status_code == 404 and "error" in unknown.json() and "message" in unknown.json()["error"]
+    # Bearer is only for the OpenAI mount: the training API still wants X-API-Key.
+    training = httpx.get(
+        f"{mounted.server.url}/api/v1/training_runs",
+        headers={"Authorization": f"Bearer {mounted.keys['acme']}"},
+    )
+    assert training.status_code == 401
+
+
+def test_deleted_expired_and_resaved_checkpoints_are_never_served_from_memory(
+    mounted: Mounted, server_adapters: list[LoraAdapter], tiny_model_dir: pathlib.Path
+) -> None:
+    client = mounted.client("acme")
+    path = mounted.save_sampler_weights("acme", "run-acme", "s", server_adapters[0])
+    first = client.completions.create(
+        model=path, prompt=PROMPT, max_tokens=8, temperature=0, extra_body={"ignore_eos": True}
+    )
+    # Saved again under the same path with other weights: the new weights, at once.
+    mounted.save_sampler_weights("acme", "run-acme", "s", server_adapters[1])
+    second = client.completions.create(
+        model=path, prompt=PROMPT, max_tokens=8, temperature=0, extra_body={"ignore_eos": True}
+    )
+    ids = _prompt_ids(tiny_model_dir, PROMPT)
+    assert (
+        first.choices[0].text
+        == reference_greedy(tiny_model_dir, server_adapters[0], ids, 8, stop_at_eos=False).text
+    )
+    assert (
+        second.choices[0].text
+        == reference_greedy(tiny_model_dir, server_adapters[1], ids, 8, stop_at_eos=False).text
+    )
+    # Expired: a 404 although its weights are resident.
+    with mounted.env.sessions.begin() as s:
+        row = s.execute(select(TrainingCheckpoint).where(TrainingCheckpoint.name == "s")).scalar_one()
+        row.expires_at = utcnow() - dt.timedelta(seconds=1)
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model=path, prompt=PROMPT, max_tokens=2)
+    # Deleted through the REST API: a 404 too.
+    other = mounted.save_sampler_weights("acme", "run-acme", "t", server_adapters[0])
+    client.completions.create(model=other, prompt=PROMPT, max_tokens=2)
+    deleted = httpx.delete(
+        f"{mounted.server.url}/api/v1/training_runs/run-acme/checkpoints/sampler_weights/t",
+        headers={"X-API-Key": mounted.keys["acme"]},
+    )
+    assert deleted.status_code == 200, deleted.text
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model=other, prompt=PROMPT, max_tokens=2)
+    # The sweep unloads what may no longer be served.
+    registry = mounted.server.app.state.openai.registry
+    asyncio.run(registry.sweep())
+    assert [r.name for r in registry.resident()] == []
+
+
+def test_adapter_events_are_audited_in_the_signed_chain_without_prompts(
+    mounted: Mounted, server_adapters: list[LoraAdapter]
+) -> None:
+    canary = "CANARY-5d1e the merger closes on friday"
+    path = mounted.save_sampler_weights("acme", "run-acme", "a", server_adapters[0])
+    theirs = mounted.save_sampler_weights("globex", "run-globex", "g", server_adapters[1])
+    client = mounted.client("acme")
+    client.completions.create(model=path, prompt=canary, max_tokens=4)
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model=theirs, prompt=canary, max_tokens=4)
+    with mounted.env.sessions() as s:
+        rows = s.execute(
+            select(
+                AuditRecordRow.tenant_id,
+                AuditRecordRow.action,
+                AuditRecordRow.resource,
+                AuditRecordRow.details,
+            )
+        ).all()
+        report = verify_chain(
+            s,
+            tenant="acme",
+            verifying_key=mounted.env.keys.deployment_signing_key().verifying_key(),
+            checkpoint_every=mounted.env.settings.audit_checkpoint_every,
+            allow_unsigned_tail=True,
+        )
+    serving = [(t, a, r) for t, a, r, _ in rows if a.startswith("serving.")]
+    assert ("acme", "serving.adapter.loaded", f"adapter/{path}") in serving
+    assert ("acme", "serving.adapter.refused", f"adapter/{theirs}") in serving
+    assert not [
+        row for row in serving if row[0] == "globex"
+    ]  # the owner's chain does not learn of the attempt
+    assert "CANARY" not in json.dumps([list(map(str, r)) for r in rows])
+    assert report.length >= 2

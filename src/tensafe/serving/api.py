@@ -363,9 +363,28 @@ class _Api:
                 self.registry.release(target)
             return self._fail(route, exc)
         if plan.stream:
-            return _EventStream(
-                self._stream(request, plan, chat=chat), on_close=lambda: self.registry.release(plan.target)
-            )
+            # The engine requests start now; the answer's status waits for every first chunk,
+            # so that a refusal by the engine (overload, a dead engine) is still an HTTP error.
+            fanout = _Fanout(plan.target.engine, plan.requests)
+            try:
+                async with _until_disconnected(request) as gone:
+                    await fanout.started(gone)
+            except BaseException as exc:
+                await fanout.aclose()
+                self.registry.release(plan.target)
+                if isinstance(exc, _Disconnected):
+                    return Response(status_code=499)
+                if isinstance(exc, Exception):
+                    return self._fail(route, exc)
+                raise
+
+            async def cleanup() -> None:
+                try:
+                    await fanout.aclose()
+                finally:
+                    self.registry.release(plan.target)
+
+            return _EventStream(self._stream(request, plan, fanout, chat=chat), cleanup=cleanup)
         try:
             return await self._complete(request, plan, chat=chat)
         except Exception as exc:
@@ -483,7 +502,9 @@ class _Api:
 
     # -- streaming
 
-    async def _stream(self, request: Request, plan: _Plan, *, chat: bool) -> AsyncIterator[str]:
+    async def _stream(
+        self, request: Request, plan: _Plan, fanout: _Fanout, *, chat: bool
+    ) -> AsyncIterator[str]:
         engine = plan.target.engine
         tokenizer = engine.tokenizer()
         created, model = int(time.time()), plan.target.model
@@ -493,19 +514,7 @@ class _Api:
             _Choice(index=i, prompt_tokens=len(r.prompt_token_ids)) for i, r in enumerate(plan.requests)
         ]
         offsets = [0] * len(choices)
-        queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
         usage_field: dict[str, Any] = {"usage": None} if plan.include_usage else {}
-
-        async def run(index: int, req: GenerationRequest) -> None:
-            try:
-                async for chunk in engine.generate(req):
-                    await queue.put((index, chunk))
-            except Exception as exc:
-                await queue.put((index, exc))
-            else:
-                await queue.put((index, None))
-
-        tasks = [asyncio.ensure_future(run(i, r)) for i, r in enumerate(plan.requests)]
         async with _until_disconnected(request) as gone:
             try:
                 if chat:
@@ -522,9 +531,9 @@ class _Api:
                             **usage_field,
                         )
                         yield _event(first.model_dump(exclude_unset=True))
-                running = len(tasks)
+                running = len(plan.requests)
                 while running:
-                    index, item = await _first_of(queue.get(), gone)
+                    index, item = await fanout.next(gone)
                     if item is None:
                         running -= 1
                         continue
@@ -592,10 +601,53 @@ class _Api:
                     _log.error("a streamed answer failed with %s", type(exc).__name__, exc_info=exc)
                 yield _event(_error(exc)[1])
             finally:
-                for task in tasks:
-                    task.cancel()
-                await asyncio.gather(*tasks, return_exceptions=True)
+                await fanout.aclose()
             yield "data: [DONE]\n\n"
+
+
+class _Fanout:
+    """The engine requests of one streamed answer, run concurrently; their items in arrival order.
+
+    Each item is ``(index, chunk)``, ``(index, None)`` when request ``index`` ended, or
+    ``(index, exception)`` when it failed.
+    """
+
+    def __init__(self, engine: Engine, requests: Sequence[GenerationRequest]) -> None:
+        self._queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
+        self._early: list[tuple[int, Any]] = []
+        self._tasks = [asyncio.ensure_future(self._run(engine, i, r)) for i, r in enumerate(requests)]
+
+    async def _run(self, engine: Engine, index: int, request: GenerationRequest) -> None:
+        try:
+            async for chunk in engine.generate(request):
+                await self._queue.put((index, chunk))
+        except Exception as exc:
+            await self._queue.put((index, exc))
+        else:
+            await self._queue.put((index, None))
+
+    async def started(self, gone: asyncio.Future[None]) -> None:
+        """Wait until every request produced its first item; raise the first failure."""
+        seen: set[int] = set()
+        while len(seen) < len(self._tasks):
+            index, item = await _first_of(self._queue.get(), gone)
+            self._early.append((index, item))
+            if isinstance(item, BaseException):
+                raise item
+            seen.add(index)
+
+    async def next(self, gone: asyncio.Future[None]) -> tuple[int, Any]:
+        """The next item (those :meth:`started` saw first)."""
+        if self._early:
+            return self._early.pop(0)
+        item: tuple[int, Any] = await _first_of(self._queue.get(), gone)
+        return item
+
+    async def aclose(self) -> None:
+        """Cancel every request still running (the engine frees their rows and caches)."""
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
 
 
 def _absorb(choice: _Choice, chunk: Any) -> None:
@@ -722,12 +774,12 @@ async def _first_of(work: Awaitable[Any], gone: asyncio.Future[None]) -> Any:
 
 
 class _EventStream(StreamingResponse):
-    """Server-sent events whose generator is always closed (cancelling the engine requests)."""
+    """Server-sent events whose generator is always closed and whose engine requests are cancelled."""
 
-    def __init__(self, events: AsyncIterator[str], *, on_close: Callable[[], None]) -> None:
+    def __init__(self, events: AsyncIterator[str], *, cleanup: Callable[[], Awaitable[None]]) -> None:
         super().__init__(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         self._events = events
-        self._on_close = on_close
+        self._cleanup = cleanup
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
@@ -738,7 +790,7 @@ class _EventStream(StreamingResponse):
                 if aclose is not None:
                     await aclose()
             finally:
-                self._on_close()
+                await self._cleanup()
 
 
 # --------------------------------------------------------------------------- factories

@@ -295,12 +295,7 @@ class AdapterRegistry:
         for source in self._sources:
             try:
                 ref = await anyio.to_thread.run_sync(source.resolve, caller, model)
-            except AdapterUnavailableError as exc:  # the caller's own adapter: its message says why
-                await self._record_refusal(
-                    caller, model, reason="unavailable", source=source.name, why=_why(exc)
-                )
-                raise
-            except ModelNotFoundError as exc:
+            except ModelNotFoundError as exc:  # the one 404, or the owner's AdapterUnavailableError
                 await self._refuse_not_found(caller, model, source.name, exc)
             if ref is not None:
                 return ref

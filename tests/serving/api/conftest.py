@@ -34,7 +34,7 @@ from fastapi import Request
 
 # The server's fixtures (a migrated database, keys, the encrypted store, the tiny model's catalog)
 # for test_server_mount.py.
-from server.conftest import server_env, tiny_model_dir  # noqa: F401
+from server.conftest import server_env, start_server, tiny_model_dir  # noqa: F401
 from tensafe.audit import AuditLog
 from tensafe.db import create_engine_from_url, ensure_tenant, make_session_factory, upgrade
 from tensafe.serving.api import build_openai_app

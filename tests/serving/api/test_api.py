@@ -158,23 +158,34 @@ def test_chat_logprobs_and_top_logprobs_agree_with_the_reference(
     ref = reference_greedy(
         serving_model_dir, adapters["acme-b"], _chat_ids(api.engine, MESSAGES), 6, stop_at_eos=False, k=2
     )
-    answer = api.client("acme").chat.completions.create(
-        model="acme-b",
-        messages=MESSAGES,  # type: ignore[arg-type]
-        max_tokens=6,
-        temperature=0,
-        logprobs=True,
-        top_logprobs=2,
-        extra_body={"ignore_eos": True},
-    )
-    content = answer.choices[0].logprobs.content  # type: ignore[union-attr]
-    assert content is not None
-    assert [c.logprob for c in content] == pytest.approx(ref.logprobs, abs=1e-3)
-    for entry, expected in zip(content, ref.top, strict=True):
-        assert [t.logprob for t in entry.top_logprobs] == pytest.approx(
-            sorted(expected.values(), reverse=True), abs=1e-3
+    tok: Any = api.engine.tokenizer()
+    for stream in (False, True):
+        answer: Any = api.client("acme").chat.completions.create(
+            model="acme-b",
+            messages=MESSAGES,  # type: ignore[arg-type]
+            max_tokens=6,
+            temperature=0,
+            logprobs=True,
+            top_logprobs=2,
+            stream=stream,
+            extra_body={"ignore_eos": True},
         )
-        assert entry.bytes == list(entry.token.encode())
+        if stream:
+            content = [
+                e
+                for c in answer
+                if c.choices and c.choices[0].logprobs
+                for e in c.choices[0].logprobs.content
+            ]
+        else:
+            content = answer.choices[0].logprobs.content
+        assert [c.logprob for c in content] == pytest.approx(ref.logprobs, abs=1e-3)
+        assert [c.token for c in content] == [tok.decode([t]) for t in ref.token_ids]
+        for entry, expected in zip(content, ref.top, strict=True):
+            assert [t.logprob for t in entry.top_logprobs] == pytest.approx(
+                sorted(expected.values(), reverse=True), abs=1e-3
+            )
+            assert entry.bytes == list(entry.token.encode())
 
 
 # --------------------------------------------------------------------------- tenants and batches
@@ -507,11 +518,11 @@ def test_a_dead_engine_is_a_503_and_the_server_keeps_serving(
     asyncio.run(dead.close())
     api.engine_for[0] = dead
     try:
-        _assert_error(
-            _raw(api, "/completions", {"model": MODEL, "prompt": "x", "max_tokens": 2}),
-            503,
-            code="engine_unavailable",
-        )
+        for stream in (False, True):
+            body = {"model": MODEL, "prompt": "x", "max_tokens": 2, "stream": stream}
+            _assert_error(_raw(api, "/completions", body), 503, code="engine_unavailable")
+        chat = {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "stream": True}
+        _assert_error(_raw(api, "/chat/completions", chat), 503, code="engine_unavailable")
     finally:
         api.engine_for[0] = api.engine
     assert _raw(api, "/completions", {"model": MODEL, "prompt": "x", "max_tokens": 2}).status_code == 200

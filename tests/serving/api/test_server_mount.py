@@ -309,3 +309,57 @@ def test_adapter_events_are_audited_in_the_signed_chain_without_prompts(
     ]  # the owner's chain does not learn of the attempt
     assert "CANARY" not in json.dumps([list(map(str, r)) for r in rows])
     assert report.length >= 2
+
+
+def test_a_trained_checkpoint_is_served_as_the_training_servers_own_sampler_samples_it(
+    start_server: Callable[..., LiveServer], server_env: ServerEnv, tiny_model_dir: pathlib.Path
+) -> None:
+    """End to end: train one step, save_weights_for_sampler, then the same greedy tokens from Tinker's sampler
+    (an independent implementation in tensafe.training.runtime) and from the OpenAI mount."""
+    from server.conftest import LOOSE
+    from tensafe import client as ts
+    from tensafe.client import types
+
+    server = start_server(privacy=LOOSE)
+    key = server_env.tenant_key("acme")
+    service = ts.ServiceClient(base_url=server.url, api_key=key)
+    try:
+        # train_unembed=False: the transformers engine serves attention and MLP adapters only; an
+        # adapter of lm_head (Tinker's default) is refused with a 403 that says so (tested below).
+        training = service.create_lora_training_client(
+            base_model=TINY_MODEL, rank=4, seed=3, train_unembed=False
+        ).result(120)
+        with_unembed = service.create_lora_training_client(base_model=TINY_MODEL, rank=4, seed=3).result(120)
+        unembed_path = with_unembed.save_weights_for_sampler("u1").result(120).path
+        tokens = [1, 17, 23, 42, 99, 7]
+        datum = types.Datum(
+            model_input=types.ModelInput.from_ints(tokens[:-1]), loss_fn_inputs={"target_tokens": tokens[1:]}
+        )
+        training.forward_backward([datum], "cross_entropy").result(120)
+        training.optim_step(types.AdamParams(learning_rate=5e-2)).result(120)
+        path = training.save_weights_for_sampler("w1").result(120).path
+        assert path is not None
+        prompt = _prompt_ids(tiny_model_dir, PROMPT)
+        sampler = service.create_sampling_client(model_path=path).result(120)
+        params = types.SamplingParams(max_tokens=8, temperature=0.0, stop=[])
+        (seq,) = sampler.sample(types.ModelInput.from_ints(prompt), 1, params).result(timeout=120).sequences
+    finally:
+        service.close()
+    client = openai.OpenAI(base_url=f"{server.url}{OPENAI_MOUNT}", api_key=key, max_retries=0, timeout=60)
+    answer = client.completions.create(model=path, prompt=prompt, max_tokens=8, temperature=0, logprobs=0)
+    choice = answer.choices[0]
+    assert choice.logprobs is not None and choice.logprobs.token_logprobs is not None
+    n = min(len(seq.tokens), len(choice.logprobs.token_logprobs))
+    assert n >= 1
+    tok: Any = __import__("transformers").AutoTokenizer.from_pretrained(
+        str(tiny_model_dir), local_files_only=True
+    )
+    assert choice.logprobs.tokens[:n] == [tok.decode([t]) for t in seq.tokens[:n]]
+    assert seq.logprobs is not None
+    assert choice.logprobs.token_logprobs[:n] == pytest.approx(list(seq.logprobs[:n]), abs=1e-3)
+    with pytest.raises(openai.PermissionDeniedError, match="lm_head"):
+        client.completions.create(model=str(unembed_path), prompt=prompt, max_tokens=2)
+    # The base model answers differently: the trained adapter is applied.
+    base = client.completions.create(model=TINY_MODEL, prompt=prompt, max_tokens=8, temperature=0, logprobs=0)
+    assert base.choices[0].logprobs is not None
+    assert base.choices[0].logprobs.token_logprobs != choice.logprobs.token_logprobs

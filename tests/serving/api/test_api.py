@@ -638,3 +638,51 @@ def test_prompts_and_completions_never_reach_the_audit_log_or_the_logs(
     for output in outputs:
         if len(output.strip()) >= 6:
             assert output not in dump
+
+
+class GatedEngine(RecordingEngine):
+    """The real engine, holding each request after its first chunk until ``release`` is set."""
+
+    def __init__(self, engine: Engine) -> None:
+        super().__init__(engine)
+        self.release = threading.Event()
+
+    def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+        return self._gated(super().generate(request))
+
+    async def _gated(self, chunks: AsyncIterator[GenerationChunk]) -> AsyncIterator[GenerationChunk]:
+        first = True
+        async for chunk in chunks:
+            yield chunk
+            while first and not self.release.is_set():
+                await asyncio.sleep(0.01)
+            first = False
+
+
+def test_no_free_adapter_slot_is_a_429_and_the_slot_frees_when_the_stream_ends(api: Api) -> None:
+    api.registry.max_resident = 1
+    gate = GatedEngine(api.engine)
+    api.engine_for[0] = gate  # type: ignore[assignment]
+    headers = {"Authorization": "Bearer key-acme"}
+    body = {"model": "acme-a", "prompt": PROMPT, "max_tokens": 8, "stream": True}
+    try:
+        with httpx.Client(timeout=60) as client:
+            with client.stream("POST", f"{api.url}/v1/completions", json=body, headers=headers) as held:
+                assert held.status_code == 200
+                lines = held.iter_lines()  # kept: dropping the iterator would close the connection
+                assert next(line for line in lines if line.startswith("data: "))
+                busy = _raw(api, "/completions", {"model": "acme-b", "prompt": "x", "max_tokens": 2})
+                error = _assert_error(busy, 429, code="rate_limit_exceeded")
+                assert error["type"] == "rate_limit_error"
+                with pytest.raises(openai.RateLimitError):
+                    api.client("acme").completions.create(model="acme-b", prompt="x", max_tokens=2)
+                gate.release.set()
+                assert "data: [DONE]" in list(lines)
+    finally:
+        gate.release.set()
+        api.engine_for[0] = api.engine
+    deadline = time.monotonic() + 20
+    while any(r.in_use for r in api.registry.resident()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _raw(api, "/completions", {"model": "acme-b", "prompt": "x", "max_tokens": 2}).status_code == 200
+    assert [r.name for r in api.registry.resident()] == ["acme-b"]

@@ -363,3 +363,25 @@ def test_a_trained_checkpoint_is_served_as_the_training_servers_own_sampler_samp
     base = client.completions.create(model=TINY_MODEL, prompt=prompt, max_tokens=8, temperature=0, logprobs=0)
     assert base.choices[0].logprobs is not None
     assert base.choices[0].logprobs.token_logprobs != choice.logprobs.token_logprobs
+
+
+def test_an_oversized_body_is_refused_before_it_is_read_in_openais_shape(mounted: Mounted) -> None:
+    import socket
+
+    with socket.create_connection(("127.0.0.1", mounted.server.port), timeout=30) as sock:
+        sock.sendall(
+            (
+                f"POST {OPENAI_MOUNT}/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                f"Authorization: Bearer {mounted.keys['acme']}\r\nContent-Type: application/json\r\n"
+                "Content-Length: 999999999\r\n\r\n"
+            ).encode()
+        )
+        raw = b""
+        while b"\r\n\r\n" not in raw or not raw.rstrip().endswith(b"}"):
+            data = sock.recv(65536)
+            if not data:
+                break
+            raw += data
+    head, _, payload = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 413")
+    assert json.loads(payload)["error"]["code"] == "payload_too_large"

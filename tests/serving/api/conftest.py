@@ -1,11 +1,12 @@
 """Fixtures of the OpenAI-compatible API tests: an engine per engine kind, a served router, references.
 
-* ``engine`` (module, parametrized by :data:`ENGINE_KINDS`): a started engine on the tiny
-  model served as :data:`MODEL`. The vLLM engine adds its kind to :data:`ENGINE_KINDS` and
-  :data:`ENGINE_STARTERS` (slow-marked); every test that takes ``engine`` (directly or through
+* ``engine_kind`` (module, parametrized by :data:`ENGINE_KINDS`), ``model_dir`` (its tiny model's
+  directory, from the fixture named in :data:`ENGINE_MODEL_DIRS`) and ``engine`` (a started engine
+  on it served as :data:`MODEL`, from :data:`ENGINE_STARTERS`). The vLLM engine adds its kind to
+  these three tables (slow-marked); every test that takes ``engine`` (directly or through
   ``api``) then runs against both.
-* ``adapters`` (session): three random non-zero PEFT adapters (``make_lora_adapter``) of
-  different ranks and seeds, whose greedy outputs differ.
+* ``adapters`` (module): three random non-zero PEFT adapters (``make_lora_adapter``) for
+  ``model_dir``, of different ranks and seeds, whose greedy outputs differ.
 * ``api``: the bare router (:func:`tensafe.serving.api.build_openai_app`) served by uvicorn on
   loopback, with a registry on a real audit log (SQLite) and an in-memory adapter source:
   ``acme`` owns ``acme-a`` and ``acme-b``, ``globex`` owns ``globex-c``; API keys
@@ -48,7 +49,7 @@ KEYS = {"key-acme": "acme", "key-globex": "globex"}
 OWNERS = {"acme-a": "acme", "acme-b": "acme", "globex-c": "globex"}
 
 
-def _start_transformers(model_dir: pathlib.Path) -> Engine:
+def _start_transformers(_request: pytest.FixtureRequest, model_dir: pathlib.Path) -> Engine:
     from tensafe.serving.engines.transformers import TransformersEngine
 
     return asyncio.run(
@@ -65,28 +66,44 @@ def _start_transformers(model_dir: pathlib.Path) -> Engine:
 
 #: Engine kinds the API suite runs against (``pytest.param(..., marks=pytest.mark.slow)`` for slow ones).
 ENGINE_KINDS: list[Any] = ["transformers"]
-#: How each kind is started on the tiny model directory (context 256 tokens).
-ENGINE_STARTERS: dict[str, Callable[[pathlib.Path], Engine]] = {"transformers": _start_transformers}
+#: How each kind is started (served as :data:`MODEL`, context 256 tokens): ``starter(request, model_dir)``.
+ENGINE_STARTERS: dict[str, Callable[[pytest.FixtureRequest, pathlib.Path], Engine]] = {
+    "transformers": _start_transformers
+}
+#: The fixture that gives each kind's model directory (the adapters and the reference use it too).
+ENGINE_MODEL_DIRS: dict[str, str] = {"transformers": "serving_model_dir"}
 
 
 @pytest.fixture(scope="module", params=ENGINE_KINDS)
-def engine(request: pytest.FixtureRequest, serving_model_dir: pathlib.Path) -> Iterator[Engine]:
-    started = ENGINE_STARTERS[request.param](serving_model_dir)
+def engine_kind(request: pytest.FixtureRequest) -> str:
+    kind: str = request.param
+    return kind
+
+
+@pytest.fixture(scope="module")
+def model_dir(request: pytest.FixtureRequest, engine_kind: str) -> pathlib.Path:
+    directory: pathlib.Path = request.getfixturevalue(ENGINE_MODEL_DIRS[engine_kind])
+    return directory
+
+
+@pytest.fixture(scope="module")
+def engine(request: pytest.FixtureRequest, engine_kind: str, model_dir: pathlib.Path) -> Iterator[Engine]:
+    started = ENGINE_STARTERS[engine_kind](request, model_dir)
     try:
         yield started
     finally:
         asyncio.run(started.close())
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def adapters(
-    serving_model_dir: pathlib.Path, make_lora_adapter: Callable[..., LoraAdapter]
+    model_dir: pathlib.Path, make_lora_adapter: Callable[..., LoraAdapter]
 ) -> dict[str, LoraAdapter]:
     return {
-        "acme-a": make_lora_adapter(serving_model_dir, rank=4, seed=11, base_model_id=MODEL),
-        "acme-b": make_lora_adapter(serving_model_dir, rank=8, seed=22, base_model_id=MODEL),
+        "acme-a": make_lora_adapter(model_dir, rank=4, seed=11, base_model_id=MODEL),
+        "acme-b": make_lora_adapter(model_dir, rank=8, seed=22, base_model_id=MODEL),
         "globex-c": make_lora_adapter(
-            serving_model_dir, rank=2, seed=33, base_model_id=MODEL, targets=("q_proj", "v_proj")
+            model_dir, rank=2, seed=33, base_model_id=MODEL, targets=("q_proj", "v_proj")
         ),
     }
 

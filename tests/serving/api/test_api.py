@@ -59,10 +59,10 @@ def test_models_lists_the_base_model_and_only_the_callers_adapters(api: Api) -> 
 
 @pytest.mark.parametrize("model", [MODEL, "acme-a", "acme-b"])
 def test_greedy_completion_equals_transformers_peft(
-    api: Api, adapters: dict[str, LoraAdapter], serving_model_dir: pathlib.Path, model: str
+    api: Api, adapters: dict[str, LoraAdapter], model_dir: pathlib.Path, model: str
 ) -> None:
     ref = reference_greedy(
-        serving_model_dir, adapters.get(model), _prompt_ids(api.engine, PROMPT), 12, stop_at_eos=False
+        model_dir, adapters.get(model), _prompt_ids(api.engine, PROMPT), 12, stop_at_eos=False
     )
     client = api.client("acme")
     answer = client.completions.create(
@@ -94,9 +94,9 @@ def test_a_token_id_prompt_equals_the_string_prompt(api: Api) -> None:
 
 @pytest.mark.parametrize("model", [MODEL, "acme-b"])
 def test_greedy_chat_equals_transformers_peft_with_the_chat_template(
-    api: Api, adapters: dict[str, LoraAdapter], serving_model_dir: pathlib.Path, model: str
+    api: Api, adapters: dict[str, LoraAdapter], model_dir: pathlib.Path, model: str
 ) -> None:
-    ref = reference_greedy(serving_model_dir, adapters.get(model), _chat_ids(api.engine, MESSAGES), 10)
+    ref = reference_greedy(model_dir, adapters.get(model), _chat_ids(api.engine, MESSAGES), 10)
     client = api.client("acme")
     answer = client.chat.completions.create(
         model=model, messages=MESSAGES, max_completion_tokens=10, temperature=0
@@ -125,10 +125,10 @@ def test_greedy_chat_equals_transformers_peft_with_the_chat_template(
 
 
 def test_completion_logprobs_agree_with_the_reference(
-    api: Api, adapters: dict[str, LoraAdapter], serving_model_dir: pathlib.Path
+    api: Api, adapters: dict[str, LoraAdapter], model_dir: pathlib.Path
 ) -> None:
     ids = _prompt_ids(api.engine, PROMPT)
-    ref = reference_greedy(serving_model_dir, adapters["acme-a"], ids, 8, stop_at_eos=False, k=3)
+    ref = reference_greedy(model_dir, adapters["acme-a"], ids, 8, stop_at_eos=False, k=3)
     tok: Any = api.engine.tokenizer()
     for stream in (False, True):
         answer: Any = api.client("acme").completions.create(
@@ -153,10 +153,10 @@ def test_completion_logprobs_agree_with_the_reference(
 
 
 def test_chat_logprobs_and_top_logprobs_agree_with_the_reference(
-    api: Api, adapters: dict[str, LoraAdapter], serving_model_dir: pathlib.Path
+    api: Api, adapters: dict[str, LoraAdapter], model_dir: pathlib.Path
 ) -> None:
     ref = reference_greedy(
-        serving_model_dir, adapters["acme-b"], _chat_ids(api.engine, MESSAGES), 6, stop_at_eos=False, k=2
+        model_dir, adapters["acme-b"], _chat_ids(api.engine, MESSAGES), 6, stop_at_eos=False, k=2
     )
     tok: Any = api.engine.tokenizer()
     for stream in (False, True):
@@ -206,12 +206,12 @@ def test_another_tenants_adapter_is_the_same_404_as_an_unknown_model(api: Api) -
 
 
 def test_mixed_adapters_in_one_batch_each_get_their_own_output(
-    api: Api, adapters: dict[str, LoraAdapter], serving_model_dir: pathlib.Path
+    api: Api, adapters: dict[str, LoraAdapter], model_dir: pathlib.Path
 ) -> None:
     ids = _prompt_ids(api.engine, PROMPT)
     jobs = [("acme", "acme-a"), ("acme", "acme-b"), ("globex", "globex-c"), ("acme", MODEL)] * 2
     expected = {
-        model: reference_greedy(serving_model_dir, adapters.get(model), ids, 10, stop_at_eos=False).text
+        model: reference_greedy(model_dir, adapters.get(model), ids, 10, stop_at_eos=False).text
         for _, model in jobs
     }
     assert len(set(expected.values())) == 4  # the adapters really differ
@@ -510,11 +510,11 @@ def test_serving_errors_map_to_their_status() -> None:
 
 
 def test_a_dead_engine_is_a_503_and_the_server_keeps_serving(
-    api: Api, serving_model_dir: pathlib.Path
+    api: Api, model_dir: pathlib.Path, engine_kind: str, request: pytest.FixtureRequest
 ) -> None:
     from serving.api.conftest import ENGINE_STARTERS
 
-    dead = ENGINE_STARTERS["transformers"](serving_model_dir)
+    dead = ENGINE_STARTERS[engine_kind](request, model_dir)
     asyncio.run(dead.close())
     api.engine_for[0] = dead
     try:

@@ -19,6 +19,8 @@ from typing import Any
 import httpx
 import openai
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from sqlalchemy import text
 
 from serving.api.conftest import MODEL, Api, reference_greedy
@@ -686,3 +688,69 @@ def test_no_free_adapter_slot_is_a_429_and_the_slot_frees_when_the_stream_ends(a
         time.sleep(0.05)
     assert _raw(api, "/completions", {"model": "acme-b", "prompt": "x", "max_tokens": 2}).status_code == 200
     assert [r.name for r in api.registry.resident()] == ["acme-b"]
+
+
+# --------------------------------------------------------------------------- fuzzing
+
+
+_JSON = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**70), 2**70)
+    | st.floats(allow_nan=False)
+    | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+    max_leaves=6,
+)
+_FIELDS = [
+    "prompt",
+    "messages",
+    "max_tokens",
+    "max_completion_tokens",
+    "temperature",
+    "top_p",
+    "n",
+    "stop",
+    "seed",
+    "logprobs",
+    "top_logprobs",
+    "stream",
+    "stream_options",
+    "presence_penalty",
+    "frequency_penalty",
+    "top_k",
+    "min_p",
+    "repetition_penalty",
+    "stop_token_ids",
+    "ignore_eos",
+    "echo",
+    "suffix",
+    "best_of",
+    "logit_bias",
+    "tools",
+    "user",
+    "response_format",
+    "bogus",
+]
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    chat=st.booleans(),
+    fields=st.dictionaries(st.sampled_from(_FIELDS), _JSON, max_size=5),
+    model=st.sampled_from([MODEL, "acme-a", "globex-c", "nope", 3]),
+)
+def test_any_json_body_gets_an_answer_or_an_openai_shaped_4xx(
+    api: Api, chat: bool, fields: dict[str, Any], model: Any
+) -> None:
+    body = {"model": model, **fields}
+    if "max_tokens" not in body:
+        body["max_tokens"] = 2
+    response = _raw(api, "/chat/completions" if chat else "/completions", body)
+    assert response.status_code in (200, 400, 404), response.text
+    if response.status_code != 200:
+        _assert_error(response, response.status_code)
+    elif body.get("stream") is True:
+        assert response.text.rstrip().endswith("data: [DONE]")
+    else:
+        assert response.json()["choices"]

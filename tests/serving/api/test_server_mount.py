@@ -13,6 +13,7 @@ import datetime as dt
 import json
 import pathlib
 import secrets
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any
@@ -385,3 +386,24 @@ def test_an_oversized_body_is_refused_before_it_is_read_in_openais_shape(mounted
     head, _, payload = raw.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 413")
     assert json.loads(payload)["error"]["code"] == "payload_too_large"
+
+
+def test_a_stream_dropped_by_the_client_ends_the_adapters_use_through_the_guard(
+    mounted: Mounted, server_adapters: list[LoraAdapter]
+) -> None:
+    path = mounted.save_sampler_weights("acme", "run-acme", "s", server_adapters[0])
+    body = {"model": path, "prompt": PROMPT, "max_tokens": 400, "stream": True, "ignore_eos": True}
+    headers = {"Authorization": f"Bearer {mounted.keys['acme']}"}
+    registry = mounted.server.app.state.openai.registry
+    with httpx.Client(timeout=60) as client:
+        with client.stream("POST", f"{mounted.base_url}/completions", json=body, headers=headers) as response:
+            assert response.status_code == 200
+            lines = response.iter_lines()
+            assert next(line for line in lines if line.startswith("data: "))
+    deadline = time.monotonic() + 20
+    while registry.resident()[0].in_use and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert [r.in_use for r in registry.resident()] == [0]
+    # The server keeps serving.
+    again = mounted.client("acme").completions.create(model=path, prompt=PROMPT, max_tokens=2)
+    assert again.choices[0].text is not None

@@ -28,6 +28,8 @@ _COMMAND_MODULES: tuple[str, ...] = (
     "audit",
     "db",
     "tssp",
+    "serve",
+    "chat",
 )
 
 

@@ -33,13 +33,14 @@ from tensafe.crypto.kem import HybridKemPrivateKey
 from tensafe.crypto.signing import HybridVerifyingKey
 from tensafe.db import utcnow
 from tensafe.package import (
+    POLICY_PACKAGE,
     AuditSink,
     PackageError,
     PackageInfo,
     RollbackState,
     unpack_to_memory,
 )
-from tensafe.policy import Policy
+from tensafe.policy import Policy, PolicyError
 from tensafe.serving.engine import LoraAdapter
 from tensafe.serving.errors import AdapterRefusedError, AdapterUnavailableError
 from tensafe.serving.registry import AdapterRef, ModelEntry, ServingCaller, model_not_found
@@ -89,7 +90,10 @@ class PackageAdmission:
     Args:
         trust: The signer public keys the operator trusts (``--trust``); at least one.
         recipient_key: The serving process's hybrid KEM private key (``--recipient-key``).
-        policy: A Rego admission policy in ``package tensafe.tssp``, or None.
+        policy: The source text of a Rego admission policy in ``package tensafe.tssp``, or
+            None. It is compiled here (a bad policy fails at once) and again for each
+            admission in the admitting thread: the Rego engine may not cross threads.
+        policy_origin: A name for the policy in messages (its file name).
         threshold: Minimum number of distinct trusted signers (the manifest's also applies).
         state: The TSSP rollback state, or None to skip rollback protection.
         audit: Receives the ``tssp.unpack.*`` event of every decision (fail closed).
@@ -103,7 +107,8 @@ class PackageAdmission:
         *,
         trust: Sequence[HybridVerifyingKey],
         recipient_key: HybridKemPrivateKey,
-        policy: Policy | None,
+        policy: str | None,
+        policy_origin: str = "<policy>",
         threshold: int = 1,
         state: RollbackState | None,
         audit: AuditSink | None,
@@ -116,6 +121,9 @@ class PackageAdmission:
         self._trust = tuple(trust)
         self._recipient_key = recipient_key
         self._policy = policy
+        self._policy_origin = policy_origin
+        if policy is not None:
+            self._compile_policy()
         self._threshold = threshold
         self._state = state
         self._audit = audit
@@ -125,8 +133,23 @@ class PackageAdmission:
     def __repr__(self) -> str:
         return f"PackageAdmission(base_model={self.base_model!r}, trusted={len(self._trust)})"
 
-    def admit(self, package: str | Path, *, now: _dt.datetime | None = None) -> AdmittedPackage:
+    def _compile_policy(self) -> Policy | None:
+        if self._policy is None:
+            return None
+        try:
+            return Policy.from_text(self._policy, package=POLICY_PACKAGE, origin=self._policy_origin)
+        except PolicyError as exc:
+            raise AdapterRefusedError(
+                f"the admission policy {self._policy_origin} is not usable: {exc}"
+            ) from None
+
+    def admit(
+        self, package: str | Path, *, now: _dt.datetime | None = None, audit: AuditSink | None = None
+    ) -> AdmittedPackage:
         """Verify, decrypt in memory and check one package.
+
+        ``audit`` replaces the admission's audit sink for this decision (an operator's load
+        at runtime is recorded under the operator as actor).
 
         Raises:
             AdapterRefusedError: One line naming the package and the first check that failed
@@ -135,21 +158,29 @@ class PackageAdmission:
                 TSSP error's when the package layer refused it.
         """
         where = str(package)
+        policy = self._compile_policy()
+        refused: AdapterRefusedError | None = None
         try:
             info, files = unpack_to_memory(
                 package,
                 recipient_key=self._recipient_key,
                 trust=self._trust,
                 state=self._state,
-                policy=self._policy,
+                policy=policy,
                 threshold=self._threshold,
                 now=now,
-                audit=self._audit,
+                audit=audit if audit is not None else self._audit,
             )
         except PackageError as exc:
             refused = AdapterRefusedError(f"package {where} refused: {exc}")
             refused.exit_code = exc.exit_code
-            raise refused from None
+            # The traceback's frames hold the policy: free them here, in this thread (a Rego
+            # engine dropped by the garbage collector in another thread is an error).
+            exc.__traceback__ = None
+        finally:
+            del policy
+        if refused is not None:
+            raise refused
         self._check_base_model(where, info)
         adapter_files = _adapter_files(where, info, files)
         del files

@@ -21,7 +21,6 @@ import pytest
 
 from serving.standalone.conftest import BASE, ServeKeys
 from tensafe.package import PackageEvent, RollbackState, unpack
-from tensafe.policy import Policy
 from tensafe.serving.errors import AdapterRefusedError, AdapterUnavailableError, ModelNotFoundError
 from tensafe.serving.packages import AdmittedPackage, PackageAdmission, PackageSource
 from tensafe.serving.registry import ServingCaller
@@ -119,10 +118,9 @@ def _flip(path: pathlib.Path, offset: int) -> pathlib.Path:
 
 def _refusals() -> list[Any]:
     far = dt.datetime.now(dt.UTC) + dt.timedelta(days=400)
-    deny_clinical = Policy.from_text(
+    deny_clinical = (
         'package tensafe.tssp\nimport rego.v1\ndeny contains "clinical adapters are not admitted here" '
-        'if input.manifest.name == "clinical"\n',
-        package="tensafe.tssp",
+        'if input.manifest.name == "clinical"\n'
     )
     return [
         pytest.param(
@@ -297,3 +295,20 @@ def test_source_replacement_and_removal_invalidate_the_old_adapter(
     with pytest.raises(ModelNotFoundError):
         source.fetch(new)
     assert source.remove("clinical") is None
+
+
+def test_the_policy_is_evaluated_in_the_admitting_thread(
+    make_package: Callable[..., pathlib.Path], serve_keys: ServeKeys, tmp_path: pathlib.Path
+) -> None:
+    """The Rego engine may not cross threads (regorus panics): the serving process admits in a
+    worker thread, so the policy compiled at start must not be the one evaluated there."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    allow_all = 'package tensafe.tssp\nimport rego.v1\ndeny contains msg if { false; msg := "" }\n'
+    admission = _admission(serve_keys, tmp_path, policy=allow_all)
+    package = make_package()
+    with ThreadPoolExecutor(1) as pool:
+        admitted = pool.submit(admission.admit, package).result()
+    assert admitted.name == "clinical"
+    with pytest.raises(AdapterRefusedError, match="admission policy <policy> is not usable"):
+        _admission(serve_keys, tmp_path, policy="package tensafe.tssp\ndeny := [")

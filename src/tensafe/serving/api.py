@@ -331,6 +331,21 @@ class _Api:
         ]
         return JSONResponse(oai.ModelList(data=data).model_dump())
 
+    async def model(self, request: Request) -> Response:
+        """``GET /models/{model}``: one model the caller may use (404 otherwise, as for a request)."""
+        name = str(request.path_params.get("model", ""))
+        try:
+            caller = await self.authenticate(request)
+            ref = await self.registry.resolve(caller, name)
+        except Exception as exc:
+            return self._fail("models", exc)
+        entry = (
+            oai.Model(id=name, created=int(time.time()), owned_by="tensafe", root=name)
+            if ref is None
+            else oai.Model(id=name, created=int(time.time()), owned_by=ref.tenant, root=ref.base_model)
+        )
+        return JSONResponse(entry.model_dump())
+
     async def completions(self, request: Request) -> Response:
         return await self._serve(request, chat=False)
 
@@ -807,6 +822,9 @@ def build_openai_router(
     api = _Api(registry, authenticate)
     router = APIRouter(prefix=prefix, tags=["openai"])
     router.add_api_route("/models", api.models, methods=["GET"], summary="List the models the caller may use")
+    router.add_api_route(
+        "/models/{model:path}", api.model, methods=["GET"], summary="Retrieve a model the caller may use"
+    )
     router.add_api_route("/completions", api.completions, methods=["POST"], summary="Create a completion")
     router.add_api_route("/chat/completions", api.chat, methods=["POST"], summary="Create a chat completion")
     return router

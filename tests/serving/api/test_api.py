@@ -54,6 +54,12 @@ def test_models_lists_the_base_model_and_only_the_callers_adapters(api: Api) -> 
     globex = [m.id for m in api.client("globex").models.list()]
     assert acme == [MODEL, "acme-a", "acme-b"]
     assert globex == [MODEL, "globex-c"]
+    client = api.client("acme")
+    assert client.models.retrieve("acme-a").root == MODEL
+    assert client.models.retrieve(MODEL).id == MODEL
+    for hidden in ("globex-c", "no-such-model"):
+        with pytest.raises(openai.NotFoundError):
+            client.models.retrieve(hidden)
 
 
 # --------------------------------------------------------------------------- greedy = reference

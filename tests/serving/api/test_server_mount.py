@@ -134,6 +134,7 @@ def test_the_openai_sdk_serves_the_callers_checkpoint_equal_to_transformers_peft
     path = mounted.save_sampler_weights("acme", "run-acme", "step-1", server_adapters[0])
     client = mounted.client("acme")
     assert [m.id for m in client.models.list()] == [TINY_MODEL, path]
+    assert client.models.retrieve(path).id == path  # a tinker:// id, slashes and all
     ref = reference_greedy(
         tiny_model_dir, server_adapters[0], _prompt_ids(tiny_model_dir, PROMPT), 10, stop_at_eos=False
     )

@@ -50,6 +50,7 @@ import json
 import logging
 import secrets
 import time
+import traceback
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal
@@ -91,6 +92,12 @@ _ERRORS: Final[tuple[tuple[type[ServingError], int, str, str | None], ...]] = (
     (ServingOverloadedError, 429, "rate_limit_error", "rate_limit_exceeded"),
     (EngineUnavailableError, 503, "server_error", "engine_unavailable"),
 )
+
+
+def _log_failure(route: str, exc: BaseException) -> None:
+    """Log an unexpected failure: its type and where, never its message (it may quote the request)."""
+    where = "".join(traceback.format_tb(exc.__traceback__))
+    _log.error("%s failed with %s at:\n%s", route, type(exc).__name__, where)
 
 
 def openai_error_response(exc: BaseException) -> JSONResponse:
@@ -355,7 +362,7 @@ class _Api:
     @staticmethod
     def _fail(route: str, exc: BaseException) -> JSONResponse:
         if not isinstance(exc, ServingError):
-            _log.error("%s failed with %s", route, type(exc).__name__, exc_info=exc)
+            _log_failure(route, exc)
         return openai_error_response(exc)
 
     async def _serve(self, request: Request, *, chat: bool) -> Response:
@@ -373,9 +380,11 @@ class _Api:
                 raise _invalid("'stream_options' is only allowed when 'stream' is true.", "stream_options")
             target = await self.registry.acquire(caller, body.model)
             plan = self._plan(target, body, chat=chat)
-        except Exception as exc:
+        except BaseException as exc:  # cancelled too: the adapter's use must end
             if target is not None:
                 self.registry.release(target)
+            if not isinstance(exc, Exception):
+                raise
             return self._fail(route, exc)
         if plan.stream:
             # The engine requests start now; the answer's status waits for every first chunk,
@@ -613,7 +622,7 @@ class _Api:
                 return
             except Exception as exc:
                 if not isinstance(exc, ServingError):
-                    _log.error("a streamed answer failed with %s", type(exc).__name__, exc_info=exc)
+                    _log_failure("a streamed answer", exc)
                 yield _event(_error(exc)[1])
             finally:
                 await fanout.aclose()
@@ -842,7 +851,7 @@ async def _http_error(_request: Request, exc: Exception) -> JSONResponse:
 
 
 async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
-    _log.error("unhandled error (%s)", type(exc).__name__, exc_info=exc)
+    _log_failure("a request", exc)
     return openai_error_response(exc)
 
 

@@ -41,6 +41,7 @@ Records name the adapter and the reason, never a prompt or a completion.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import time
@@ -424,6 +425,10 @@ class AdapterRegistry:
                 caller, ref.name, reason="invalid_adapter", source=ref.source, ref=ref, why=_why(exc)
             )
             raise AdapterRefusedError(f"adapter {ref.name!r} cannot be served: {exc}") from None
+        except BaseException:  # cancelled mid-load: never leave weights the registry does not track
+            with contextlib.suppress(Exception):
+                await engine.unload_adapter(ref.adapter_id)
+            raise
         del loaded
         slot = _Slot(ref=ref, engine=engine)
         self._slots[ref.adapter_id] = slot

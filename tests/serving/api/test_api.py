@@ -760,3 +760,28 @@ def test_any_json_body_gets_an_answer_or_an_openai_shaped_4xx(
         assert response.text.rstrip().endswith("data: [DONE]")
     else:
         assert response.json()["choices"]
+
+
+class LeakyEngine(RecordingEngine):
+    """Fails with an exception whose message quotes the prompt (as a careless library might)."""
+
+    def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+        text = self.tokenizer().decode(list(request.prompt_token_ids))  # type: ignore[attr-defined]
+        raise RuntimeError(f"could not process {text!r}")
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_an_unexpected_failure_is_a_500_that_quotes_nothing_of_the_request(
+    api: Api, caplog: pytest.LogCaptureFixture, stream: bool
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    api.engine_for[0] = LeakyEngine(api.engine)  # type: ignore[assignment]
+    try:
+        body = {"model": MODEL, "prompt": "CANARY-0b9c secret", "max_tokens": 2, "stream": stream}
+        response = _raw(api, "/completions", body)
+    finally:
+        api.engine_for[0] = api.engine
+    error = _assert_error(response, 500)
+    assert error["type"] == "server_error" and "RuntimeError" in error["message"]
+    assert "CANARY" not in response.text
+    assert "RuntimeError" in caplog.text and "CANARY" not in caplog.text

@@ -91,10 +91,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         help="enable /admin/adapters for whoever presents this file's token (mode 0600)",
     )
     parser.add_argument(
+        "--revocation-list",
+        metavar="FILE",
+        default=None,
+        help="withdrawn packages and signers (package:<sha256>, signer:<key id>), re-read every check",
+    )
+    parser.add_argument(
         "--recheck-seconds",
         type=float,
         default=30.0,
-        help="how often expired packages are unloaded (default 30)",
+        help="how often expired or revoked packages are unloaded (default 30)",
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8001, help="TCP port (default 8001)")
@@ -261,6 +267,7 @@ def _serve(args: argparse.Namespace) -> int:
                 admin_token=admin_token,
                 max_resident=max_resident,
                 recheck_seconds=args.recheck_seconds,
+                revocation_list=args.revocation_list,
             )
             scheme = "https" if tls is not None else "http"
             host = f"[{args.host}]" if ":" in args.host else args.host

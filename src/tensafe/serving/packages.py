@@ -45,7 +45,7 @@ from tensafe.serving.engine import LoraAdapter
 from tensafe.serving.errors import AdapterRefusedError, AdapterUnavailableError
 from tensafe.serving.registry import AdapterRef, ModelEntry, ServingCaller, model_not_found
 
-__all__ = ["PACKAGE_SOURCE", "AdmittedPackage", "PackageAdmission", "PackageSource"]
+__all__ = ["PACKAGE_SOURCE", "AdmittedPackage", "PackageAdmission", "PackageSource", "RevocationList"]
 
 #: The :attr:`PackageSource.name` (part of every package adapter's engine id).
 PACKAGE_SOURCE = "package"
@@ -225,6 +225,59 @@ def _adapter_files(where: str, info: PackageInfo, files: Mapping[str, bytes]) ->
     return {name: files[name] for name in _ADAPTER_FILES}
 
 
+@dataclass(frozen=True)
+class RevocationList:
+    """What the operator withdrew before expiry: package header digests and signer key ids.
+
+    The file format (``tensafe serve --revocation-list FILE``) is text, one entry per line:
+    ``package:<64 hex digits>`` (a package's header SHA-256, ``tensafe tssp inspect``) or
+    ``signer:<32 hex digits>`` (a signer key id: every package it signed is withdrawn, even one
+    other trusted signers also signed); blank lines and ``#`` comments are ignored.
+    """
+
+    packages: frozenset[str] = frozenset()
+    signers: frozenset[str] = frozenset()
+
+    @classmethod
+    def parse(cls, text: str, *, origin: str = "<revocation list>") -> RevocationList:
+        """Parse the file format above.
+
+        Raises:
+            AdapterRefusedError: A line is not an entry (its number is named).
+        """
+        packages: set[str] = set()
+        signers: set[str] = set()
+        for number, raw in enumerate(text.splitlines(), start=1):
+            line = raw.split("#", 1)[0].strip()
+            if not line:
+                continue
+            kind, _, value = line.partition(":")
+            value = value.strip().lower()
+            if kind == "package" and _is_hex(value, 64):
+                packages.add(value)
+            elif kind == "signer" and _is_hex(value, 32):
+                signers.add(value)
+            else:
+                raise AdapterRefusedError(
+                    f"{origin} line {number}: expected 'package:<64 hex digits>' or 'signer:<32 hex digits>'"
+                )
+        return cls(packages=frozenset(packages), signers=frozenset(signers))
+
+    def reason(self, package: AdmittedPackage | PackageInfo) -> str | None:
+        """Why ``package`` is revoked, or None."""
+        if package.header_sha256 in self.packages:
+            return "its package was revoked"
+        info = package.info if isinstance(package, AdmittedPackage) else package
+        revoked = sorted(set(info.trusted_signers) & self.signers)
+        if revoked:
+            return f"its signer {revoked[0]} was revoked"
+        return None
+
+
+def _is_hex(value: str, length: int) -> bool:
+    return len(value) == length and all(c in "0123456789abcdef" for c in value)
+
+
 @dataclass
 class _Entry:
     package: AdmittedPackage
@@ -245,6 +298,7 @@ class PackageSource:
         self.tenant = tenant
         self.base_model = base_model
         self._clock = clock
+        self._revoked = RevocationList()
         self._entries: dict[str, _Entry] = {}
         self._lock = threading.Lock()
 
@@ -293,6 +347,10 @@ class PackageSource:
             entry = self._find(name)
         return None if entry is None else entry.ref
 
+    def set_revoked(self, revoked: RevocationList) -> None:
+        """Withdraw what ``revoked`` names (requests are refused at once; the sweep unloads)."""
+        self._revoked = revoked
+
     # ------------------------------------------------------------------ AdapterSource
 
     def resolve(self, caller: ServingCaller, model: str) -> AdapterRef | None:
@@ -308,7 +366,7 @@ class PackageSource:
             return None
         if caller.tenant != self.tenant:
             raise model_not_found(model)
-        self._check_expiry(entry.package)
+        self._check_usable(entry.package)
         return entry.ref
 
     def fetch(self, ref: AdapterRef) -> LoraAdapter:
@@ -327,7 +385,7 @@ class PackageSource:
         now = self._clock()
         out: list[ModelEntry] = []
         for package in self.packages():
-            if now < package.expires:
+            if now < package.expires and self._revoked.reason(package) is None:
                 created = int(package.info.created.timestamp())
                 for model in (package.name, package.model):
                     out.append(
@@ -349,10 +407,15 @@ class PackageSource:
             entry = self._entries.get(ref.locator)
         if entry is None or entry.ref.adapter_id != ref.adapter_id:
             raise model_not_found(ref.name)
-        self._check_expiry(entry.package)
+        self._check_usable(entry.package)
         return entry.package
 
-    def _check_expiry(self, package: AdmittedPackage) -> None:
+    def _check_usable(self, package: AdmittedPackage) -> None:
+        why = self._revoked.reason(package)
+        if why is not None:
+            raise AdapterUnavailableError(
+                f"The model `{package.model}` is no longer served: {why} (the operator's revocation list)."
+            )
         if self._clock() >= package.expires:
             raise AdapterUnavailableError(
                 f"The model `{package.model}` is no longer served: its package expired at "

@@ -72,7 +72,13 @@ from tensafe.serving.errors import (
     ServingError,
     UnauthenticatedError,
 )
-from tensafe.serving.packages import PACKAGE_SOURCE, AdmittedPackage, PackageAdmission, PackageSource
+from tensafe.serving.packages import (
+    PACKAGE_SOURCE,
+    AdmittedPackage,
+    PackageAdmission,
+    PackageSource,
+    RevocationList,
+)
 from tensafe.serving.registry import AdapterRegistry, ServingCaller, model_not_found
 
 __all__ = [
@@ -82,6 +88,7 @@ __all__ = [
     "AdminToken",
     "StandaloneServer",
     "api_key_authenticator",
+    "read_revocation_list",
     "run_standalone",
 ]
 
@@ -207,15 +214,42 @@ async def _record_refusal(audit_log: AuditLog, tenant: str, model: str, why: str
 
 
 async def _admit(
-    admission: PackageAdmission, audit_log: AuditLog, tenant: str, path: str | Path, *, actor: str
+    admission: PackageAdmission,
+    audit_log: AuditLog,
+    tenant: str,
+    path: str | Path,
+    *,
+    actor: str,
+    revoked: RevocationList,
 ) -> AdmittedPackage:
     """Admit one package, its TSSP decision and any refusal recorded under ``actor``."""
     sink: AuditSink = AuditLogSink(audit_log, tenant=tenant, actor=actor)
     try:
-        return await anyio.to_thread.run_sync(partial(admission.admit, path, audit=sink))
+        package = await anyio.to_thread.run_sync(partial(admission.admit, path, audit=sink))
+        why = revoked.reason(package)
+        if why is not None:
+            raise AdapterRefusedError(f"package {path} refused: {why} (the revocation list)")
     except AdapterRefusedError as exc:
         await _record_refusal(audit_log, tenant, Path(path).name, str(exc), actor=actor)
         raise
+    return package
+
+
+def read_revocation_list(path: str | Path | None) -> RevocationList:
+    """The revocation list in ``path`` (empty when None).
+
+    Raises:
+        AdapterRefusedError: The file cannot be read or has a malformed line.
+    """
+    if path is None:
+        return RevocationList()
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise AdapterRefusedError(
+            f"--revocation-list {path}: cannot read the file ({getattr(exc, 'strerror', None) or exc})"
+        ) from None
+    return RevocationList.parse(text, origin=f"--revocation-list {path}")
 
 
 class StandaloneServer:
@@ -236,6 +270,7 @@ class StandaloneServer:
         sessions: sessionmaker[Session],
         admin_token: AdminToken | None,
         recheck_seconds: float,
+        revocation_list: str | Path | None = None,
     ) -> None:
         """Assemble the parts (use :meth:`start`, which also admits and loads the packages)."""
         self.tenant = tenant
@@ -247,6 +282,9 @@ class StandaloneServer:
         self._sessions = sessions
         self._admin_token = admin_token
         self.recheck_seconds = recheck_seconds
+        self._revocation_list = revocation_list
+        self.revoked = read_revocation_list(revocation_list)
+        source.set_revoked(self.revoked)
         self._admin_lock = asyncio.Lock()
 
     def __repr__(self) -> str:
@@ -265,6 +303,7 @@ class StandaloneServer:
         admin_token: AdminToken | None,
         max_resident: int,
         recheck_seconds: float = 30.0,
+        revocation_list: str | Path | None = None,
     ) -> StandaloneServer:
         """Admit every package, start the engine, load each package; nothing listens yet.
 
@@ -279,9 +318,10 @@ class StandaloneServer:
             raise InvalidGenerationRequestError(
                 "the expiry check interval must be positive", param="recheck_seconds"
             )
+        revoked = read_revocation_list(revocation_list)
         admitted: dict[str, AdmittedPackage] = {}
         for path in packages:
-            package = await _admit(admission, audit_log, tenant, path, actor=SERVICE_ACTOR)
+            package = await _admit(admission, audit_log, tenant, path, actor=SERVICE_ACTOR, revoked=revoked)
             if package.name in admitted:
                 why = (
                     f"packages {admitted[package.name].source} and {path} are both named "
@@ -322,6 +362,7 @@ class StandaloneServer:
                 sessions=sessions,
                 admin_token=admin_token,
                 recheck_seconds=recheck_seconds,
+                revocation_list=revocation_list,
             )
             for package in admitted.values():
                 source.add(package)
@@ -335,7 +376,9 @@ class StandaloneServer:
     # ------------------------------------------------------------------ operations
 
     async def _admit(self, path: str | Path, *, actor: str) -> AdmittedPackage:
-        return await _admit(self.admission, self._audit_log, self.tenant, path, actor=actor)
+        return await _admit(
+            self.admission, self._audit_log, self.tenant, path, actor=actor, revoked=self.revoked
+        )
 
     async def _load(self, package: AdmittedPackage, *, actor: str) -> None:
         """Load ``package`` into the engine now (the registry checks and records it)."""
@@ -434,11 +477,24 @@ class StandaloneServer:
             )
         return out
 
+    def reload_revocations(self) -> None:
+        """Read the revocation list again; a list that became unreadable keeps the last one (logged)."""
+        if self._revocation_list is None:
+            return
+        try:
+            self.revoked = read_revocation_list(self._revocation_list)
+        except AdapterRefusedError as exc:
+            _log.error("keeping the previous revocation list: %s", exc)
+            return
+        self.source.set_revoked(self.revoked)
+
     async def sweep_forever(self) -> None:
-        """Every ``recheck_seconds``, unload the adapters whose packages expired (recorded)."""
+        """Every ``recheck_seconds``, re-read the revocation list and unload the adapters whose
+        packages expired or were revoked (recorded)."""
         while True:
             await asyncio.sleep(self.recheck_seconds)
             try:
+                await anyio.to_thread.run_sync(self.reload_revocations)
                 gone = await self.registry.sweep()
             except Exception:  # the next sweep retries; the registry refuses expired ones anyway
                 _log.warning("the expiry sweep failed", exc_info=True)

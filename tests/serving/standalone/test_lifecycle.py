@@ -300,3 +300,54 @@ def test_the_admin_token_file_must_be_private_and_strong(tmp_path: pathlib.Path)
     os.symlink(path, tmp_path / "link")
     with pytest.raises(AdapterRefusedError, match="cannot read"):
         AdminToken.from_file(tmp_path / "link")
+
+
+def test_a_revoked_package_or_signer_is_unloaded_and_refused(
+    setup: Setup, make_package: Callable[..., pathlib.Path], serve_keys: ServeKeys, tmp_path: pathlib.Path
+) -> None:
+    from tensafe.package import inspect
+
+    revocations = tmp_path / "revoked.txt"
+    revocations.write_text("# nothing withdrawn yet\n")
+    clinical = make_package()
+    radiology = make_package(name="radiology")
+    running = setup.start([clinical, radiology], recheck_seconds=0.2, revocation_list=revocations)
+    server = running.server
+    assert server is not None
+    with httpx.Client(timeout=60) as client:
+        for model in ("clinical", "radiology"):
+            assert _complete(client, running.url, setup.key, model).status_code == 200
+        assert len(server.engine.resident_adapters()) == 2
+        # The operator withdraws clinical's package by its header digest, while the server runs.
+        revocations.write_text(f"package:{inspect(clinical).header_sha256}  # leaked\n")
+        deadline = time.monotonic() + 30
+        while len(server.engine.resident_adapters()) != 1:
+            assert time.monotonic() < deadline, "the revoked adapter stayed loaded"
+            time.sleep(0.1)
+        answer = _complete(client, running.url, setup.key, "clinical")
+        assert answer.status_code == 404 and "revoked" in answer.json()["error"]["message"]
+        assert _complete(client, running.url, setup.key, "radiology").status_code == 200
+        # A list that becomes malformed keeps the last good one (clinical stays withdrawn).
+        revocations.write_text("not an entry\n")
+        time.sleep(0.6)
+        assert _complete(client, running.url, setup.key, "clinical").status_code == 404
+        assert _complete(client, running.url, setup.key, "radiology").status_code == 200
+    unloaded = [json.loads(r.details) for r in setup.records("serving.adapter.unloaded")]
+    assert any(d["reason"] == "invalid" and "revoked" in d["why"] for d in unloaded)
+
+
+def test_a_package_of_a_revoked_signer_does_not_start(
+    setup: Setup, make_package: Callable[..., pathlib.Path], serve_keys: ServeKeys, tmp_path: pathlib.Path
+) -> None:
+    from tensafe.serving.standalone import read_revocation_list
+
+    revocations = tmp_path / "revoked.txt"
+    revocations.write_text(f"signer:{serve_keys.publisher.key_id}\n")
+    package = make_package()
+    with pytest.raises(AssertionError, match=r"its signer .* was revoked"):  # the start fails
+        setup.start([package], revocation_list=revocations)
+    refused = [json.loads(r.details) for r in setup.records("serving.adapter.refused")]
+    assert refused and "revoked" in refused[-1]["why"]
+    revocations.write_text("package:zz\n")
+    with pytest.raises(AdapterRefusedError, match="line 1"):
+        read_revocation_list(revocations)

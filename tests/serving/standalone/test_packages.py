@@ -312,3 +312,30 @@ def test_the_policy_is_evaluated_in_the_admitting_thread(
     assert admitted.name == "clinical"
     with pytest.raises(AdapterRefusedError, match="admission policy <policy> is not usable"):
         _admission(serve_keys, tmp_path, policy="package tensafe.tssp\ndeny := [")
+
+
+def test_revocation_list_format_and_reasons(
+    make_package: Callable[..., pathlib.Path], serve_keys: ServeKeys, tmp_path: pathlib.Path
+) -> None:
+    from tensafe.serving.packages import RevocationList
+
+    admitted = _admitted(make_package, serve_keys, tmp_path)
+    assert RevocationList().reason(admitted) is None
+    by_package = RevocationList.parse(f"# withdrawn\n\npackage:{admitted.header_sha256.upper()}  # leaked\n")
+    assert by_package.reason(admitted) == "its package was revoked"
+    by_signer = RevocationList.parse(f"signer:{serve_keys.publisher.key_id}\n")
+    assert by_signer.reason(admitted) == f"its signer {serve_keys.publisher.key_id} was revoked"
+    assert RevocationList.parse(f"signer:{serve_keys.stranger.key_id}\n").reason(admitted) is None
+    for bad in ("package:abc", "signer:" + "g" * 32, "key:" + "0" * 64, "package " + "0" * 64):
+        with pytest.raises(AdapterRefusedError, match="line 1"):
+            RevocationList.parse(bad)
+    source = PackageSource(tenant="acme", base_model=BASE)
+    source.add(admitted)
+    ref = source.resolve(ACME, "clinical")
+    assert ref is not None
+    source.set_revoked(by_signer)
+    with pytest.raises(AdapterUnavailableError, match="revocation list"):
+        source.resolve(ACME, "clinical")
+    with pytest.raises(AdapterUnavailableError):
+        source.check(ref)
+    assert source.list_models(ACME) == []

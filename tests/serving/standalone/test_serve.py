@@ -186,6 +186,7 @@ def reference_greedy(
     return out
 
 
+@pytest.mark.slow
 def test_serve_and_chat_end_to_end(
     serve_env: ServeEnv,
     serving_model_dir: pathlib.Path,

@@ -50,7 +50,16 @@ class Mounted:
     def client(self, tenant: str) -> openai.OpenAI:
         return openai.OpenAI(base_url=self.base_url, api_key=self.keys[tenant], max_retries=0, timeout=60)
 
-    def save_sampler_weights(self, tenant: str, run: str, name: str, adapter: LoraAdapter) -> str:
+    def save_sampler_weights(
+        self,
+        tenant: str,
+        run: str,
+        name: str,
+        adapter: LoraAdapter,
+        *,
+        kind: str = "sampler_weights",
+        state: str = "ready",
+    ) -> str:
         """Store ``adapter`` as ``tinker://<run>/sampler_weights/<name>`` of ``tenant`` (as the worker)."""
         ref = "ckpt-" + secrets.token_hex(12)
         for i, file in enumerate(ADAPTER_FILES):
@@ -80,7 +89,7 @@ class Mounted:
                         lora_config="{}",
                         optimizer_config="{}",
                         user_metadata="{}",
-                        state="ready",
+                        state=state,
                         created_at=now,
                         last_request_time=now,
                     )
@@ -90,14 +99,14 @@ class Mounted:
                 s,
                 tenant=tenant,
                 model_id=run,
-                kind="sampler_weights",
+                kind=kind,
                 name=name,
                 artifact_id=ref,
                 size_bytes=sum(len(v) for v in adapter.files.values()),
                 user_metadata="{}",
                 ttl_seconds=None,
             )
-        return f"tinker://{run}/sampler_weights/{name}"
+        return f"tinker://{run}/{kind}/{name}"
 
 
 @pytest.fixture
@@ -408,3 +417,26 @@ def test_a_stream_dropped_by_the_client_ends_the_adapters_use_through_the_guard(
     # The server keeps serving.
     again = mounted.client("acme").completions.create(model=path, prompt=PROMPT, max_tokens=2)
     assert again.choices[0].text is not None
+
+
+def test_an_uploaded_adapter_is_served_and_other_checkpoint_kinds_are_a_400(
+    mounted: Mounted, server_adapters: list[LoraAdapter], tiny_model_dir: pathlib.Path
+) -> None:
+    client = mounted.client("acme")
+    uploaded = mounted.save_sampler_weights(
+        "acme", "run-up", "byo", server_adapters[1], kind="external_weights", state="uploaded"
+    )
+    answer = client.completions.create(
+        model=uploaded, prompt=PROMPT, max_tokens=6, temperature=0, extra_body={"ignore_eos": True}
+    )
+    ids = _prompt_ids(tiny_model_dir, PROMPT)
+    assert (
+        answer.choices[0].text
+        == reference_greedy(tiny_model_dir, server_adapters[1], ids, 6, stop_at_eos=False).text
+    )
+    for kind in ("weights", "external_weights"):  # a training state, an export: not servable adapters
+        path = mounted.save_sampler_weights("acme", "run-acme", f"x-{kind}", server_adapters[0], kind=kind)
+        with pytest.raises(openai.BadRequestError) as info:
+            client.completions.create(model=path, prompt=PROMPT, max_tokens=2)
+        body: Any = info.value.body
+        assert body["param"] == "model" and "sampler_weights" in body["message"]

@@ -232,7 +232,15 @@ def _load_safetensors(data: bytes) -> dict[str, torch.Tensor]:
 
 
 class MultiLoraLinear(nn.Module):
-    """``base(x)`` plus, for each batch row, the low-rank update of that row's adapter slot."""
+    """``base(x)`` plus, for each batch row, the low-rank update of that row's adapter slot.
+
+    The slots of a projection are stacked along the rank axis: ``lora_a`` is
+    ``[slots * max_rank, in]`` and ``lora_b`` ``[slots * max_rank, out]``, slot ``s`` (1-based)
+    owning block ``s - 1``. A forward multiplies ``x`` by the blocks of every slot up to the
+    highest one in the batch at once, zeroes each row's entries outside its own block (the
+    bank's row mask) and multiplies by the same blocks of ``B``: two matrix products per
+    projection whatever the mix of adapters, with no per-row gather.
+    """
 
     def __init__(self, base: nn.Linear, bank: LoraBank, *, slots: int, max_rank: int) -> None:
         super().__init__()
@@ -241,22 +249,17 @@ class MultiLoraLinear(nn.Module):
         self.in_features = base.in_features
         self.out_features = base.out_features
         # Plain tensors, not buffers: they are no part of the model's state dict.
-        self.lora_a: torch.Tensor = torch.zeros(slots + 1, max_rank, base.in_features)
-        self.lora_b: torch.Tensor = torch.zeros(slots + 1, base.out_features, max_rank)
+        self.lora_a: torch.Tensor = torch.zeros(slots * max_rank, base.in_features)
+        self.lora_b: torch.Tensor = torch.zeros(slots * max_rank, base.out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out: torch.Tensor = self.base(x)
-        rows = self.bank.rows
-        if rows is None:
+        mask = self.bank.mask
+        if mask is None:
             return out
-        slots = self.bank.slots
-        assert slots is not None
-        a = self.lora_a.index_select(0, slots).transpose(1, 2)
-        b = self.lora_b.index_select(0, slots).transpose(1, 2)
-        if rows.numel() == x.shape[0] and self.bank.all_rows:
-            return out + torch.bmm(torch.bmm(x, a), b)
-        delta = torch.bmm(torch.bmm(x.index_select(0, rows), a), b)
-        return out.index_add(0, rows, delta)
+        width = mask.shape[-1]
+        hidden = torch.matmul(x, self.lora_a[:width].t()) * mask
+        return out + torch.matmul(hidden, self.lora_b[:width])
 
 
 class LoraBank:
@@ -269,9 +272,7 @@ class LoraBank:
     def __init__(self, model: nn.Module, *, slots: int, max_rank: int) -> None:
         self.max_rank = max_rank
         self.capacity = slots
-        self.rows: torch.Tensor | None = None
-        self.slots: torch.Tensor | None = None
-        self.all_rows = False
+        self.mask: torch.Tensor | None = None
         self.modules: dict[str, MultiLoraLinear] = {}
         found = [
             (name, module)
@@ -291,32 +292,41 @@ class LoraBank:
         """``{module name: (in_features, out_features)}`` of every adaptable layer."""
         return {name: (m.in_features, m.out_features) for name, m in self.modules.items()}
 
+    def _block(self, slot: int) -> slice:
+        if not 1 <= slot <= self.capacity:
+            raise ValueError(f"LoRA slot {slot} is outside 1..{self.capacity}")
+        return slice((slot - 1) * self.max_rank, slot * self.max_rank)
+
     @torch.no_grad()
     def fill(self, slot: int, adapter: ParsedAdapter) -> None:
         """Write ``adapter`` into ``slot`` (1-based); modules it does not adapt get zeros."""
+        block = self._block(slot)
         for name, module in self.modules.items():
-            module.lora_a[slot].zero_()
-            module.lora_b[slot].zero_()
+            module.lora_a[block].zero_()
+            module.lora_b[block].zero_()
             pair = adapter.weights.get(name)
             if pair is not None:
                 a, b = pair
-                module.lora_a[slot, : a.shape[0]] = a
-                module.lora_b[slot, :, : b.shape[1]] = b
+                rank = a.shape[0]
+                module.lora_a[block.start : block.start + rank] = a
+                module.lora_b[block.start : block.start + rank] = b.t()
 
     @torch.no_grad()
     def clear(self, slot: int) -> None:
         """Zero ``slot`` (freed adapters leave no weights behind)."""
+        block = self._block(slot)
         for module in self.modules.values():
-            module.lora_a[slot].zero_()
-            module.lora_b[slot].zero_()
+            module.lora_a[block].zero_()
+            module.lora_b[block].zero_()
 
     def set_rows(self, row_slots: list[int]) -> None:
         """Slot of each batch row for the next forward (0: the base model)."""
-        active = [i for i, slot in enumerate(row_slots) if slot]
-        if not active:
-            self.rows = self.slots = None
-            self.all_rows = False
+        span = max(row_slots, default=0)
+        if span == 0:
+            self.mask = None
             return
-        self.rows = torch.tensor(active, dtype=torch.long)
-        self.slots = torch.tensor([row_slots[i] for i in active], dtype=torch.long)
-        self.all_rows = len(active) == len(row_slots)
+        mask = torch.zeros(len(row_slots), 1, span * self.max_rank)
+        for row, slot in enumerate(row_slots):
+            if slot:
+                mask[row, 0, self._block(slot)] = 1.0
+        self.mask = mask

@@ -546,7 +546,7 @@ class TransformersEngine:
             self._running = []
             self._kv = BatchKVCache(self._num_layers)
             self._model = None
-            self._bank.rows = self._bank.slots = None
+            self._bank.mask = None
 
     def _step(self) -> bool:
         """One scheduler iteration; False once the engine is closed."""

@@ -182,7 +182,7 @@ def _engine_starter(args: argparse.Namespace, name: str, source: str, max_reside
             return await VllmEngine.start(
                 source,
                 vllm_python=args.vllm_python,
-                max_loras=max_resident,
+                max_loras=min(max_resident, 16),
                 max_lora_rank=args.max_lora_rank,
                 max_num_seqs=args.max_num_seqs,
                 max_model_len=args.max_model_len,
@@ -196,7 +196,7 @@ def _engine_starter(args: argparse.Namespace, name: str, source: str, max_reside
             source,
             model_name=name,
             aliases=(source,),
-            max_loras=max_resident,
+            max_loras=min(max_resident, 16),
             max_lora_rank=args.max_lora_rank,
             max_num_seqs=args.max_num_seqs,
             max_model_len=args.max_model_len,

@@ -440,3 +440,27 @@ def test_an_uploaded_adapter_is_served_and_other_checkpoint_kinds_are_a_400(
             client.completions.create(model=path, prompt=PROMPT, max_tokens=2)
         body: Any = info.value.body
         assert body["param"] == "model" and "sampler_weights" in body["message"]
+
+
+def test_the_mount_alone_authenticates_the_same_keys_itself(server_env: ServerEnv) -> None:
+    from serving.api.conftest import Uvicorn
+    from tensafe.server.routers.openai import build_openai_mount
+    from tensafe.server.services import Services
+
+    key = server_env.tenant_key("acme")
+    services = Services(
+        sessions=server_env.sessions,
+        store=server_env.store,
+        signer=None,
+        checkpoint_every=None,
+        catalog=server_env.settings.catalog,
+    )
+    mount = build_openai_mount(services, server_env.settings.catalog, max_resident=1)
+    with Uvicorn(mount.app) as server:
+        for headers in ({"Authorization": f"Bearer {key}"}, {"X-API-Key": key}):
+            listed = httpx.get(f"{server.url}/models", headers=headers, timeout=30)
+            assert listed.status_code == 200 and [m["id"] for m in listed.json()["data"]] == [TINY_MODEL]
+        for headers in ({}, {"Authorization": "Bearer tml-wrong"}):
+            refused = httpx.get(f"{server.url}/models", headers=headers, timeout=30)
+            assert refused.status_code == 401 and refused.json()["error"]["code"] == "invalid_api_key"
+    asyncio.run(mount.aclose())

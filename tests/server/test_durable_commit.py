@@ -130,15 +130,15 @@ class _FailingStateWrites:
         self.failed = 0
         self.staged = 0
         self.overlapped = threading.Event()
-        put_original = store.put_bytes
+        put_original = store.put
         stage_original = LoraTrainingSession.stage_forward_backward
 
-        def put_bytes(tenant: str, ref: str, data: bytes, *, kind: str, **kw: Any) -> Any:
+        def put(tenant: str, ref: str, src: Any, *, kind: str, **kw: Any) -> Any:
             if kind == "training-state" and self.armed:
                 self.failed += 1
                 assert self.overlapped.wait(60), "the next forward_backward did not overlap the write"
                 raise OSError("disk full (injected)")
-            return put_original(tenant, ref, data, kind=kind, **kw)
+            return put_original(tenant, ref, src, kind=kind, **kw)
 
         def stage(session: Any, *args: Any, **kw: Any) -> Any:
             staged = stage_original(session, *args, **kw)
@@ -148,7 +148,7 @@ class _FailingStateWrites:
                     self.overlapped.set()
             return staged
 
-        monkeypatch.setattr(store, "put_bytes", put_bytes)
+        monkeypatch.setattr(store, "put", put)
         monkeypatch.setattr(LoraTrainingSession, "stage_forward_backward", stage)
         _hold_steps_until_queued(monkeypatch, env, lambda: self.armed and self.staged == 1)
 
@@ -205,17 +205,17 @@ def test_a_worker_dying_before_the_commit_leaves_the_step_undone_and_recoverable
     server: LiveServer = start_server(privacy=LOOSE)
     service = tinker.ServiceClient(base_url=server.url, api_key=server_env.tenant_key("acme"))
     store = server_env.store
-    original = store.put_bytes
+    original = store.put
     entered, release = threading.Event(), threading.Event()
     hold = {"on": False}
 
-    def put_bytes(tenant: str, ref: str, data: bytes, *, kind: str, **kw: Any) -> Any:
+    def put(tenant: str, ref: str, src: Any, *, kind: str, **kw: Any) -> Any:
         if kind == "training-state" and hold["on"]:
             entered.set()
             release.wait(60)  # the write is "in flight" until the test lets it go
-        return original(tenant, ref, data, kind=kind, **kw)
+        return original(tenant, ref, src, kind=kind, **kw)
 
-    monkeypatch.setattr(store, "put_bytes", put_bytes)
+    monkeypatch.setattr(store, "put", put)
     try:
         run = service.create_lora_training_client(base_model=TINY_MODEL, rank=2).result()
         run.forward_backward([_datum(TOKENS[0])], "cross_entropy").result()
@@ -309,14 +309,14 @@ def test_a_step_committed_while_the_next_request_reads_the_row_is_not_a_stale_se
     server: LiveServer = start_server(privacy=LOOSE)
     worker: Worker = server.app.state.worker
     store = server_env.store
-    put_original = store.put_bytes
+    put_original = store.put
     seqs_original = ComputeOps._finished_seqs
     armed, reached = threading.Event(), threading.Event()
 
-    def put_bytes(tenant: str, ref: str, data: bytes, *, kind: str, **kw: Any) -> Any:
+    def put(tenant: str, ref: str, src: Any, *, kind: str, **kw: Any) -> Any:
         if kind == "training-state" and armed.is_set():
             assert reached.wait(60), "the next forward_backward did not run during the write"
-        return put_original(tenant, ref, data, kind=kind, **kw)
+        return put_original(tenant, ref, src, kind=kind, **kw)
 
     def finished_seqs(ops: ComputeOps, ctx: Any) -> tuple[int, list[int]]:
         out = seqs_original(ops, ctx)
@@ -325,7 +325,7 @@ def test_a_step_committed_while_the_next_request_reads_the_row_is_not_a_stale_se
             worker._committer.wait(ctx.model_id)  # the step commits here, after the row read
         return out
 
-    monkeypatch.setattr(store, "put_bytes", put_bytes)
+    monkeypatch.setattr(store, "put", put)
     monkeypatch.setattr(ComputeOps, "_finished_seqs", finished_seqs)
     _hold_steps_until_queued(monkeypatch, server_env, armed.is_set)
     service = tinker.ServiceClient(base_url=server.url, api_key=server_env.tenant_key("acme"))

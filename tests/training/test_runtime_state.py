@@ -297,3 +297,51 @@ def test_encoder_matches_the_safetensors_library(
         naive.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() + b"\0")
     assert meta["digest"] == naive.hexdigest()
     assert decode_state(bytes(reference))[0] == header
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    sizes=st.lists(st.integers(min_value=0, max_value=64), min_size=0, max_size=6),
+    reads=st.lists(st.integers(min_value=1, max_value=50), min_size=1, max_size=20),
+)
+def test_segment_reader_returns_the_joined_bytes_for_any_read_sizes(
+    sizes: list[int], reads: list[int]
+) -> None:
+    """EncodedState.reader() over segments == the concatenation, whatever the read sizes."""
+    from tensafe.training.runtime.state import EncodedState
+
+    segments = [bytes((i * 7 + j) % 256 for j in range(n)) for i, n in enumerate(sizes)]
+    joined = b"".join(segments)
+    blob = EncodedState([*segments[:1], *(memoryview(s) for s in segments[1:])])
+    assert blob.nbytes == len(joined) and blob.tobytes() == joined
+    reader, got = blob.reader(), bytearray()
+    for k in reads * (len(joined) // max(1, sum(reads)) + 2):
+        buf = bytearray(k)
+        n = reader.readinto(buf)
+        got += buf[:n]
+        if n == 0:
+            break
+    assert bytes(got) == joined
+    assert reader.readinto(bytearray(8)) == 0 and blob.reader().read() == joined
+
+
+def test_live_snapshot_encodes_to_state_bytes_and_survives_a_forward_backward(
+    tiny_model_dir: pathlib.Path,
+) -> None:
+    """snapshot() (no copies) serializes to exactly state_bytes(), also after a forward_backward
+    ran in between (the server writes it while the next forward_backward executes), and its
+    step counters are frozen against the next optim_step."""
+    from tensafe.training.runtime.state import encode_snapshot_parts
+
+    s = LoraTrainingSession.create(
+        base_model=str(tiny_model_dir), rank=4, dp=_policy(), seed=3, deterministic=True
+    )
+    _step(s, _data(4, seed=1))
+    expected = s.state_bytes(include_optimizer=True)
+    snap = s.snapshot(include_optimizer=True)
+    s.forward_backward(_data(4, seed=2), "cross_entropy")
+    assert encode_snapshot_parts(snap).tobytes() == expected
+    assert encode_snapshot_parts(snap).reader().read() == expected
+    s.optim_step(ADAM)  # changes weights, moments and the step counters in place
+    assert s.state_bytes(include_optimizer=True) != expected
+    assert all(int(step) == 1 for _, _, step in snap.optimizer.moments.values())  # type: ignore[union-attr]

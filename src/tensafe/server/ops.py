@@ -51,7 +51,7 @@ import logging
 import secrets
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any, BinaryIO, cast
 
 from sqlalchemy import and_, func, select
 from sqlalchemy.orm import Session
@@ -410,11 +410,17 @@ class ComputeOps:
             data, restore_optimizer=restore_optimizer, base_model=directory
         )
 
-    def _snapshot_state(self, session: Any) -> tuple[str | None, bytes | None]:
-        """The auto-checkpoint's artifact id and serialized state (written by the committer)."""
+    def _snapshot_state(self, session: Any) -> tuple[str | None, Any]:
+        """The auto-checkpoint's artifact id and the session's snapshot (no copies).
+
+        The snapshot refers to the live tensors; it is serialized, encrypted and written by
+        the committer (or inline), before anything that changes them runs: only ``forward``
+        and ``forward_backward`` of the model may overlap a pending state write
+        (:mod:`tensafe.server.durability`), and they leave weights and moments unchanged.
+        """
         if not self.auto_checkpoint:
             return None, None
-        return "state-" + secrets.token_hex(12), session.state_bytes(include_optimizer=True)
+        return "state-" + secrets.token_hex(12), session.snapshot(include_optimizer=True)
 
     def _finish(self, ctx: JobContext, loaded: _Loaded) -> None:
         """Record that ``loaded`` executed ``ctx`` successfully (call only on success)."""
@@ -438,10 +444,11 @@ class ComputeOps:
     ) -> JobResult:
         """A result that records the session's new auto-checkpoint with the future.
 
-        The state is serialized now; its encrypted write is the result's ``durable`` part,
-        run by the worker's committer before the completing transaction.
+        The state is snapshotted now (references to its tensors); its serialization and
+        encrypted write are the result's ``durable`` part, run by the worker's committer
+        (or inline, when nothing is queued) before the completing transaction.
         """
-        ref, data = self._snapshot_state(session)
+        ref, snapshot = self._snapshot_state(session)
         step = int(session.step)
         spent = json.dumps(_privacy_record(session), sort_keys=True)
         model_id, seq_id, tenant, store = ctx.model_id, ctx.seq_id, ctx.tenant, ctx.services.store
@@ -464,8 +471,13 @@ class ComputeOps:
         future_id = ctx.future_id
 
         def write() -> None:
-            if ref is not None and data is not None:
-                store.put_bytes(tenant, ref, data, kind="training-state")
+            if ref is not None and snapshot is not None:
+                from tensafe.training.runtime.state import encode_snapshot_parts
+
+                # Serialized here (one hashing pass, no copy), then copied once into the
+                # encryptor's buffers as it streams to the store.
+                reader = cast(BinaryIO, encode_snapshot_parts(snapshot).reader())
+                store.put(tenant, ref, reader, kind="training-state")
 
         def cleanup() -> None:
             # ``committing`` keeps the entry until the worker reads the row after this commit

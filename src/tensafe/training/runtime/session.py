@@ -1091,6 +1091,24 @@ class LoraTrainingSession:
         with self._lock:
             return encode_snapshot(self._snapshot(include_optimizer=include_optimizer))
 
+    def snapshot(self, *, include_optimizer: bool) -> SessionSnapshot:
+        """The session's state as a :class:`~tensafe.training.runtime.state.SessionSnapshot`, cheaply.
+
+        The snapshot refers to the session's live weight and optimizer tensors (no copies):
+        it stays valid until the next call that changes them (:meth:`optim_step`,
+        :meth:`train_step`, a weight load); serialize it before then
+        (:func:`~tensafe.training.runtime.state.encode_snapshot_parts`). ``forward`` and
+        ``forward_backward`` leave them unchanged, so a snapshot may be written while they
+        run. :meth:`state_bytes` is the self-contained (copying) form.
+        """
+        with self._lock:
+            snap = self._snapshot(include_optimizer=include_optimizer)
+            if snap.optimizer is None:
+                return snap
+            # The step counters are tensors updated in place: freeze them now.
+            moments = {n: (a, b, step.clone()) for n, (a, b, step) in snap.optimizer.moments.items()}
+            return dataclasses.replace(snap, optimizer=dataclasses.replace(snap.optimizer, moments=moments))
+
     def _snapshot(self, *, include_optimizer: bool) -> SessionSnapshot:
         """The session as a :class:`~tensafe.training.runtime.state.SessionSnapshot` (no copies)."""
         optimizer: AdamSnapshot | None = None

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
 import struct
 from collections.abc import Mapping
@@ -48,11 +49,14 @@ __all__ = [
     "STATE_VERSION",
     "AdamSnapshot",
     "DpSnapshot",
+    "EncodedState",
     "SessionSnapshot",
     "decode_snapshot",
     "decode_state",
     "encode_snapshot",
+    "encode_snapshot_parts",
     "encode_state",
+    "encode_state_parts",
 ]
 
 STATE_FORMAT = "tensafe-lora-session"
@@ -104,13 +108,78 @@ def _digest(header_json: str, tensors: dict[str, torch.Tensor]) -> str:
     return _digest_items(header_json, items)
 
 
-def encode_state(header: dict[str, Any], tensors: dict[str, torch.Tensor]) -> bytes:
-    """Serialize ``header`` (JSON-ready) and ``tensors`` into one safetensors blob.
+class EncodedState:
+    """A serialized state as its segments: the safetensors header, then each tensor's bytes.
+
+    The tensor segments are views of the snapshot's tensors, not copies: the bytes are
+    copied once, by whoever consumes them (:meth:`reader` into an encryptor's buffers, or
+    :meth:`tobytes`). The tensors must therefore not change until the state is consumed
+    (the server's committer guarantees it: see :mod:`tensafe.server.durability`).
+    """
+
+    __slots__ = ("_segments", "nbytes")
+
+    def __init__(self, segments: list[bytes | memoryview]) -> None:
+        """Wrap ``segments`` (consumed in order)."""
+        self._segments = tuple(memoryview(seg).cast("B") for seg in segments)
+        #: Total size of the blob in bytes.
+        self.nbytes = sum(seg.nbytes for seg in self._segments)
+
+    def __repr__(self) -> str:
+        return f"EncodedState(nbytes={self.nbytes}, segments={len(self._segments)})"
+
+    def tobytes(self) -> bytes:
+        """The blob as one ``bytes`` object (one copy of every segment)."""
+        return b"".join(self._segments)
+
+    def reader(self) -> io.BufferedIOBase:
+        """A binary stream over the blob whose ``readinto`` copies straight from the segments."""
+        return _SegmentReader(self._segments)
+
+
+class _SegmentReader(io.BufferedIOBase):
+    """Sequential reads over a tuple of byte views (no intermediate buffer)."""
+
+    def __init__(self, segments: tuple[memoryview, ...]) -> None:
+        super().__init__()
+        self._segments = segments
+        self._index = 0
+        self._offset = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        out = memoryview(buffer).cast("B")
+        filled = 0
+        while filled < out.nbytes and self._index < len(self._segments):
+            seg = self._segments[self._index]
+            n = min(seg.nbytes - self._offset, out.nbytes - filled)
+            out[filled : filled + n] = seg[self._offset : self._offset + n]
+            filled += n
+            self._offset += n
+            if self._offset == seg.nbytes:
+                self._index, self._offset = self._index + 1, 0
+        return filled
+
+    def read(self, size: int | None = -1) -> bytes:
+        if size is None or size < 0:
+            size = sum(seg.nbytes for seg in self._segments[self._index :]) - self._offset
+        buf = bytearray(size)
+        n = self.readinto(buf)
+        return bytes(buf[:n])
+
+    def read1(self, size: int = -1) -> bytes:
+        return self.read(size)
+
+
+def encode_state_parts(header: dict[str, Any], tensors: dict[str, torch.Tensor]) -> EncodedState:
+    """Serialize ``header`` (JSON-ready) and ``tensors`` into one safetensors blob, as segments.
 
     The safetensors container is written here directly (8-byte header length, JSON header
-    padded to 8 bytes, tensors back to back in name order): one copy of each tensor into
-    the output and one hashing pass, instead of the several copies of
-    ``safetensors.torch.save``. The reader is the safetensors library itself.
+    padded to 8 bytes, tensors back to back in name order), without copying the tensors: one
+    hashing pass for the digest, and the returned :class:`EncodedState` refers to the
+    tensors' memory. The reader is the safetensors library itself.
     """
     header_json = json.dumps(header, sort_keys=True, separators=(",", ":"), allow_nan=False)
     items: list[tuple[str, torch.Tensor, memoryview]] = []
@@ -136,8 +205,12 @@ def encode_state(header: dict[str, Any], tensors: dict[str, torch.Tensor]) -> by
     }
     st_header = json.dumps({"__metadata__": metadata, **entries}, separators=(",", ":")).encode("utf-8")
     st_header += b" " * (-len(st_header) % 8)
-    # One allocation and one copy of each tensor (this machine class copies at ~1-2 GB/s).
-    return b"".join([struct.pack("<Q", len(st_header)), st_header, *(raw for _, _, raw in items)])
+    return EncodedState([struct.pack("<Q", len(st_header)) + st_header, *(raw for _, _, raw in items)])
+
+
+def encode_state(header: dict[str, Any], tensors: dict[str, torch.Tensor]) -> bytes:
+    """:func:`encode_state_parts` as one ``bytes`` object."""
+    return encode_state_parts(header, tensors).tobytes()
 
 
 def decode_state(data: bytes) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -258,6 +331,11 @@ _LORA_FLAGS = ("train_mlp", "train_attn", "train_unembed")
 
 def encode_snapshot(snapshot: SessionSnapshot) -> bytes:
     """Serialize ``snapshot`` as a ``tensafe-lora-session/v1`` blob (see the module docstring)."""
+    return encode_snapshot_parts(snapshot).tobytes()
+
+
+def encode_snapshot_parts(snapshot: SessionSnapshot) -> EncodedState:
+    """:func:`encode_snapshot` as segments that refer to the snapshot's tensors (no copies)."""
     s = snapshot
     tensors: dict[str, torch.Tensor] = {f"lora/{n}": t for n, t in s.weights.items()}
     optimizer: dict[str, Any] | None = None
@@ -307,7 +385,7 @@ def encode_snapshot(snapshot: SessionSnapshot) -> bytes:
         "optimizer": optimizer,
         "dataset": _pack_dataset(s.dataset, tensors),
     }
-    return encode_state(header, tensors)
+    return encode_state_parts(header, tensors)
 
 
 def decode_snapshot(data: bytes) -> SessionSnapshot:

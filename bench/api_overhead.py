@@ -122,13 +122,14 @@ def _instrument_server(timers: _Timers) -> None:
     from tensafe.server.jobs import Worker
     from tensafe.server.ops import ComputeOps
     from tensafe.storage import EncryptedArtifactStore
-    from tensafe.training.runtime import LoraTrainingSession
+    from tensafe.training.runtime import LoraTrainingSession, state
 
     for owner, attr, name in (
         (LoraTrainingSession, "stage_forward_backward", "runtime.forward_backward"),
         (LoraTrainingSession, "optim_step", "runtime.optim_step"),
-        (LoraTrainingSession, "state_bytes", "state.serialize"),
-        (EncryptedArtifactStore, "put_bytes", "store.put_bytes (encrypt+write+fsync)"),
+        (LoraTrainingSession, "snapshot", "state.snapshot (no copy)"),
+        (state, "encode_snapshot_parts", "state.serialize (header, digest)"),
+        (EncryptedArtifactStore, "put", "store.put (every write: copy, encrypt, write, fsync)"),
         (ComputeOps, "_training_session", "ops.session_lookup (2 reads)"),
         (ComputeOps, "_charge", "ops.ledger_charge (1 commit)"),
         (ComputeOps, "forward_backward", "ops.forward_backward (handler)"),

@@ -68,6 +68,7 @@ __all__ = [
     "serve_max_resident_adapters",
     "set_offline_defaults",
     "tssp_state_path",
+    "vllm_python",
 ]
 
 #: ``DATABASE_URL`` when unset: a SQLite file in the working directory.
@@ -192,6 +193,12 @@ def tssp_state_path(env: Mapping[str, str] | None = None) -> Path:
     state_home = _raw("XDG_STATE_HOME", env)
     base = Path(state_home).expanduser() if state_home else Path.home() / ".local" / "state"
     return base / "tensafe" / "tssp-state.json"
+
+
+def vllm_python(env: Mapping[str, str] | None = None) -> Path | None:
+    """``TENSAFE_VLLM_PYTHON``: the interpreter of the environment vLLM is installed in (None when unset)."""
+    raw = _raw("TENSAFE_VLLM_PYTHON", env)
+    return Path(raw).expanduser() if raw else None
 
 
 def pg_bin(env: Mapping[str, str] | None = None) -> str:

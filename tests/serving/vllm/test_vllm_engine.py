@@ -28,7 +28,7 @@ from tensafe.serving.errors import (
 )
 
 #: Measured agreement of vLLM's CPU logprobs with transformers + PEFT (float32) on the tiny
-#: model: the largest difference seen was about 2e-5 (see docs/serving.md, "Engines").
+#: model: the largest difference measured was 8.6e-6 (see docs/serving.md, "Engines").
 LOGPROB_TOLERANCE = 1e-3
 PROMPT = [1, 504, 3458, 282, 4649, 314, 253, 1345]
 

@@ -36,6 +36,7 @@ from fastapi import Request
 # The server's fixtures (a migrated database, keys, the encrypted store, the tiny model's catalog)
 # for test_server_mount.py.
 from server.conftest import server_env, start_server, tiny_model_dir  # noqa: F401
+from serving.vllm.conftest import vllm_model_dir, vllm_python  # noqa: F401 - fixtures of the vllm kind
 from tensafe.audit import AuditLog
 from tensafe.db import create_engine_from_url, ensure_tenant, make_session_factory, upgrade
 from tensafe.serving.api import build_openai_app
@@ -72,6 +73,30 @@ ENGINE_STARTERS: dict[str, Callable[[pytest.FixtureRequest, pathlib.Path], Engin
 }
 #: The fixture that gives each kind's model directory (the adapters and the reference use it too).
 ENGINE_MODEL_DIRS: dict[str, str] = {"transformers": "serving_model_dir"}
+
+
+def _start_vllm(request: pytest.FixtureRequest, model_dir: pathlib.Path) -> Engine:
+    # vLLM in its own environment (tests/serving/vllm/conftest.py: skipped without
+    # TENSAFE_VLLM_PYTHON outside CI); its CPU attention needs heads of 32+, hence its model dir.
+    from tensafe.serving.engines.vllm import VllmEngine
+
+    python = request.getfixturevalue("vllm_python")
+    return asyncio.run(
+        VllmEngine.start(
+            str(model_dir),
+            vllm_python=python,
+            model_name=MODEL,
+            max_loras=4,
+            max_lora_rank=16,
+            max_num_seqs=16,
+            max_model_len=256,
+        )
+    )
+
+
+ENGINE_KINDS.append(pytest.param("vllm", marks=pytest.mark.slow))
+ENGINE_STARTERS["vllm"] = _start_vllm
+ENGINE_MODEL_DIRS["vllm"] = "vllm_model_dir"
 
 
 @pytest.fixture(scope="module", params=ENGINE_KINDS)

@@ -15,6 +15,9 @@
 * :func:`reference_greedy`: the independent reference, ``transformers`` + ``peft``
   (``PeftModel.from_pretrained`` on the adapter written to a temporary directory), greedy, one
   full forward pass per token, in float64 log-softmax.
+
+``vllm_python`` and ``vllm_model_dir`` are also imported by ``tests/serving/api/conftest.py`` for
+the ``vllm`` kind of the API suite's ``engine`` fixture.
 """
 
 from __future__ import annotations

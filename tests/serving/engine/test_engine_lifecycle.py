@@ -40,6 +40,20 @@ def _request(
     )
 
 
+def _slow(engine: Any, seconds: float = 0.01) -> Any:
+    """Make every forward pass take at least ``seconds``, so a request outlives the test's next step."""
+    import time
+
+    forward = engine._forward
+
+    def slow(input_ids: Any, **kwargs: Any) -> Any:
+        time.sleep(seconds)
+        return forward(input_ids, **kwargs)
+
+    engine._forward = slow
+    return engine
+
+
 def test_engine_satisfies_the_protocol(transformers_engine: Any) -> None:
     assert isinstance(transformers_engine, Engine)
     assert transformers_engine.model_id == MODEL
@@ -88,7 +102,7 @@ def test_cancelled_request_frees_its_slot_and_the_engine_keeps_serving(
 
 def test_task_cancellation_aborts_the_request(serving_model_dir: pathlib.Path) -> None:
     async def main() -> Any:
-        engine = await _engine(serving_model_dir, max_num_seqs=1)
+        engine = _slow(await _engine(serving_model_dir, max_num_seqs=1))
         try:
             prompt = engine.tokenizer().encode("Hello there")
 
@@ -114,37 +128,55 @@ def test_task_cancellation_aborts_the_request(serving_model_dir: pathlib.Path) -
 
 
 def test_overload_is_refused_beyond_the_queue_bound(serving_model_dir: pathlib.Path) -> None:
-    async def main() -> tuple[int, list[str | None]]:
+    """One running request (held inside its forward pass), two waiting: the next one is a 429."""
+    import threading
+
+    async def main() -> list[str | None]:
         engine = await _engine(serving_model_dir, max_num_seqs=1, max_queued=2)
+        gate = threading.Event()
+        forward = engine._forward
+
+        def held(input_ids: Any, **kwargs: Any) -> Any:
+            gate.wait(60)
+            return forward(input_ids, **kwargs)
+
+        engine._forward = held
         try:
             prompt = engine.tokenizer().encode("Hello there")
             streams = [
-                engine.generate(_request(prompt, request_id=f"q{i}", max_tokens=40, ignore_eos=True))
+                engine.generate(_request(prompt, request_id=f"q{i}", max_tokens=5, ignore_eos=True))
                 for i in range(3)
             ]
-            firsts = [asyncio.create_task(s.__anext__()) for s in streams]
-            await firsts[0]  # q0 runs; q1 and q2 wait.
-            refused = 0
+
+            async def until(condition: Callable[[], bool]) -> None:
+                for _ in range(1000):
+                    if condition():
+                        return
+                    await asyncio.sleep(0.01)
+                raise AssertionError("the engine did not reach the expected state")
+
+            firsts = [asyncio.create_task(streams[0].__anext__())]
+            await until(lambda: not engine._waiting and len(engine._active_ids) == 1)  # q0 runs (held).
+            firsts += [asyncio.create_task(s.__anext__()) for s in streams[1:]]
+            await until(lambda: len(engine._waiting) == 2)  # q1 and q2 wait.
             with pytest.raises(ServingOverloadedError, match="max_queued=2"):
                 await engine.generate(_request(prompt, request_id="q3")).__anext__()
-            refused += 1
+            gate.set()
             reasons = []
             for stream, first in zip(streams, firsts):
-                chunk = await first
-                last = chunk
+                last = await first
                 async for last in stream:
                     pass
                 reasons.append(last.finish_reason)
             # Once the queue drained, requests are accepted again.
             again = [c async for c in engine.generate(_request(prompt, request_id="q4", max_tokens=2))]
             reasons.append(again[-1].finish_reason)
-            return refused, reasons
+            return reasons
         finally:
+            gate.set()
             await engine.close()
 
-    refused, reasons = asyncio.run(main())
-    assert refused == 1
-    assert reasons == ["length", "length", "length", "length"]
+    assert asyncio.run(main()) == ["length", "length", "length", "length"]
 
 
 def _files(adapter: LoraAdapter) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -328,6 +360,7 @@ def test_bad_requests_are_refused_with_the_field_named(
 
 def test_duplicate_request_id_is_refused(transformers_engine: Any) -> None:
     async def main() -> None:
+        _slow(transformers_engine)
         prompt = transformers_engine.tokenizer().encode("Hello")
         stream = transformers_engine.generate(
             _request(prompt, request_id="dup", max_tokens=50, ignore_eos=True)
@@ -344,7 +377,7 @@ def test_duplicate_request_id_is_refused(transformers_engine: Any) -> None:
 
 def test_close_aborts_running_requests_and_refuses_new_ones(serving_model_dir: pathlib.Path) -> None:
     async def main() -> tuple[list[Any], Any]:
-        engine = await _engine(serving_model_dir, max_num_seqs=1)
+        engine = _slow(await _engine(serving_model_dir, max_num_seqs=1))
         prompt = engine.tokenizer().encode("Hello")
         streams = [
             engine.generate(_request(prompt, request_id=f"c{i}", max_tokens=150, ignore_eos=True))

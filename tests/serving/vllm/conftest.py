@@ -11,7 +11,7 @@
   so the next-token distribution is peaked and greedy decoding has clear winners.
 * :data:`VLLM_MODEL`: the name it is served under.
 * ``vllm_engine`` (module): a started :class:`~tensafe.serving.engines.vllm.VllmEngine` on it
-  (2 LoRA slots, rank up to 8, 8 sequences, context 256), closed after the module.
+  (2 LoRA slots, rank up to 8, 8 sequences, context 512), closed after the module.
 * :func:`reference_greedy`: the independent reference, ``transformers`` + ``peft``
   (``PeftModel.from_pretrained`` on the adapter written to a temporary directory), greedy, one
   full forward pass per token, in float64 log-softmax.
@@ -91,7 +91,7 @@ def start_engine(model_dir: pathlib.Path, python: pathlib.Path, **overrides: Any
         "max_loras": 2,
         "max_lora_rank": 8,
         "max_num_seqs": 8,
-        "max_model_len": 256,
+        "max_model_len": 512,
         "max_resident_adapters": 4,
     }
     options.update(overrides)

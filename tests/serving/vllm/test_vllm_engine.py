@@ -96,6 +96,19 @@ def test_not_installed_says_how_to_install(monkeypatch: pytest.MonkeyPatch, tmp_
         asyncio.run(VllmEngine.start(str(tmp_path), vllm_python=tmp_path / "no-python"))
 
 
+def test_vllm_python_setting() -> None:
+    from tensafe import config
+
+    assert config.vllm_python({}) is None
+    assert config.vllm_python({"TENSAFE_VLLM_PYTHON": "  "}) is None
+    assert config.vllm_python({"TENSAFE_VLLM_PYTHON": "/opt/v/bin/python"}) == pathlib.Path(
+        "/opt/v/bin/python"
+    )
+    assert (
+        config.vllm_python({"TENSAFE_VLLM_PYTHON": "~/v/bin/python"}) == pathlib.Path.home() / "v/bin/python"
+    )
+
+
 def test_interpreter_without_vllm_is_refused(vllm_model_dir: pathlib.Path) -> None:
     """TenSafe's own interpreter has no vLLM: the worker says so and start fails, no fallback."""
     from tensafe.serving.engines.vllm import VllmEngine

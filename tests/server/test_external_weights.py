@@ -564,3 +564,17 @@ def test_verify_adapter_refuses_malformed_safetensors_headers(header: bytes, n: 
             train_mlp=True,
             train_unembed=False,
         )
+
+
+def test_a_safetensors_file_whose_header_length_starts_like_a_pickle_is_parsed() -> None:
+    """The header length's first byte can be 0x80 (pickle's protocol opcode): still safetensors."""
+    import torch
+    from safetensors.torch import save
+
+    from tensafe.server.external_weights import _parse_safetensors
+
+    tensor = {"w": torch.arange(4, dtype=torch.float32)}
+    data = next(d for pad in range(600) if (d := save(tensor, metadata={"pad": "x" * pad}))[0] == 0x80)
+    assert torch.equal(_parse_safetensors(data)["w"], tensor["w"])
+    with pytest.raises(Exception, match="pickle"):
+        _parse_safetensors(b"\x80\x04\x95" + b"\0" * 64)

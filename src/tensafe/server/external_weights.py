@@ -604,8 +604,14 @@ def verify_adapter(
 
 
 def _parse_safetensors(data: bytes) -> dict[str, Any]:
-    """Parse with the ``safetensors`` library (a pickle or any other format is refused)."""
-    if data[:2] == b"PK" or data[:1] == b"\x80":
+    """Parse with the ``safetensors`` library (a pickle or any other format is refused).
+
+    A safetensors file starts with its header's length (8 bytes, little-endian), then the
+    JSON header (``{``): its first byte may be anything, 0x80 included, so only a file that
+    does not have that shape is named a pickle (0x80 protocol opcode) or a zip (``torch.save``).
+    """
+    safetensors_shaped = len(data) > 8 and data[8:9] == b"{"
+    if not safetensors_shaped and (data[:2] == b"PK" or data[:1] == b"\x80"):
         raise BadRequestError(
             f"{_WEIGHTS} is a pickle / torch.save file; only safetensors is accepted (save with "
             "safe_serialization=True)"

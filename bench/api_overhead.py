@@ -243,6 +243,7 @@ def main(argv: list[str] | None = None) -> int:
             ]
 
         local_timers = _Timers()
+        inprocess_cpu: list[float] = []
 
         def run_local() -> float:
             session = LoraTrainingSession.create(
@@ -253,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
             session.forward(local_batch(batches[0]), "cross_entropy")  # warm-up
             fb_times = local_timers.samples.setdefault("runtime.forward_backward", [])
             step_times = local_timers.samples.setdefault("runtime.optim_step", [])
-            t0 = time.perf_counter()
+            t0, cpu0 = time.perf_counter(), time.process_time()
             for idx in batches:
                 t1 = time.perf_counter()
                 session.forward_backward(local_batch(idx), "cross_entropy")
@@ -262,6 +263,7 @@ def main(argv: list[str] | None = None) -> int:
                 fb_times.append(t2 - t1)
                 step_times.append(time.perf_counter() - t2)
             elapsed = time.perf_counter() - t0
+            inprocess_cpu.append((time.process_time() - cpu0) / args.steps)
             session.close()
             return elapsed
 
@@ -321,7 +323,23 @@ def main(argv: list[str] | None = None) -> int:
                     for i in idx
                 ]
 
+            cpu: dict[str, list[float]] = {"client": [], "server": []}
+
+            def server_cpu_s() -> float:
+                # utime + stime of the server process (all its threads), in seconds.
+                fields = Path(f"/proc/{server.pid}/stat").read_text().rsplit(")", 1)[1].split()
+                return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
             def run_api(*, pipelined: bool) -> float:
+                client0, server0 = time.process_time(), server_cpu_s()
+                try:
+                    return _run_api(pipelined=pipelined)
+                finally:
+                    if not pipelined:
+                        cpu["client"].append((time.process_time() - client0) / args.steps)
+                        cpu["server"].append((server_cpu_s() - server0) / args.steps)
+
+            def _run_api(*, pipelined: bool) -> float:
                 training = service.create_lora_training_client(
                     base_model=TINY_MODEL, rank=8, seed=0, train_unembed=False
                 ).result()
@@ -381,6 +399,9 @@ def main(argv: list[str] | None = None) -> int:
         "database": "postgresql" if url.startswith("postgresql") else url.split(":", 1)[0],
         "server_stage_median_ms": server_stages,
         "inprocess_stage_median_ms": local_timers.medians_ms(),
+        # CPU time per forward_backward + optim_step pair of the waiting loop (both cores count).
+        "api_cpu_ms_per_pair": {side: round(1000 * min(values), 1) for side, values in cpu.items() if values},
+        "inprocess_cpu_ms_per_pair": round(1000 * min(inprocess_cpu), 1),
         "load_average": [round(x, 2) for x in os.getloadavg()],
     }
     print(f"in-process: {local_sps:.2f} steps/s; API (official SDK): {api_sps:.2f} steps/s")
